@@ -1,0 +1,131 @@
+"""Command line: python -m corgi run --image PATH --question TEXT [--followup TEXT ...]
+
+Prints each phase live as the model produces it; with --json, stdout is exactly one JSON
+object (live text then goes to stderr only with --verbose). Bad input exits 2 with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .types import (AnswerReady, EvidenceReady, PhaseFinished, PhaseStarted, StepsParsed, TextDelta,
+                    TurnFinished)
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m corgi", description="CoRGI grounded visual reasoning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer questions about one image")
+    run.add_argument("--image", required=True, help="image file (anything Pillow opens)")
+    run.add_argument("--question", required=True)
+    run.add_argument("--followup", action="append", default=[], help="a follow-up question (repeatable)")
+    run.add_argument("--config", help="YAML config file (default: configs/default.yaml settings)")
+    run.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder")
+    run.add_argument("--json", action="store_true", help="print one JSON object with every turn")
+    run.add_argument("--no-cache", action="store_true", help="re-encode and re-read everything per phase")
+    run.add_argument("--verbose", action="store_true", help="with --json, stream the phases to stderr")
+    return parser
+
+
+class _Printer:
+    """Live, human-readable rendering of the event stream."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def __call__(self, event) -> None:
+        w = self.out.write
+        if isinstance(event, PhaseStarted):
+            w(f"\n== {event.phase.value} ==\n")
+        elif isinstance(event, TextDelta) and event.region is None:
+            w(event.text)
+        elif isinstance(event, PhaseFinished):
+            w(f"\n-- {event.phase.value}: {event.seconds:.2f} s\n")
+        elif isinstance(event, StepsParsed):
+            for step in event.result.steps:
+                box = f" box={step.bbox.to_list()}" if step.bbox else ""
+                w(f"  S{step.index} [{step.kind.value}] {step.statement}{box}\n")
+        elif isinstance(event, EvidenceReady):
+            e = event.evidence
+            w(f"  region {event.region + 1}/{event.total} (S{e.step_index}, {e.kind.value}): {e.text}\n")
+        elif isinstance(event, AnswerReady):
+            w(f"\nAnswer: {event.result.answer}\n")
+            if event.result.explanation:
+                w(f"Why: {event.result.explanation}\n")
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .images import ImageError, load_image
+    from .pipeline import ChatSession, InputError
+
+    overrides = {}
+    if args.model:
+        overrides["model.id"] = args.model
+    if args.no_cache:
+        overrides["cache.enabled"] = False
+    try:
+        config = load_config(args.config, overrides)
+        for q in [args.question, *args.followup]:
+            from .pipeline import clean_question
+            clean_question(q, config.pipeline.max_question_chars)
+        image = load_image(args.image, config.image.max_input_pixels)
+    except (ConfigError, ImageError, InputError) as exc:
+        return _bad_input(exc)
+
+    from .engine.engine import Engine
+    from .engine.loading import ModelLoadError
+    try:
+        engine = Engine.load(config)
+    except ModelLoadError as exc:
+        return _bad_input(exc)
+
+    printer = _Printer(sys.stderr if args.json else sys.stdout) if (args.verbose or not args.json) else None
+    try:
+        session = ChatSession(engine, image)
+    except InputError as exc:
+        return _bad_input(exc)
+    turns = []
+    for question in [args.question, *args.followup]:
+        for event in session.ask(question):
+            if printer:
+                printer(event)
+            if isinstance(event, TurnFinished):
+                turns.append(event.result.to_json())
+    if args.json:
+        lm = engine.lm
+        payload = {"model": {"id": lm.model_id, "family": lm.family.name,
+                             "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
+                   "turns": turns}
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _bad_input(exc: Exception) -> int:
+    sys.stderr.write(f"error: {exc}\n")
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception as exc:  # a model failure: one line, the traceback only on request
+        if os.environ.get("CORGI_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {type(exc).__name__}: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Typed configuration loaded from YAML, validated with clear errors.
+
+Every key is declared here with its type and default; an unknown key, a wrong type or
+an out-of-range value raises ConfigError naming the key, so a typo never silently does
+nothing (a defect of the implementation this replaces).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+@dataclass
+class ModelConfig:
+    # "tiny-qwen2.5-vl" / "tiny-qwen3-vl" (built offline), a hub id, or a local folder.
+    id: str = "tiny-qwen2.5-vl"
+    dtype: str = "auto"                  # auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "auto"    # auto (sdpa) | sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False
+    quantization: str = "none"           # none | 8bit | 4bit (bitsandbytes, CUDA only)
+    compile: bool = False                # CUDA: static KV + CUDA-graph decoding
+    warmup: bool = True                  # with compile: run the shapes once at load time
+
+
+@dataclass
+class ImageConfig:
+    min_pixels: int = 56 * 56
+    max_pixels: int = 1280 * 28 * 28     # bounds the resolution fed to the model
+    max_input_pixels: int = 40_000_000   # larger uploads are refused before decoding
+    max_file_mb: float = 30.0
+
+
+@dataclass
+class PipelineConfig:
+    max_steps: int = 6
+    max_regions: int = 6
+    crop_padding: float = 0.25
+    crop_max_pixels: int = 448 * 448     # resolution bound for region crops
+    reasoning_max_new_tokens: int = 512
+    evidence_max_new_tokens: int = 48
+    synthesis_max_new_tokens: int = 256
+    max_thinking_chars: int = 600
+    structured_output: bool = True       # grammar-constrained phases 1+2 and 4
+    temperature: float = 0.0             # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    max_question_chars: int = 4000
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True                 # false: every phase re-encodes and re-reads everything
+    vision_cache_mb: float = 512.0
+    kv_cache_mb: float = 4096.0
+
+
+@dataclass
+class UIConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    idle_timeout_s: int = 1800
+    max_sessions: int = 32
+    max_upload_mb: float = 30.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    ui: UIConfig = field(default_factory=UIConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.dtype": {"auto", "float32", "bfloat16", "float16"},
+    "model.attn_implementation": {"auto", "sdpa", "eager", "flash_attention_2"},
+    "model.quantization": {"none", "8bit", "4bit"},
+}
+_POSITIVE = {"image.min_pixels", "image.max_pixels", "image.max_input_pixels", "image.max_file_mb",
+             "pipeline.max_steps", "pipeline.max_regions", "pipeline.crop_max_pixels",
+             "pipeline.reasoning_max_new_tokens", "pipeline.evidence_max_new_tokens",
+             "pipeline.synthesis_max_new_tokens", "pipeline.max_thinking_chars",
+             "pipeline.max_question_chars", "cache.vision_cache_mb", "cache.kv_cache_mb",
+             "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb"}
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]} "
+                          f"(known: {', '.join(sorted(names))})")
+    values = {}
+    for name, raw in data.items():
+        key = f"{where}.{name}" if where else name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw, key)
+        else:
+            values[name] = _check_scalar(key, kind, raw)
+    return cls(**values)
+
+
+def _check_scalar(key: str, kind: type, raw: Any) -> Any:
+    # bool is a subclass of int in Python: reject it explicitly for numeric keys.
+    if kind is bool:
+        ok = isinstance(raw, bool)
+    elif kind is int:
+        ok = isinstance(raw, int) and not isinstance(raw, bool)
+    elif kind is float:
+        ok = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+        raw = float(raw) if ok else raw
+    else:
+        ok = isinstance(raw, str) and raw.strip() != ""
+    if not ok:
+        raise ConfigError(f"config key {key} must be {kind.__name__}"
+                          f"{' (non-empty)' if kind is str else ''}, got {raw!r}")
+    if key in _CHOICES and raw not in _CHOICES[key]:
+        raise ConfigError(f"config key {key} must be one of {sorted(_CHOICES[key])}, got {raw!r}")
+    if key in _POSITIVE and raw <= 0:
+        raise ConfigError(f"config key {key} must be positive, got {raw!r}")
+    return raw
+
+
+def _validate(cfg: Config) -> Config:
+    if cfg.image.min_pixels > cfg.image.max_pixels:
+        raise ConfigError("image.min_pixels must not exceed image.max_pixels")
+    if not 0.0 <= cfg.pipeline.crop_padding <= 2.0:
+        raise ConfigError("pipeline.crop_padding must be within 0..2")
+    if cfg.pipeline.temperature < 0:
+        raise ConfigError("pipeline.temperature must be >= 0")
+    if not 0.0 < cfg.pipeline.top_p <= 1.0:
+        raise ConfigError("pipeline.top_p must be within (0, 1]")
+    if cfg.pipeline.max_steps > 20 or cfg.pipeline.max_regions > 20:
+        raise ConfigError("pipeline.max_steps and pipeline.max_regions must be at most 20")
+    if cfg.ui.port > 65535:
+        raise ConfigError("ui.port must be at most 65535")
+    return cfg
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    return _validate(_build(Config, data or {}, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load YAML (or defaults when path is None) and apply dotted overrides like {"model.id": ...}."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"config section {section} must be a mapping")
+        data[section][key] = value
+    return from_dict(data)

@@ -1,0 +1,228 @@
+"""The engine: a loaded model plus its caches, and the few operations the pipeline needs.
+
+    conv = engine.start_conversation(image)        # encode the image (cached by content)
+    engine.append(conv, text)                      # tokens only, no compute
+    for token in engine.generate(conv, 512): ...   # prefill the uncached tail, then decode
+    engine.generate_batch(crops, prompts, 48)      # phase 3: all regions as one batch
+
+Everything reused is keyed by content: image features by pixels, prefix K/V by the
+conversation's own token list. With `cache.enabled: false` every generate() starts from
+an empty KV cache and re-encodes the image: the naive pipeline, kept for equality tests.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from ..config import Config
+from ..types import CacheStats
+from . import decode
+from .conversation import Conversation
+from .loading import LoadedModel, load_model
+from .vision import EncoderOutput, VisionEncoder
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: Config):
+        self.lm = loaded
+        self.config = config
+        self.cache_enabled = config.cache.enabled
+        self.vision = VisionEncoder(loaded, int(config.cache.vision_cache_mb * MB), enabled=self.cache_enabled)
+        self.kv_budget = int(config.cache.kv_cache_mb * MB)
+        self._conversations: weakref.WeakSet[Conversation] = weakref.WeakSet()
+
+    @classmethod
+    def load(cls, config: Config) -> "Engine":
+        return cls(load_model(config.model, config.image), config)
+
+    # ---- text <-> ids ---------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return self.lm.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.lm.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ---- conversations ----------------------------------------------------------------
+    def start_conversation(self, image: Image.Image, head: tuple[str, str]) -> Conversation:
+        """head = (text before the image, text after it). No model work: the image is encoded
+        (or found in the cache) by the first prefill, which `prefill()` can run ahead of time."""
+        cfg = self.config.image
+        grid = self.image_grid(image, cfg.min_pixels, cfg.max_pixels)
+        n_tokens = grid[0] * grid[1] * grid[2] // self.lm.merge_size ** 2
+        ids = self._image_block(head[0], n_tokens, head[1])
+        _, delta = self._image_positions(torch.tensor([ids]), [grid])
+        conv = Conversation(image=image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                            grid_thw=grid, resized=(grid[2] * self.lm.patch_size, grid[1] * self.lm.patch_size),
+                            rope_delta=int(delta[0]), head_len=len(ids), token_ids=ids)
+        self._conversations.add(conv)
+        return conv
+
+    def image_grid(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid the image processor will produce, without processing.
+        Raises ValueError for shapes the processor refuses (aspect ratio over 200)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        patch = self.lm.patch_size
+        height, width = smart_resize(image.height, image.width, factor=patch * self.lm.merge_size,
+                                     min_pixels=min_pixels, max_pixels=max_pixels)
+        return (1, height // patch, width // patch)
+
+    def append(self, conv: Conversation, text: str) -> None:
+        conv.token_ids.extend(self.encode_text(text))
+
+    def prefill(self, conv: Conversation, stats: CacheStats | None = None) -> torch.Tensor:
+        """Compute K/V for every token not yet cached; logits [1, V] after the last token."""
+        stats = stats if stats is not None else CacheStats()
+        return self._advance(conv, stats, count_prompt=True)
+
+    def generate(self, conv: Conversation, max_new_tokens: int, sampling: Sampling | None = None,
+                 constraint=None, stats: CacheStats | None = None) -> Iterator[int]:
+        """Yield new tokens, appending each to the conversation. Stops at an end-of-message
+        token, when `constraint` (a ConstrainedDecoder) is finished, or at max_new_tokens.
+        Closing the generator stops the model at once; the caller truncates what it must."""
+        sampling = sampling or Sampling()
+        stats = stats if stats is not None else CacheStats()
+        generator = torch.Generator().manual_seed(sampling.seed)
+        if not self.cache_enabled:
+            conv.drop_kv()       # the naive pipeline: every phase reads the whole prompt again
+        logits = self._advance(conv, stats, count_prompt=True)          # [1, V]
+        for _ in range(max_new_tokens):
+            if constraint is not None:
+                constraint.mask(logits)
+            token = int(decode.sample(logits, sampling.temperature, sampling.top_p, generator)[0])
+            conv.token_ids.append(token)
+            finished = token in self.lm.special.stop_ids
+            if constraint is not None and not finished:
+                constraint.accept(token)
+                finished = constraint.is_finished()
+            yield token
+            if finished:
+                return
+            logits = self._advance(conv, stats, count_prompt=False)
+
+    def _advance(self, conv: Conversation, stats: CacheStats, count_prompt: bool) -> torch.Tensor:
+        conv.last_used = time.monotonic()
+        start, stop = conv.kv_len, len(conv.token_ids)
+        assert stop > start, "nothing to compute"
+        ids = torch.tensor([conv.token_ids[start:stop]], device=self.lm.device)   # [1, T]
+        images = None
+        if conv.kv is None:
+            # From scratch: the image is in this chunk, so bring its features (cache hit or encode).
+            hits, misses = self.vision.hits, self.vision.misses
+            (features,) = self.vision.encode([conv.image], conv.min_pixels, conv.max_pixels)
+            assert features.grid_thw == conv.grid_thw, "image processor and grid estimate disagree"
+            stats.vision_hits += self.vision.hits - hits
+            stats.vision_misses += self.vision.misses - misses
+            positions, _ = self._image_positions(ids, [features.grid_thw])
+            images = EncoderOutput([features])
+            conv.kv = DynamicCache(config=self.lm.model.config)
+        else:
+            positions = decode.text_positions(start, stop, conv.rope_delta, 1, self.lm.device)
+        if count_prompt:
+            stats.prompt_tokens += stop
+            stats.prefix_tokens_reused += start
+            stats.prefill_tokens_computed += stop - start
+        logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
+        conv.kv_len = stop
+        conv.kv_bytes = decode.cache_nbytes(conv.kv)
+        self._enforce_kv_budget(keep=conv)
+        return logits
+
+    def _enforce_kv_budget(self, keep: Conversation) -> None:
+        """Evict the least recently used conversations' K/V (never `keep`'s) above the budget."""
+        live = sorted(self._conversations, key=lambda c: c.last_used)
+        total = sum(c.kv_bytes for c in live)
+        for conv in live:
+            if total <= self.kv_budget:
+                break
+            if conv is keep or conv.kv is None:
+                continue
+            total -= conv.kv_bytes
+            conv.drop_kv()
+
+    def kv_bytes_total(self) -> int:
+        return sum(c.kv_bytes for c in self._conversations)
+
+    def end_conversation(self, conv: Conversation) -> None:
+        conv.drop_kv()
+        self._conversations.discard(conv)
+
+    # ---- batched region captions (phase 3) --------------------------------------------
+    def generate_batch(self, images: list[Image.Image], heads: list[tuple[str, str]],
+                       max_new_tokens: int, max_pixels: int,
+                       sampling: Sampling | None = None,
+                       stats: CacheStats | None = None) -> Iterator[tuple[int, int]]:
+        """Each row is head[0] + image + head[1], rows left-padded into one batch. One vision
+        tower call for all images, one prefill, then batched decode. Yields (row, token);
+        a row stops at its end-of-message token."""
+        sampling = sampling or Sampling()
+        generator = torch.Generator().manual_seed(sampling.seed)
+        lm, device = self.lm, self.lm.device
+        min_pixels = min(self.config.image.min_pixels, max_pixels)
+        stats = stats if stats is not None else CacheStats()
+        hits, misses = self.vision.hits, self.vision.misses
+        features = self.vision.encode(images, min_pixels, max_pixels)
+        stats.region_vision_hits += self.vision.hits - hits
+        stats.region_vision_misses += self.vision.misses - misses
+        rows = [self._image_block(h[0], f.n_tokens, h[1]) for h, f in zip(heads, features)]
+        batch, width = len(rows), max(len(r) for r in rows)
+        stats.prompt_tokens += sum(len(r) for r in rows)
+        stats.prefill_tokens_computed += sum(len(r) for r in rows)
+        pad = lm.special.end_of_text
+        ids = torch.full((batch, width), pad, dtype=torch.long)            # [B, L], left padded
+        mask = torch.zeros((batch, width), dtype=torch.long)               # [B, L]
+        for b, row in enumerate(rows):
+            ids[b, width - len(row):] = torch.tensor(row)
+            mask[b, width - len(row):] = 1
+        positions, deltas = self._image_positions(ids, [f.grid_thw for f in features], mask)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        cache = DynamicCache(config=lm.model.config)
+        logits = decode.forward(lm.model, ids, positions, cache, attention_mask=mask,
+                                images=EncoderOutput(features))              # [B, V]
+        next_pos = torch.tensor([len(r) for r in rows], device=device) + deltas.view(-1).to(device)  # [B]
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            tokens = decode.sample(logits, sampling.temperature, sampling.top_p, generator)   # [B]
+            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+            for b in (~done).nonzero().view(-1).tolist():
+                yield b, int(tokens[b])
+            done |= torch.isin(tokens, torch.tensor(lm.special.stop_ids, device=device))
+            if bool(done.all()):
+                return
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+            step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)                           # [3, B, 1]
+            logits = decode.forward(lm.model, tokens.view(-1, 1), step_pos, cache, attention_mask=mask)
+            next_pos = next_pos + 1
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _image_block(self, before: str, n_image_tokens: int, after: str) -> list[int]:
+        sp = self.lm.special
+        ids = self.encode_text(before)
+        if not ids or ids[-1] != sp.vision_start:
+            ids.append(sp.vision_start)
+        return ids + [sp.image_pad] * n_image_tokens + self.encode_text(after)
+
+    def _image_positions(self, ids: torch.Tensor, grids: list[tuple[int, int, int]],
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE positions [3, B, L] and rope deltas [B, 1] of sequences holding images,
+        from the model's own get_rope_index (mm_token_type_ids: 1 on image pads, 0 elsewhere)."""
+        ids = ids.cpu()
+        token_types = (ids == self.lm.special.image_pad).int()
+        positions, deltas = self.lm.model.model.get_rope_index(
+            ids, mm_token_type_ids=token_types, image_grid_thw=torch.tensor(grids),
+            attention_mask=mask.cpu() if mask is not None else None)
+        return positions.to(self.lm.device), deltas

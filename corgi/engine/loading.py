@@ -1,0 +1,159 @@
+"""Load a Qwen-VL checkpoint (tiny offline default, hub id or local folder) for the engine.
+
+One path for every model: the tiny defaults are built into a cache folder first and then
+go through the same `from_pretrained` calls as a real checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ImageConfig, ModelConfig
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str            # "qwen2-vl" | "qwen2.5-vl" | "qwen3-vl"
+    model_class: str     # transformers class name
+    box_style: str       # "pixels" (resized-input pixels) | "rel1000"
+
+
+FAMILIES = {
+    "qwen2_vl": Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "rel1000"),
+    "qwen2_5_vl": Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "pixels"),
+    "qwen3_vl": Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "rel1000"),
+}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    im_start: int
+    im_end: int
+    end_of_text: int
+    vision_start: int
+    vision_end: int
+    image_pad: int
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.im_end, self.end_of_text)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module          # a *ForConditionalGeneration
+    tokenizer: object
+    image_processor: object         # Qwen2VLImageProcessorPil: PIL only, no torchvision
+    family: Family
+    model_id: str                   # what the user asked for
+    path: str                       # what from_pretrained read
+    special: SpecialTokens
+    device: torch.device
+    dtype: torch.dtype
+    patch_size: int
+    merge_size: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.lm_head.out_features
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float64": torch.float64}[name]
+
+
+def _resolve_path(model_id: str) -> str:
+    from .tiny import ensure_tiny_checkpoint, is_tiny_name
+    if is_tiny_name(model_id):
+        return str(ensure_tiny_checkpoint(model_id))
+    if os.path.isdir(model_id):
+        return model_id
+    if model_id.startswith((".", "/", "~")) or os.sep in model_id.rstrip("/").split("/", 1)[-1]:
+        raise ModelLoadError(f"model folder not found: {model_id}")
+    return model_id  # a hub id: from_pretrained finds it in the local HF cache or downloads it
+
+
+def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = _resolve_path(model_cfg.id)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {model_cfg.id!r}: {first}") from None
+    family = FAMILIES.get(hf_config.model_type)
+    if family is None:
+        raise ModelLoadError(f"model {model_cfg.id!r} is a {hf_config.model_type!r}; CoRGI supports "
+                             f"{', '.join(sorted(FAMILIES))}")
+
+    device = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    attn = "sdpa" if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.quantization != "none":
+        if device.type != "cuda":
+            raise ModelLoadError("quantization needs a CUDA device")
+        try:
+            import bitsandbytes  # noqa: F401  (imported only when asked for)
+        except ImportError:
+            raise ModelLoadError("quantization asked for but bitsandbytes is not installed") from None
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_8bit=model_cfg.quantization == "8bit", load_in_4bit=model_cfg.quantization == "4bit",
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device.index or 0}
+    model_class = getattr(transformers, family.model_class)
+    try:
+        model = model_class.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+            path, size={"shortest_edge": image_cfg.min_pixels, "longest_edge": image_cfg.max_pixels})
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {model_cfg.id!r}: {first}") from None
+    if model_cfg.quantization == "none":
+        model.to(device)
+    model.eval().requires_grad_(False)
+
+    def token_id(text: str) -> int:
+        ids = tokenizer.convert_tokens_to_ids([text])
+        if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+            raise ModelLoadError(f"tokenizer of {model_cfg.id!r} lacks the special token {text}")
+        return int(ids[0])
+
+    special = SpecialTokens(
+        im_start=token_id("<|im_start|>"), im_end=token_id("<|im_end|>"),
+        end_of_text=token_id("<|endoftext|>"), vision_start=token_id("<|vision_start|>"),
+        vision_end=token_id("<|vision_end|>"), image_pad=token_id("<|image_pad|>"))
+    if special.image_pad != hf_config.image_token_id:
+        raise ModelLoadError(f"tokenizer and model disagree on the image token id "
+                             f"({special.image_pad} vs {hf_config.image_token_id})")
+    logging.getLogger(__name__).info("loaded %s (%s) on %s as %s", model_cfg.id, family.name, device, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, family=family,
+                       model_id=model_cfg.id, path=path, special=special, device=device, dtype=dtype,
+                       patch_size=int(image_processor.patch_size), merge_size=int(image_processor.merge_size))

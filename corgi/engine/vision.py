@@ -1,0 +1,116 @@
+"""Vision features computed once per image: an LRU cache keyed by image content.
+
+Key = sha256 of the decoded RGB pixels + the processing parameters, never the file name,
+so the same picture uploaded twice (or reused across conversations) is encoded once.
+All misses of one call go through the vision tower together (one batched call).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .loading import LoadedModel
+
+
+@dataclass
+class ImageFeatures:
+    grid_thw: tuple[int, int, int]      # (t, h, w) in patches, before the 2x2 merge
+    embeds: torch.Tensor                # [n_tokens, hidden]: what fills the image-pad positions
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # Qwen3-VL: per layer [n_tokens, hidden]
+    resized: tuple[int, int] = (0, 0)   # (width, height) in pixels of the model's input
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.embeds, *self.deepstack])
+
+
+class EncoderOutput:
+    """Duck-types the vision tower's output for `mm_encoder_outputs={"image": ...}`:
+    per-image tuples, as `get_image_features` returns them (the model concatenates them)."""
+
+    def __init__(self, features: list[ImageFeatures]):
+        self.pooler_output = tuple(f.embeds for f in features)
+        n_layers = len(features[0].deepstack) if features else 0
+        self.deepstack_features = [tuple(f.deepstack[i] for f in features) for i in range(n_layers)]
+
+
+def image_key(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{image.mode}:{image.size}:{min_pixels}:{max_pixels}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class VisionEncoder:
+    def __init__(self, loaded: LoadedModel, cache_bytes: int, enabled: bool = True):
+        self.loaded = loaded
+        self.cache_bytes = cache_bytes
+        self.enabled = enabled
+        self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._bytes
+
+    def encode(self, images: list[Image.Image], min_pixels: int, max_pixels: int) -> list[ImageFeatures]:
+        keys = [image_key(im, min_pixels, max_pixels) for im in images]
+        found: dict[str, ImageFeatures] = {}
+        missing: dict[str, Image.Image] = {}
+        for key, image in zip(keys, images):
+            if self.enabled and key in self._cache:
+                self._cache.move_to_end(key)
+                found[key] = self._cache[key]
+                self.hits += 1
+            elif key not in missing:
+                missing[key] = image
+                self.misses += 1
+        if missing:
+            for key, features in zip(missing, self._run_tower(list(missing.values()), min_pixels, max_pixels)):
+                found[key] = features
+                self._store(key, features)
+        return [found[key] for key in keys]
+
+    @torch.inference_mode()
+    def _run_tower(self, images: list[Image.Image], min_pixels: int, max_pixels: int) -> list[ImageFeatures]:
+        lm = self.loaded
+        processed = lm.image_processor(images=images, return_tensors="pt",
+                                       size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+        # pixel_values: [sum of patches, C*T*P*P]; image_grid_thw: [n_images, 3]
+        pixel_values = processed["pixel_values"].to(lm.device, lm.dtype)
+        grid = processed["image_grid_thw"].to(lm.device)
+        out = lm.model.model.get_image_features(pixel_values, grid, return_dict=True)
+        deepstack = getattr(out, "deepstack_features", None) or []
+        features = []
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            features.append(ImageFeatures(
+                grid_thw=(t, h, w),
+                embeds=out.pooler_output[i],
+                deepstack=[layer[i] for layer in deepstack],
+                resized=(w * lm.patch_size, h * lm.patch_size)))
+        return features
+
+    def _store(self, key: str, features: ImageFeatures) -> None:
+        if not self.enabled or features.nbytes > self.cache_bytes:
+            return
+        if key in self._cache:
+            return
+        self._cache[key] = features
+        self._bytes += features.nbytes
+        while self._bytes > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._bytes = 0

@@ -1,0 +1,212 @@
+"""The CoRGI phases as one stream of typed events.
+
+    session = ChatSession(engine, image)
+    for event in session.ask("What is on the sign?"):
+        ...   # PhaseStarted, TextDelta, StepsParsed, EvidenceReady, AnswerReady, TurnFinished
+
+Phase 1+2 and phase 4 continue the conversation's token sequence (and its warm KV cache);
+phase 3 captions every region crop in one batch. If the stream is closed early (Stop) or a
+phase fails, the conversation is cut back to where the turn started, so it stays usable.
+"""
+from __future__ import annotations
+
+import time
+import unicodedata
+from dataclasses import replace
+from typing import Iterator
+
+from PIL import Image
+
+from . import boxes, parsing, prompts
+from .config import PipelineConfig
+from .engine.engine import Engine, Sampling
+from .types import (AnswerReady, CacheStats, Event, Evidence, EvidenceReady, Phase, PhaseFinished,
+                    PhaseStarted, StepKind, StepsParsed, TextDelta, TurnFinished, TurnResult)
+
+
+class InputError(ValueError):
+    """The user's input cannot be used; the message says why in one sentence."""
+
+
+def clean_question(question: str, max_chars: int) -> str:
+    if not isinstance(question, str):
+        raise InputError("the question must be text")
+    # Control characters (other than newline and tab) can break prompts and terminals.
+    text = "".join(ch for ch in question if ch in "\n\t" or unicodedata.category(ch)[0] != "C").strip()
+    if not text:
+        raise InputError("the question is empty")
+    if len(text) > max_chars:
+        raise InputError(f"the question is too long ({len(text)} characters; the limit is {max_chars})")
+    return text
+
+
+class TextStream:
+    """Incremental detokenizer: token ids in, new complete text out (no half UTF-8 characters)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.ids, self.text = engine, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.engine.decode_text(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+class ChatSession:
+    """One image and the turns asked about it, on top of one engine Conversation."""
+
+    def __init__(self, engine: Engine, image: Image.Image, settings: PipelineConfig | None = None):
+        self.engine = engine
+        self.image = image
+        self.settings = settings or engine.config.pipeline
+        try:
+            self.conv = engine.start_conversation(image, prompts.conversation_head())
+        except ValueError as exc:   # the processor refuses e.g. aspect ratios over 200:1
+            raise InputError(f"this image cannot be used: {exc}") from None
+        self.turns: list[TurnResult] = []
+        self._turn_starts: list[int] = []
+
+    @property
+    def convention(self) -> boxes.BoxConvention:
+        if self.engine.lm.family.box_style == "pixels":
+            return boxes.pixel_convention(*self.conv.resized)
+        return boxes.REL1000
+
+    def warm_up(self) -> CacheStats:
+        """Encode the image and prefill the conversation head now, before the first question."""
+        stats = CacheStats()
+        if self.conv.kv_len < len(self.conv.token_ids):
+            self.engine.prefill(self.conv, stats)
+        return stats
+
+    def undo_last_turn(self) -> TurnResult | None:
+        """Forget the last turn (Regenerate): its tokens leave the conversation."""
+        if not self.turns:
+            return None
+        self.conv.truncate(self._turn_starts.pop())
+        return self.turns.pop()
+
+    def close(self) -> None:
+        self.engine.end_conversation(self.conv)
+
+    def ask(self, question: str, settings: PipelineConfig | None = None) -> Iterator[Event]:
+        settings = settings or self.settings
+        question = clean_question(question, settings.max_question_chars)
+        turn_start = len(self.conv.token_ids)
+        try:
+            result = yield from self._turn(question, settings)
+        except BaseException:
+            # Stop (GeneratorExit), a model error, out of memory: drop this turn's tokens.
+            self.conv.truncate(turn_start)
+            raise
+        self.turns.append(result)
+        self._turn_starts.append(turn_start)
+        yield TurnFinished(result)
+
+    # ---- the phases ---------------------------------------------------------------------
+    def _turn(self, question: str, cfg: PipelineConfig) -> Iterator[Event]:
+        engine, conv, convention = self.engine, self.conv, self.convention
+        stats, timings, raw, prompt_texts, warnings = CacheStats(), {}, {}, {}, []
+        sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed + len(self.turns))
+        turn_t0 = time.perf_counter()
+
+        # Phase 1+2: reasoning steps with boxes, continuing the conversation.
+        prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention)
+        constraint = engine.constraint("reasoning", cfg, convention) if cfg.structured_output else None
+        text = yield from self._assistant_message(Phase.REASONING, prompt, cfg.reasoning_max_new_tokens,
+                                                  sampling, constraint, stats, timings, prompt_texts)
+        raw["reasoning"] = text
+        reasoning = parsing.parse_reasoning(text, convention, cfg.max_steps)
+        warnings += reasoning.warnings
+        if not reasoning.ok:
+            warnings.append("no reasoning steps could be read from the model's output; "
+                            "answering without region evidence")
+        yield StepsParsed(reasoning)
+
+        # Phase 3: evidence from every grounded step, all regions in one batch.
+        t0 = time.perf_counter()
+        grounded = [s for s in reasoning.steps if s.bbox is not None and s.kind != StepKind.REASONING]
+        if len(grounded) > cfg.max_regions:
+            warnings.append(f"{len(grounded)} grounded steps; only the first {cfg.max_regions} regions were examined")
+            grounded = grounded[:cfg.max_regions]
+        head_before, head_after = prompts.crop_head()
+        prompt_texts["evidence"] = "\n---\n".join(
+            prompts.crop_instruction(s.kind, s.statement) for s in grounded)
+        yield PhaseStarted(Phase.EVIDENCE, prompt_texts["evidence"])
+        evidence: list[Evidence] = []
+        if grounded:
+            crops = [boxes.crop(self.image, s.bbox, cfg.crop_padding) for s in grounded]
+            heads = [(head_before, head_after + prompts.crop_instruction(s.kind, s.statement)) for s in grounded]
+            streams = [TextStream(engine) for _ in grounded]
+            finished = [False] * len(grounded)
+            stop_ids = engine.lm.special.stop_ids
+            for row, token in engine.generate_batch(crops, heads, cfg.evidence_max_new_tokens,
+                                                    cfg.crop_max_pixels, replace(sampling), stats):
+                if token in stop_ids:
+                    finished[row] = True
+                    yield self._evidence_ready(grounded, streams, row, evidence)
+                    continue
+                delta = streams[row].push(token)
+                if delta:
+                    yield TextDelta(Phase.EVIDENCE, delta, region=row)
+            for row, done in enumerate(finished):
+                if not done:
+                    yield self._evidence_ready(grounded, streams, row, evidence)
+            evidence.sort(key=lambda e: e.step_index)
+        timings["evidence"] = time.perf_counter() - t0
+        raw["evidence"] = "\n".join(e.text for e in evidence)
+        yield PhaseFinished(Phase.EVIDENCE, timings["evidence"], raw["evidence"])
+
+        # Phase 4: synthesis from the steps (already in context) and the evidence.
+        prompt = prompts.synthesis_prompt(question, evidence, convention)
+        constraint = engine.constraint("synthesis", cfg, convention) if cfg.structured_output else None
+        text = yield from self._assistant_message(Phase.SYNTHESIS, prompt, cfg.synthesis_max_new_tokens,
+                                                  sampling, constraint, stats, timings, prompt_texts)
+        raw["synthesis"] = text
+        synthesis = parsing.parse_synthesis(text, convention)
+        warnings += synthesis.warnings
+        yield AnswerReady(synthesis)
+
+        timings["total"] = time.perf_counter() - turn_t0
+        return TurnResult(question=question, answer=synthesis.answer, explanation=synthesis.explanation,
+                          steps=reasoning.steps, evidence=evidence, key_evidence=synthesis.key_evidence,
+                          timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings)
+
+    def _assistant_message(self, phase: Phase, prompt: str, max_new_tokens: int, sampling: Sampling,
+                           constraint, stats: CacheStats, timings: dict, prompt_texts: dict) -> Iterator[Event]:
+        """Append `prompt`, stream the model's reply, close the message; return the reply text."""
+        engine, conv = self.engine, self.conv
+        t0 = time.perf_counter()
+        prompt_texts[phase.value] = prompt
+        yield PhaseStarted(phase, prompt)
+        engine.append(conv, prompt)
+        stream = TextStream(engine)
+        stop_ids = engine.lm.special.stop_ids
+        last = None
+        for token in engine.generate(conv, max_new_tokens, sampling, constraint, stats):
+            last = token
+            if token in stop_ids:
+                break
+            delta = stream.push(token)
+            if delta:
+                yield TextDelta(phase, delta)
+        text = stream.text
+        if constraint is not None and not constraint.is_finished():
+            # Out of token budget inside the structure: close it validly so it still parses.
+            closing = constraint.completion_text()
+            engine.append(conv, closing)
+            text += closing
+            yield TextDelta(phase, closing)
+        engine.append(conv, "\n" if last == engine.lm.special.im_end else prompts.END_OF_MESSAGE)
+        timings[phase.value] = time.perf_counter() - t0
+        yield PhaseFinished(phase, timings[phase.value], text)
+        return text
+
+    def _evidence_ready(self, grounded, streams, row, evidence) -> EvidenceReady:
+        step = grounded[row]
+        item = Evidence(step_index=step.index, bbox=step.bbox, kind=step.kind, text=streams[row].text.strip())
+        evidence.append(item)
+        return EvidenceReady(item, region=row, total=len(grounded))

@@ -1,0 +1,184 @@
+"""Plain data that flows between the engine, the pipeline and the front ends.
+
+Every box here is canonical: normalised 0..1 of the *original* image, origin top-left,
+x1 < x2 and y1 < y2. Conversions from a model's native convention live in `boxes.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Union
+
+
+class StepKind(str, Enum):
+    OBJECT = "object"        # look at a region: caption it
+    TEXT = "text"            # read a region: transcribe it (OCR)
+    REASONING = "reasoning"  # pure reasoning, no region
+
+
+class Phase(str, Enum):
+    REASONING = "reasoning"   # phase 1+2: steps with boxes
+    EVIDENCE = "evidence"     # phase 3: region captions / OCR
+    SYNTHESIS = "synthesis"   # phase 4: answer
+
+
+@dataclass(frozen=True)
+class Box:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    def to_list(self, ndigits: int = 4) -> list[float]:
+        return [round(v, ndigits) for v in (self.x1, self.y1, self.x2, self.y2)]
+
+    def to_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        return (round(self.x1 * width), round(self.y1 * height),
+                round(self.x2 * width), round(self.y2 * height))
+
+    @property
+    def area(self) -> float:
+        return (self.x2 - self.x1) * (self.y2 - self.y1)
+
+
+@dataclass
+class Step:
+    index: int                 # 1-based, as shown to users (S1, S2, ...)
+    statement: str
+    kind: StepKind
+    bbox: Box | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "statement": self.statement, "kind": self.kind.value,
+                "bbox": self.bbox.to_list() if self.bbox else None}
+
+
+@dataclass
+class ReasoningResult:
+    """Phase 1+2 parsed. `ok` is False when no step could be read from the model's text."""
+    thinking: str
+    steps: list[Step]
+    ok: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Evidence:
+    step_index: int
+    bbox: Box
+    kind: StepKind             # OBJECT -> caption, TEXT -> transcription
+    text: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step_index": self.step_index, "bbox": self.bbox.to_list(),
+                "kind": self.kind.value, "text": self.text}
+
+
+@dataclass
+class KeyEvidence:
+    text: str
+    bbox: Box | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bbox": self.bbox.to_list() if self.bbox else None, "text": self.text}
+
+
+@dataclass
+class SynthesisResult:
+    """Phase 4 parsed. When `ok` is False, `answer` holds the model's raw text."""
+    answer: str
+    explanation: str
+    key_evidence: list[KeyEvidence]
+    ok: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CacheStats:
+    vision_hits: int = 0
+    vision_misses: int = 0
+    prompt_tokens: int = 0             # tokens the model attended over, all phases
+    prefill_tokens_computed: int = 0   # of those, tokens whose K/V were computed now
+    prefix_tokens_reused: int = 0      # of those, tokens whose K/V came from the cache
+    region_vision_hits: int = 0        # phase 3 crops found in the vision cache
+    region_vision_misses: int = 0      # phase 3 crops sent through the vision tower
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class TurnResult:
+    question: str
+    answer: str
+    explanation: str
+    steps: list[Step]
+    evidence: list[Evidence]
+    key_evidence: list[KeyEvidence]
+    timings: dict[str, float]          # reasoning, evidence, synthesis, total (seconds)
+    raw: dict[str, str]                # raw model text of reasoning and synthesis
+    prompts: dict[str, str] = field(default_factory=dict)   # exact prompt text per phase
+    cache: CacheStats = field(default_factory=CacheStats)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "question": self.question,
+            "answer": self.answer,
+            "explanation": self.explanation,
+            "steps": [s.to_json() for s in self.steps],
+            "evidence": [e.to_json() for e in self.evidence],
+            "key_evidence": [k.to_json() for k in self.key_evidence],
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "raw": dict(self.raw),
+            "cache": self.cache.to_json(),
+            "warnings": list(self.warnings),
+        }
+
+
+# ---- pipeline events: what the CLI prints and the UI renders, in order -------------
+
+@dataclass
+class PhaseStarted:
+    phase: Phase
+    prompt: str                # the exact text appended to the conversation for this phase
+
+
+@dataclass
+class TextDelta:
+    phase: Phase
+    text: str
+    region: int | None = None  # phase 3: which region (0-based) the text belongs to
+
+
+@dataclass
+class PhaseFinished:
+    phase: Phase
+    seconds: float
+    raw: str = ""
+
+
+@dataclass
+class StepsParsed:
+    result: ReasoningResult
+
+
+@dataclass
+class EvidenceReady:
+    evidence: Evidence
+    region: int                # 0-based position among this turn's regions
+    total: int
+
+
+@dataclass
+class AnswerReady:
+    result: SynthesisResult
+
+
+@dataclass
+class TurnFinished:
+    result: TurnResult
+
+
+Event = Union[PhaseStarted, TextDelta, PhaseFinished, StepsParsed, EvidenceReady,
+              AnswerReady, TurnFinished]
