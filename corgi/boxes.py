@@ -58,25 +58,33 @@ def to_canonical(coords: Sequence[float], convention: BoxConvention) -> tuple[Bo
         return None, f"box {coords!r} is not numeric"
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         return None, f"box {coords!r} does not have four finite numbers"
-    warning = None
+    warnings = []
     if all(0.0 <= v <= 1.0 for v in values) and any(v != int(v) for v in values):
         x1, y1, x2, y2 = values
     else:
         x1, x2 = values[0] / convention.x_range, values[2] / convention.x_range
         y1, y2 = values[1] / convention.y_range, values[3] / convention.y_range
     if x1 > x2 or y1 > y2:
-        warning = f"box {coords!r} had reversed corners; swapped"
+        warnings.append("reversed corners swapped")
         x1, x2 = min(x1, x2), max(x1, x2)
         y1, y2 = min(y1, y2), max(y1, y2)
+    if x1 > 1.0 or y1 > 1.0 or x2 < 0.0 or y2 < 0.0:
+        return None, f"box {_short(coords)} lies entirely outside the image"
     clamped = [min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2)]
     if clamped != [x1, y1, x2, y2]:
-        warning = f"box {coords!r} went outside the image; clamped"
+        warnings.append("went partly outside the image, clamped")
         x1, y1, x2, y2 = clamped
     if x2 - x1 < MIN_SIDE or y2 - y1 < MIN_SIDE:
-        warning = f"box {coords!r} had (almost) zero area; widened around its centre"
+        warnings.append("zero area, widened around its centre")
         x1, x2 = _widen(x1, x2)
         y1, y2 = _widen(y1, y2)
+    warning = f"box {_short(coords)}: {'; '.join(warnings)}" if warnings else None
     return Box(x1, y1, x2, y2), warning
+
+
+def _short(coords: Sequence[float]) -> str:
+    text = repr(list(coords)) if isinstance(coords, (list, tuple)) else repr(coords)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _widen(lo: float, hi: float) -> tuple[float, float]:
@@ -94,8 +102,19 @@ def pad(box: Box, fraction: float) -> Box:
                min(1.0, box.x2 + dx), min(1.0, box.y2 + dy))
 
 
+MAX_ASPECT = 100   # the Qwen image processor refuses aspect ratios over 200:1
+
+
 def crop(image: Image.Image, box: Box, padding: float) -> Image.Image:
-    """The padded region of the original image, at least 1x1 pixel."""
+    """The padded region of the original image: at least 1x1 pixel, aspect ratio at most
+    MAX_ASPECT (a thin region is centred on a white canvas so the processor accepts it)."""
     x1, y1, x2, y2 = pad(box, padding).to_pixels(image.width, image.height)
-    x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
-    return image.crop((x1, y1, min(x2, image.width), min(y2, image.height)))
+    x1, y1 = min(x1, image.width - 1), min(y1, image.height - 1)
+    x2, y2 = min(max(x2, x1 + 1), image.width), min(max(y2, y1 + 1), image.height)
+    region = image.crop((x1, y1, x2, y2))
+    w, h = region.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        canvas = Image.new("RGB", (max(w, -(-h // MAX_ASPECT)), max(h, -(-w // MAX_ASPECT))), "white")
+        canvas.paste(region, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+        region = canvas
+    return region

@@ -15,6 +15,9 @@ from typing import Any
 import yaml
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the key and the problem."""
 
@@ -162,8 +165,11 @@ def from_dict(data: dict[str, Any] | None) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load YAML (or defaults when path is None) and apply dotted overrides like {"model.id": ...}."""
+    """Load YAML (configs/default.yaml when path is None) and apply dotted overrides like
+    {"model.id": ...}."""
     data: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
     if path is not None:
         path = Path(path)
         try:

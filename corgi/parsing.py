@@ -24,7 +24,7 @@ MAX_KEY_EVIDENCE = 3
 # the tolerant reader gives up after this many tokens across all candidate starts.
 _MAX_DEPTH = 32
 _MAX_CANDIDATES = 200
-_MIN_TOKEN_BUDGET = 200_000
+_MIN_TOKEN_BUDGET = 10_000
 
 _OPENER = re.compile(r"[\[{]")
 # Strings use the unrolled-loop form (no nested quantifiers over the same characters), so
@@ -69,11 +69,12 @@ def extract_json(text: str, accept: Callable[[Any], bool]) -> Found | None:
     tolerant reader repairs quotes, commas, Python literals and unquoted keys, and closes
     a value the text ended inside (see `_Reader`).
     """
-    budget = [max(_MIN_TOKEN_BUDGET, 4 * len(text))]
+    # Every token is at least one character, so this covers one full pass plus retries.
+    budget = _Budget(_MIN_TOKEN_BUDGET + 2 * len(text))
     pos = 0
     for _ in range(_MAX_CANDIDATES):
         match = _OPENER.search(text, pos)
-        if match is None or budget[0] <= 0:
+        if match is None or budget.tokens <= 0:
             return None
         start = match.start()
         found = _decode_at(text, start, budget)
@@ -85,7 +86,12 @@ def extract_json(text: str, accept: Callable[[Any], bool]) -> Found | None:
     return None
 
 
-def _decode_at(text: str, start: int, budget: list[int]) -> Found | None:
+@dataclass
+class _Budget:
+    tokens: int     # shared by all candidate starts of one search
+
+
+def _decode_at(text: str, start: int, budget: _Budget) -> Found | None:
     try:
         value, end = _DECODER.raw_decode(text, start)
         return Found(value, start, end, repaired=False, truncated=False)
@@ -112,7 +118,7 @@ class _Reader:
     fields cannot be trusted. Methods return (value, complete).
     """
 
-    def __init__(self, text: str, start: int, budget: list[int]) -> None:
+    def __init__(self, text: str, start: int, budget: _Budget) -> None:
         self._text = text
         self._tokens: Iterator[re.Match[str]] = _TOKEN.finditer(text, start)
         self._peeked: re.Match[str] | None = None
@@ -121,8 +127,8 @@ class _Reader:
 
     def _peek(self) -> re.Match[str] | None:
         if self._peeked is None:
-            self._budget[0] -= 1
-            if self._budget[0] < 0:
+            self._budget.tokens -= 1
+            if self._budget.tokens < 0:
                 raise _NotJson
             self._peeked = next(self._tokens, None)
         return self._peeked
@@ -147,7 +153,7 @@ class _Reader:
             return self._array(depth)
         if text[0] in "\"'":
             return _string(token)
-        if text in "}],:":
+        if text in ("}", "]", ",", ":"):
             raise _NotJson
         if token.end() == len(self._text):
             return _MISSING, False     # a number or literal cut short ("12" of "123")
@@ -168,7 +174,7 @@ class _Reader:
             if text == ",":
                 self._take()
                 continue
-            if text in "{[:":
+            if text in ("{", "[", ":"):
                 raise _NotJson
             self._take()
             if text[0] in "\"'":
@@ -254,7 +260,6 @@ _CHAT_TOKENS = re.compile(r"<\|(?:im_start|im_end|endoftext|vision_start|vision_
                           r"image_pad|video_pad|vision_pad|fim_[a-z]+)\|>")
 _ANY_SPECIAL = re.compile(r"<\|[a-z_]{1,40}\|>")
 _FENCE = re.compile(r"^[ \t]*```[\w-]*[ \t]*$", re.M)
-_THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.S)
 
 
 def _clean(text: Any) -> str:
@@ -277,13 +282,15 @@ def _split_think(text: str) -> tuple[str | None, str]:
 
 def _display_text(text: str) -> str:
     """The model's text as a human would want it: no think blocks, fences or special tokens."""
-    text = _THINK_BLOCK.sub("", text)
-    if THINK_CLOSE in text:
-        text = text.split(THINK_CLOSE)[-1]
+    # str.rfind, not a lazy regex: many unclosed "<think>" tags would make that quadratic.
+    close = text.rfind(THINK_CLOSE)
+    if close >= 0:
+        text = text[close + len(THINK_CLOSE):]    # models think first, then answer
     if THINK_OPEN in text:
         # An unclosed think block is all the model wrote; keep its words rather than nothing.
         before, _, after = text.partition(THINK_OPEN)
         text = before if before.strip() else after
+    text = text.replace(THINK_OPEN, "").replace(THINK_CLOSE, "")
     text = _FENCE.sub("", _ANY_SPECIAL.sub("", text))
     return text.strip()
 
@@ -298,6 +305,11 @@ def _find(text: str, accept: Callable[[Any], bool]) -> tuple[str | None, Found |
         if found is not None:
             return thinking, found, text
     return thinking, found, body
+
+
+def _short(warning: str, limit: int = 200) -> str:
+    """Warnings quote model output, which can be huge; keep them one readable line."""
+    return warning if len(warning) <= limit else warning[:limit - 5] + " ...)."
 
 
 def _lower_keys(entry: dict[Any, Any]) -> dict[str, Any]:
@@ -351,9 +363,14 @@ def _box_coords(value: Any) -> list[Any] | None:
         flat: list[Any] = []
         for item in value:    # [[x1, y1], [x2, y2]] and [[x1, y1, x2, y2]]
             flat.extend(item if isinstance(item, list) else [item])
-        return [_NUMBER_IN_TEXT.search(v).group() if isinstance(v, str) and _NUMBER_IN_TEXT.search(v)
-                else v for v in flat]
+        return [_number_in(v) if isinstance(v, str) else v for v in flat]
     return [value]
+
+
+def _number_in(text: str) -> str:
+    """"12px" -> "12"; text without a number stays as it is for the warning."""
+    match = _NUMBER_IN_TEXT.search(text)
+    return match.group() if match else text
 
 
 def _read_box(value: Any, convention: BoxConvention, label: str,
@@ -364,7 +381,7 @@ def _read_box(value: Any, convention: BoxConvention, label: str,
         return None, False
     box, warning = to_canonical(coords, convention)
     if warning:
-        warnings.append(f"{label}: {warning}.")
+        warnings.append(_short(f"{label}: {warning}."))
     return box, True
 
 
@@ -387,8 +404,13 @@ _KIND_KEYS = ("kind", "type", "category")
 
 def _looks_like_steps(value: Any) -> bool:
     if isinstance(value, dict):
-        return _steps_list(value) is not None or "statement" in _lower_keys(value)
-    return isinstance(value, list) and any(isinstance(v, (dict, str)) for v in value)
+        return _steps_list(value) is not None or _is_step(value)
+    # A list counts only with an object in it: ["red", "blue"] in prose is not the steps.
+    return isinstance(value, list) and any(isinstance(v, dict) for v in value)
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, dict) and "statement" in _lower_keys(value)
 
 
 def _steps_list(value: dict[Any, Any]) -> list[Any] | None:
@@ -458,16 +480,16 @@ def _entries(found: Found, searched: str, warnings: list[str]) -> list[Any]:
     steps = _steps_list(value)
     if steps is not None:
         return steps
-    # One step object per line (JSON lines) instead of a list: gather them all.
-    entries = [value]
-    pos = found.end
-    while not found.truncated:
-        found = extract_json(searched[pos:], lambda v: isinstance(v, dict) and "statement" in _lower_keys(v))
-        if found is None:
-            break
-        entries.append(found.value)
-        pos += found.end
+    # One step object per line (JSON lines) instead of a list: gather them all. A step
+    # the text ends inside is half-written, so it is left out like one inside a list.
     warnings.append("The steps were not wrapped in a list; read them one by one.")
+    entries: list[Any] = []
+    pos = 0
+    current: Found | None = found
+    while current is not None and not current.truncated:
+        entries.append(current.value)
+        pos += current.end
+        current = extract_json(searched[pos:], _is_step)
     return entries
 
 
@@ -561,9 +583,11 @@ def _key_evidence(raw: Any, convention: BoxConvention, warnings: list[str]) -> l
             warnings.append(f"Dropped key evidence entry {position}: it is not an object.")
             continue
         entry = _lower_keys(item)
-        description, _ = _token_box(_as_text(_first(entry, _EVIDENCE_TEXT_KEYS)) or "")
-        box, _ = _read_box(_first(entry, _BOX_KEYS), convention,
-                           f"Key evidence {len(result) + 1}", warnings)
+        description, token_coords = _token_box(_as_text(_first(entry, _EVIDENCE_TEXT_KEYS)) or "")
+        box_value = _first(entry, _BOX_KEYS)
+        if _box_coords(box_value) is None:
+            box_value = token_coords
+        box, _ = _read_box(box_value, convention, f"Key evidence {len(result) + 1}", warnings)
         if not description and box is None:
             warnings.append(f"Dropped key evidence entry {position}: no description or box.")
             continue

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 _ids = itertools.count(1)
 
 
-@dataclass
+@dataclass(eq=False)   # identity semantics: conversations live in a WeakSet
 class Conversation:
     image: Image.Image
     min_pixels: int

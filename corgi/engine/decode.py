@@ -51,14 +51,3 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
-
-
-def cache_nbytes(cache: DynamicCache | None) -> int:
-    if cache is None:
-        return 0
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total

@@ -18,11 +18,10 @@ from typing import Iterator
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 from ..config import Config
 from ..types import CacheStats
-from . import decode
+from . import decode, kv
 from .conversation import Conversation
 from .loading import LoadedModel, load_model
 from .vision import EncoderOutput, VisionEncoder
@@ -45,6 +44,7 @@ class Engine:
         self.vision = VisionEncoder(loaded, int(config.cache.vision_cache_mb * MB), enabled=self.cache_enabled)
         self.kv_budget = int(config.cache.kv_cache_mb * MB)
         self._conversations: weakref.WeakSet[Conversation] = weakref.WeakSet()
+        self._num_layers = loaded.model.config.get_text_config().num_hidden_layers
 
     @classmethod
     def load(cls, config: Config) -> "Engine":
@@ -129,7 +129,7 @@ class Engine:
             stats.vision_misses += self.vision.misses - misses
             positions, _ = self._image_positions(ids, [features.grid_thw])
             images = EncoderOutput([features])
-            conv.kv = DynamicCache(config=self.lm.model.config)
+            conv.kv = kv.new_cache(self._num_layers)
         else:
             positions = decode.text_positions(start, stop, conv.rope_delta, 1, self.lm.device)
         if count_prompt:
@@ -138,7 +138,7 @@ class Engine:
             stats.prefill_tokens_computed += stop - start
         logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
         conv.kv_len = stop
-        conv.kv_bytes = decode.cache_nbytes(conv.kv)
+        conv.kv_bytes = kv.cache_nbytes(conv.kv)
         self._enforce_kv_budget(keep=conv)
         return logits
 
@@ -190,7 +190,7 @@ class Engine:
             mask[b, width - len(row):] = 1
         positions, deltas = self._image_positions(ids, [f.grid_thw for f in features], mask)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = DynamicCache(config=lm.model.config)
+        cache = kv.new_cache(self._num_layers)
         logits = decode.forward(lm.model, ids, positions, cache, attention_mask=mask,
                                 images=EncoderOutput(features))              # [B, V]
         next_pos = torch.tensor([len(r) for r in rows], device=device) + deltas.view(-1).to(device)  # [B]

@@ -1,0 +1,243 @@
+"""Image loading edge cases, all generated with PIL in tmp_path."""
+from __future__ import annotations
+
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageFile
+
+from corgi.images import ImageError, image_digest, load_image
+
+LIMIT = 50_000_000
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def save(image: Image.Image, path: Path, **params) -> Path:
+    image.save(path, **params)
+    return path
+
+
+def close_to(pixel, expected, tolerance: int = 12) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height; its pixel data is empty."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), RED)
+    image.paste(BLUE, (20, 0, 40, 20))          # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6                            # "rotate 90 degrees clockwise to display"
+    result = load_image(save(image, tmp_path / "rotated.jpg", exif=exif, quality=95), LIMIT)
+    assert result.size == (20, 40)
+    assert close_to(result.getpixel((10, 5)), RED)      # left column became the top
+    assert close_to(result.getpixel((10, 35)), BLUE)
+
+
+def test_cmyk_jpeg(tmp_path):
+    image = Image.new("CMYK", (16, 16), (0, 255, 255, 0))    # red in CMYK
+    result = load_image(save(image, tmp_path / "cmyk.jpg"), LIMIT)
+    assert result.mode == "RGB"
+    assert close_to(result.getpixel((8, 8)), RED, 20)
+
+
+@pytest.mark.parametrize("suffix", ["png", "gif"])
+def test_palette_transparency_becomes_white(tmp_path, suffix):
+    image = Image.new("P", (10, 10), 0)
+    image.putpalette([0, 255, 0] + [0, 0, 255] + [0, 0, 0] * 254)   # index 0 green, 1 blue
+    image.paste(1, (5, 0, 10, 10))
+    result = load_image(save(image, tmp_path / f"palette.{suffix}", transparency=0), LIMIT)
+    assert result.mode == "RGB"
+    assert result.getpixel((2, 2)) == WHITE         # transparent green -> white, not green
+    assert result.getpixel((7, 2)) == BLUE
+
+
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    image = Image.new("I;16", (3, 1))
+    for x, value in enumerate([0, 32768, 65535]):
+        image.putpixel((x, 0), value)
+    result = load_image(save(image, tmp_path / "deep.png"), LIMIT)
+    assert result.mode == "RGB"
+    assert result.getpixel((0, 0)) == (0, 0, 0)
+    assert close_to(result.getpixel((1, 0)), (128, 128, 128), 1)    # convert("L") would give 255
+    assert result.getpixel((2, 0)) == WHITE
+
+
+def test_32bit_and_float_grayscale(tmp_path):
+    sixteen = Image.new("I", (2, 1))               # how older Pillows open 16-bit PNGs
+    sixteen.putdata([0, 32768])
+    assert close_to(load_image(sixteen, LIMIT).getpixel((1, 0)), (128, 128, 128), 1)
+    wide = Image.new("I", (2, 1))
+    wide.putdata([100_000, 300_000])
+    result = load_image(wide, LIMIT)               # beyond 16 bits: min..max -> 0..255
+    assert result.getpixel((0, 0)) == (0, 0, 0) and result.getpixel((1, 0)) == WHITE
+    floats = Image.new("F", (1, 1), 0.5)
+    assert close_to(load_image(floats, LIMIT).getpixel((0, 0)), (128, 128, 128), 1)
+
+
+def test_rgba_and_la_are_composited_on_white(tmp_path):
+    image = Image.new("RGBA", (3, 1))
+    image.putdata([(255, 0, 0, 0), (0, 0, 255, 255), (0, 0, 0, 128)])
+    result = load_image(save(image, tmp_path / "alpha.png"), LIMIT)
+    assert result.mode == "RGB"
+    assert result.getpixel((0, 0)) == WHITE
+    assert result.getpixel((1, 0)) == BLUE
+    assert close_to(result.getpixel((2, 0)), (127, 127, 127), 2)
+    gray = Image.new("LA", (1, 1), (0, 0))
+    assert load_image(gray, LIMIT).getpixel((0, 0)) == WHITE
+
+
+@pytest.mark.parametrize("suffix", ["gif", "webp"])
+def test_animation_gives_first_frame(tmp_path, suffix):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in (RED, (0, 255, 0), BLUE)]
+    path = tmp_path / f"anim.{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0, lossless=True)
+    with Image.open(path) as check:
+        assert check.n_frames == 3
+    result = load_image(path, LIMIT)
+    assert close_to(result.getpixel((4, 4)), RED, 8)
+
+
+def test_animated_pil_image_at_later_frame_gives_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in (RED, BLUE)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    with Image.open(path) as opened:
+        opened.seek(1)
+        result = load_image(opened, LIMIT)
+    assert close_to(result.getpixel((4, 4)), RED, 8)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 10000)])
+def test_extreme_shapes(tmp_path, size):
+    result = load_image(save(Image.new("L", size, 200), tmp_path / "shape.png"), LIMIT)
+    assert result.size == size and result.mode == "RGB"
+    assert result.getpixel((0, 0)) == (200, 200, 200)
+
+
+def test_sources_path_str_bytes_and_pil(tmp_path):
+    path = save(Image.new("RGB", (4, 3), BLUE), tmp_path / "blue.png")
+    from_path, from_str = load_image(path, LIMIT), load_image(str(path), LIMIT)
+    from_bytes = load_image(path.read_bytes(), LIMIT)
+    from_bytearray = load_image(bytearray(path.read_bytes()), LIMIT)
+    digests = {image_digest(i) for i in (from_path, from_str, from_bytes, from_bytearray)}
+    assert len(digests) == 1 and from_path.size == (4, 3)
+    original = Image.new("RGB", (4, 3), BLUE)
+    copy = load_image(original, LIMIT)
+    assert copy is not original and image_digest(copy) == image_digest(original)
+    copy.putpixel((0, 0), RED)
+    assert original.getpixel((0, 0)) == BLUE        # the caller's image is untouched
+
+
+def test_result_is_loaded_and_detached_from_the_file(tmp_path):
+    path = save(Image.new("RGB", (5, 5), RED), tmp_path / "gone.png")
+    result = load_image(path, LIMIT)
+    path.unlink()
+    assert getattr(result, "fp", None) is None
+    assert result.getpixel((4, 4)) == RED
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageError, match="No image file"):
+        load_image(tmp_path / "nope.jpg", LIMIT)
+    with pytest.raises(ImageError, match="No image file"):
+        load_image(tmp_path, LIMIT)
+
+
+def test_zero_bytes(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(tmp_path / "empty.jpg", LIMIT)
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"", LIMIT)
+
+
+def test_text_named_jpg(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a picture\n")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(path, LIMIT)
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(b"\x89PNG but not really", LIMIT)
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_truncated_file(tmp_path, suffix):
+    noisy = Image.effect_noise((64, 64), 50).convert("RGB")      # noise: no tiny compressed form
+    data = (save(noisy, tmp_path / f"full.{suffix}")).read_bytes()
+    path = tmp_path / f"cut.{suffix}"
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ImageError):
+        load_image(path, LIMIT)
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES   # we did not weaken PIL to get here
+
+
+def test_too_many_pixels_is_checked_before_decoding(tmp_path):
+    data = save(Image.effect_noise((100, 100), 50).convert("RGB"), tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    # the truncated file would fail to decode; the size message proves we never got that far
+    with pytest.raises(ImageError, match="limit is 5,000"):
+        load_image(tmp_path / "cut.png", 5_000)
+    with pytest.raises(ImageError, match="limit"):
+        load_image(Image.new("RGB", (100, 100)), 9_999)
+    assert load_image(Image.new("RGB", (100, 100)), 10_000).size == (100, 100)
+
+
+def test_bomb_past_twice_pil_limit(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(100_000, 100_000))
+    with pytest.raises(ImageError, match="bomb"):
+        load_image(path, 10**12)                # our own limit would let it through
+    with pytest.raises(ImageError, match="bomb"):
+        load_image(path.read_bytes(), 10**12)
+
+
+def test_bomb_between_pil_warning_and_error(tmp_path):
+    # 10000x10000 is past MAX_IMAGE_PIXELS but below twice it: PIL only warns here
+    before = Image.MAX_IMAGE_PIXELS
+    data = png_declaring(10_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(ImageError, match="bomb"):
+            load_image(data, 10**12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)   # as under `-W error`
+        with pytest.raises(ImageError, match="bomb"):
+            load_image(data, 10**12)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_header_with_zero_size():
+    with pytest.raises(ImageError):
+        load_image(png_declaring(0, 10), LIMIT)
+
+
+def test_unsupported_source_type():
+    with pytest.raises(ImageError, match="int"):
+        load_image(42, LIMIT)        # type: ignore[arg-type]
+    assert issubclass(ImageError, ValueError)
+
+
+def test_image_digest():
+    a = Image.new("RGB", (2, 1), RED)
+    b = Image.new("RGB", (2, 1), RED)
+    digest = image_digest(a)
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert digest == image_digest(b)
+    b.putpixel((1, 0), (255, 0, 1))
+    assert image_digest(b) != digest
+    # same bytes, different shape or mode: different keys
+    assert image_digest(Image.new("RGB", (1, 2), RED)) != digest
+    wide, tall = Image.frombytes("L", (6, 1), a.tobytes()), Image.frombytes("L", (3, 2), a.tobytes())
+    assert image_digest(wide) != image_digest(tall)
+    assert image_digest(wide) != digest
