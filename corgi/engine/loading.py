@@ -131,8 +131,9 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
     try:
         model = model_class.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        # min_pixels/max_pixels, not size=: real Qwen2.5 files carry those keys and would win.
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(
-            path, size={"shortest_edge": image_cfg.min_pixels, "longest_edge": image_cfg.max_pixels})
+            path, min_pixels=image_cfg.min_pixels, max_pixels=image_cfg.max_pixels)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {model_cfg.id!r}: {first}") from None
