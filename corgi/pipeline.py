@@ -43,12 +43,12 @@ def clean_question(question: str, max_chars: int) -> str:
 class TextStream:
     """Incremental detokenizer: token ids in, new complete text out (no half UTF-8 characters)."""
 
-    def __init__(self, engine: Engine):
-        self.engine, self.ids, self.text = engine, [], ""
+    def __init__(self, engine: Engine, skip_special: bool = False):
+        self.engine, self.ids, self.text, self.skip_special = engine, [], "", skip_special
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.engine.decode_text(self.ids)
+        text = self.engine.decode_text(self.ids, skip_special=self.skip_special)
         if text.endswith("\ufffd"):
             return ""
         delta, self.text = text[len(self.text):], text
@@ -140,7 +140,7 @@ class ChatSession:
         if grounded:
             crops = [boxes.crop(self.image, s.bbox, cfg.crop_padding) for s in grounded]
             heads = [(head_before, head_after + prompts.crop_instruction(s.kind, s.statement)) for s in grounded]
-            streams = [TextStream(engine) for _ in grounded]
+            streams = [TextStream(engine, skip_special=True) for _ in grounded]
             finished = [False] * len(grounded)
             stop_ids = engine.lm.special.stop_ids
             for row, token in engine.generate_batch(crops, heads, cfg.evidence_max_new_tokens,

@@ -27,6 +27,13 @@ SYSTEM = ("You are CoRGI, a careful visual reasoner. You answer questions about 
           "and answering only from the evidence you checked.")
 
 
+def plain(text: str) -> str:
+    """Untrusted text (questions, captions, statements) as plain text: a literal like
+    "<|im_end|>" would otherwise be tokenised as the control token and could end the message
+    early or forge a turn. A zero-width non-joiner breaks the literal, not the meaning."""
+    return text.replace("<|", "<\u200c|").replace("|>", "|\u200c>")
+
+
 def conversation_head() -> tuple[str, str]:
     """Text before and after the image placeholder; the image's pad tokens go in between."""
     before = f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{VISION_START}"
@@ -36,7 +43,7 @@ def conversation_head() -> tuple[str, str]:
 
 def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention) -> str:
     return (
-        f"{IM_START}user\nQuestion: {question}\n\n"
+        f"{IM_START}user\nQuestion: {plain(question)}\n\n"
         f"Think briefly inside {THINK_OPEN}...{THINK_CLOSE}. Then write at most {max_steps} "
         "reasoning steps as one JSON object: "
         '{"steps": [{"statement": "...", "kind": "object", "bbox_2d": [x1, y1, x2, y2]}]}. '
@@ -49,14 +56,14 @@ def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention) -
 
 def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxConvention) -> str:
     if evidence:
-        lines = [f"Region {i} (step {e.step_index}, {_evidence_label(e.kind)}): {e.text.strip() or '(nothing found)'}"
+        lines = [f"Region {i} (step {e.step_index}, {_evidence_label(e.kind)}): {plain(e.text.strip()) or '(nothing found)'}"
                  for i, e in enumerate(evidence, 1)]
         evidence_text = "Evidence from the regions you marked:\n" + "\n".join(lines)
     else:
         evidence_text = "No region evidence is available; answer from the image and your steps."
     return (
         f"{IM_START}user\n{evidence_text}\n\n"
-        f"Now answer the question: {question}\n"
+        f"Now answer the question: {plain(question)}\n"
         "Reply with one JSON object: "
         '{"answer": "...", "explanation": "2-3 sentences", "key_evidence": '
         '[{"description": "...", "bbox_2d": [x1, y1, x2, y2]}]} '
@@ -82,4 +89,4 @@ def crop_instruction(kind: StepKind, statement: str) -> str:
         task = "Transcribe all text in this region exactly. Reply with the text only."
     else:
         task = "Describe the main object in this region in one sentence."
-    return f"{task}\nContext: {statement}{IM_END}\n{IM_START}assistant\n"
+    return f"{task}\nContext: {plain(statement)}{IM_END}\n{IM_START}assistant\n"

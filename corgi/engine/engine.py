@@ -45,6 +45,7 @@ class Engine:
         self.kv_budget = int(config.cache.kv_cache_mb * MB)
         self._conversations: weakref.WeakSet[Conversation] = weakref.WeakSet()
         self._num_layers = loaded.model.config.get_text_config().num_hidden_layers
+        self._grammars = None     # GrammarCache, built on first use (compiles the tokenizer once)
 
     @classmethod
     def load(cls, config: Config) -> "Engine":
@@ -54,8 +55,18 @@ class Engine:
     def encode_text(self, text: str) -> list[int]:
         return self.lm.tokenizer.encode(text, add_special_tokens=False)
 
-    def decode_text(self, ids: list[int]) -> str:
-        return self.lm.tokenizer.decode(ids, skip_special_tokens=False)
+    def decode_text(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.lm.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+    def constraint(self, phase: str, settings, convention):
+        """A fresh grammar-constrained decoder for phase "reasoning" or "synthesis"; the
+        compiled grammar is cached per (schema, tokenizer)."""
+        from .grammar import GrammarCache
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.lm.tokenizer, self.lm.vocab_size)
+        if phase == "reasoning":
+            return self._grammars.reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars)
+        return self._grammars.synthesis_decoder(convention)
 
     # ---- conversations ----------------------------------------------------------------
     def start_conversation(self, image: Image.Image, head: tuple[str, str]) -> Conversation:

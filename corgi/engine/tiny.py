@@ -44,7 +44,7 @@ __all__ = [
     "tiny_checkpoint_folder", "default_cache_dir", "is_complete_checkpoint",
 ]
 
-FORMAT_VERSION = 1          # bump when what gets written changes; folder names carry it
+FORMAT_VERSION = 2          # bump when what gets written changes; folder names carry it
 MARKER_FILE = "corgi_tiny.json"
 
 FAMILIES = ("qwen2.5-vl", "qwen3-vl")
@@ -62,6 +62,10 @@ class TinySpec:
     vision_depth: int
     vision_heads: int
     max_image_tokens: int          # image processor max_pixels = this many LM tokens of (patch*merge)^2 px
+    # Text weights' init std. Real-model scale (0.02) makes a random model repeat its last token
+    # forever; a larger one gives varied, context-dependent text, so equality tests of the
+    # caches compare something that could differ.
+    text_init_range: float = 0.25
 
 
 SIZES: dict[str, TinySpec] = {
@@ -360,7 +364,7 @@ def _model_config(family: str, spec: TinySpec, tok):
     common_text = dict(vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
                        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
                        num_key_value_heads=spec.text_kv_heads, hidden_act="silu", max_position_embeddings=32768,
-                       initializer_range=0.02, use_cache=True, tie_word_embeddings=True,
+                       initializer_range=spec.text_init_range, use_cache=True, tie_word_embeddings=True,
                        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], dtype="float32")
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

@@ -1,0 +1,68 @@
+"""Shared fixtures: the real tiny models (built offline, cached), with small token budgets
+so the whole suite stays fast on a 2-core CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("CORGI_CACHE", str(ROOT / ".cache" / "corgi"))
+
+TINY_MODELS = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")
+
+# Budgets small enough for speed, large enough that every phase produces real structure.
+FAST = {
+    "image.max_pixels": 128 * 28 * 28,
+    "pipeline.reasoning_max_new_tokens": 140,
+    "pipeline.synthesis_max_new_tokens": 90,
+    "pipeline.evidence_max_new_tokens": 10,
+    "pipeline.max_thinking_chars": 60,
+    "pipeline.max_steps": 3,
+    "pipeline.max_regions": 3,
+}
+
+
+def fast_config(model: str, **overrides):
+    from corgi.config import load_config
+    values = dict(FAST, **{"model.id": model})
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return load_config(None, values)
+
+
+_loaded = {}
+
+
+def loaded_model(model: str):
+    """One LoadedModel per tiny family for the whole run (engines on top are cheap)."""
+    if model not in _loaded:
+        from corgi.engine.loading import load_model
+        cfg = fast_config(model)
+        _loaded[model] = load_model(cfg.model, cfg.image)
+    return _loaded[model]
+
+
+def make_engine(model: str, **overrides):
+    from corgi.engine.engine import Engine
+    return Engine(loaded_model(model), fast_config(model, **overrides))
+
+
+@pytest.fixture(scope="session")
+def street_image():
+    from corgi.images import load_image
+    return load_image(ROOT / "assets" / "street-scene.png", 10**8)
+
+
+@pytest.fixture(scope="session")
+def receipt_image():
+    from corgi.images import load_image
+    return load_image(ROOT / "assets" / "receipt.png", 10**8)
+
+
+def run_turn(session, question, settings=None):
+    """Drain one turn; return (TurnResult, events)."""
+    from corgi.types import TurnFinished
+    events = list(session.ask(question, settings))
+    assert isinstance(events[-1], TurnFinished)
+    return events[-1].result, events
