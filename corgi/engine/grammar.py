@@ -1,96 +1,109 @@
 """Grammar-constrained decoding for the two structured phases, on xgrammar 0.2.8.
 
-What the grammars accept (see `prompts.py` for the formats the parser reads):
+Accepted outputs (the formats of `prompts.py`, which `parsing.py` reads):
 
-  phase 1+2 (`reasoning_grammar_source`):
+  phase 1+2 (`reasoning_spec` / `reasoning_grammar_source`):
       <think>THINK</think>\\n{"steps": [STEP, STEP, ...]}
-      THINK  up to `max_thinking_chars` characters, any character except "<" (newlines allowed)
+      THINK  at most `max_thinking_chars` characters, anything but "<" (newlines allowed)
       STEP   {"statement": STR, "kind": "object", "bbox_2d": BOX}
            | {"statement": STR, "kind": "text", "bbox_2d": BOX}
            | {"statement": STR, "kind": "reasoning", "bbox_2d": null}
       1..max_steps steps.
-  phase 4 (`synthesis_grammar_source`):
-      {"answer": STR, "explanation": STR400, "key_evidence": [ITEM, ...]}
-      ITEM   {"description": STR, "bbox_2d": BOX | null}, 0..3 items.
+  phase 4 (`synthesis_spec` / `synthesis_grammar_source`):
+      {"answer": STR, "explanation": STR, "key_evidence": [ITEM, ...]}
+      ITEM   {"description": STR, "bbox_2d": BOX | null}, 0..MAX_EVIDENCE_ITEMS items.
 
-  STR    a JSON string of at most MAX_STRING_CHARS characters (STR400: MAX_EXPLANATION_CHARS).
-         A character is any code point except '"', '\\\\' and control characters (< 0x20, 0x7f),
-         or one of the escapes \\" \\\\ \\/ \\b \\f \\n \\r \\t. No \\u escapes.
-  BOX    [x1, y1, x2, y2]: integers without leading zeros, x in 0..x_range, y in 0..y_range of
-         the `BoxConvention` (exact ranges, written digit by digit). The grammar does not enforce
-         x1 <= x2; `boxes.to_canonical` repairs reversed corners.
+  STR    a JSON string: any code point except '"', '\\\\' and control characters (< 0x20, 0x7f),
+         or one of the escapes \\" \\\\ \\/ \\b \\f \\n \\r \\t (no \\u escapes); at most
+         MAX_STRING_CHARS characters (the explanation: MAX_EXPLANATION_CHARS); an escape counts 2.
+  BOX    [x1, y1, x2, y2]: integers without leading zeros, x in 0..x_range and y in 0..y_range of
+         the `BoxConvention`, as exact digit-by-digit ranges. x1 <= x2 is not enforced
+         (`boxes.to_canonical` repairs reversed corners).
 
-One fixed whitespace style (", " and ": ", nothing else), so the text is predictable. Every
-part is bounded, so any token sequence the mask allows ends within `*_max_bytes(...)` bytes,
-hence within that many tokens (each allowed token is at least one byte).
+One whitespace style only (", " and ": "), so the text is predictable.
 
-Termination / EOS: the grammars contain no end-of-sequence token. Matchers are built with
+Where the bounds live. The structure, the step/item counts and the box ranges are in the EBNF.
+The *lengths* (thinking text, strings) are enforced by `ConstrainedDecoder`, not by the EBNF:
+in xgrammar 0.2.8 a bounded repetition is expensive at a Qwen-sized vocabulary (151,936 ids):
+`[^<]{0,256}` takes ~8 s to compile and `("\\\\" [..] | [^..]){0,200}` makes every mask cost
+0.3-0.8 s, while the unbounded forms compile in ~0.02 s and mask in ~0.1 ms. The decoder follows
+the accepted bytes with a small lexer and, near a limit, also masks out every token that would
+write past it (a per-token "characters before the closing delimiter" table, compared with what is
+left). The bounds are exact for the thinking text and for strings (one token may overshoot only
+if it closes a string *and* writes more than a whole limit into the next one, which needs tokens
+longer than the limits). So any token sequence the decoder allows ends within
+`spec.max_bytes` bytes, hence within that many tokens (every allowed token is >= 1 byte).
+
+Termination / EOS. The grammars contain no end-of-sequence token. Matchers are built with
 `terminate_without_stop_token=True`, so `ConstrainedDecoder.is_finished()` is True right after
-the final "}" has been accepted. The engine then stops and appends <|im_end|> itself (it must
-not call `accept` with <|im_end|>: xgrammar rejects any token after termination). If the engine
-does call `mask()` after the end, the mask allows only the stop tokens (<|im_end|>,
-<|endoftext|>), which is xgrammar's own behaviour.
+the final "}" is accepted; the engine stops and appends <|im_end|> itself. Do not `accept`
+<|im_end|> (xgrammar refuses every token after termination; `accept` returns False). A `mask()`
+after the end allows only the stop tokens (<|im_end|>, <|endoftext|>), xgrammar's own behaviour,
+and stop tokens are never allowed before the end.
 
-Special tokens: xgrammar 0.2.8 treats added special tokens such as <|image_pad|> or
-<|im_start|> as ordinary text (their bytes are their literal names), so the grammar alone would
-allow them inside a JSON string. `ConstrainedDecoder.mask` therefore also removes every special
-token of the tokenizer (stop tokens stay with xgrammar, which allows them only at the end).
+Special tokens. xgrammar 0.2.8 decodes added special tokens such as <|image_pad|> or <|im_start|>
+to their literal names and treats them as text, so the grammar alone would allow them inside a
+JSON string; `ConstrainedDecoder` masks out every special token of the tokenizer.
 
-Out of budget: `completion_text()` / `completion_token_ids()` give a short text that closes the
-structure validly from wherever the output stopped (see `ConstrainedDecoder.completion_bytes`).
-Inside <think> the completion is
+Out of budget. `completion_text()` / `completion_token_ids()` / `finish()` close the structure
+validly from wherever the output stopped (greedy, checked against the grammar). Inside <think>
+the closing is
     </think>\\n{"steps": [{"statement": "", "kind": "reasoning", "bbox_2d": null}]}
-i.e. one empty reasoning step (no region to look at); inside a step it closes the current string,
-picks "reasoning" (or finishes the open box with zeros) and closes the arrays and objects.
+(one empty reasoning step: no region to look at); inside a step it closes the open string, picks
+"reasoning" if the kind is not written yet, finishes an open box with zeros, then closes the
+arrays and objects. In phase 4 it closes the strings, writes "null" for an unwritten box and
+ends key_evidence there.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
 from ..boxes import BoxConvention
 
-MAX_STRING_CHARS = 200        # statement, answer, description
+MAX_STRING_CHARS = 200        # statement, answer, description (and the fixed keys / kinds)
 MAX_EXPLANATION_CHARS = 400   # synthesis explanation
 MAX_EVIDENCE_ITEMS = 3        # synthesis key_evidence
 COMPILE_THREADS = 2
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 _UTF8_MAX = 4                 # bytes per code point, worst case
 
+__all__ = [
+    "MAX_STRING_CHARS", "MAX_EXPLANATION_CHARS", "MAX_EVIDENCE_ITEMS", "GrammarSpec",
+    "reasoning_grammar_source", "synthesis_grammar_source", "reasoning_spec", "synthesis_spec",
+    "reasoning_max_bytes", "synthesis_max_bytes", "GrammarCache", "ConstrainedDecoder",
+    "mask_batch",
+]
+
+
 # -- grammar sources ------------------------------------------------------------------------
 
-_STRING_CHAR = r'''[^"\\\0-\x1f\x7f] | "\\" ["\\/bfnrt]'''
-
-
 def _lit(text: str) -> str:
-    """An EBNF string literal for `text` (only what our literals need: quotes, backslash, newline)."""
+    """An EBNF string literal for `text` (quotes, backslashes and newlines escaped)."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _int_range_alternatives(n: int) -> list[str]:
-    """EBNF alternatives matching the decimal integers 0..n, without leading zeros."""
+    """EBNF alternatives matching exactly the decimal integers 0..n, without leading zeros."""
     if n < 0:
         raise ValueError(f"range upper bound must be >= 0, got {n}")
     digits = str(n)
     length = len(digits)
-    alts: list[str] = []
-    # every shorter length in full
-    for size in range(1, length):
-        alts.append("[0-9]" if size == 1 else "[1-9]" + " [0-9]" * (size - 1))
-    # the same length as n: walk n's digits, taking a smaller digit at position i
     if length == 1:
-        alts.append(f"[0-{n}]")
-        return alts
-    for i, ch in enumerate(digits):
-        low = 1 if i == 0 else 0
-        high = int(ch) - 1
+        return [f"[0-{n}]"]
+    alts = ["[0-9]"] + ["[1-9]" + " [0-9]" * (size - 1) for size in range(2, length)]
+    for i, ch in enumerate(digits):          # same length as n: smaller digit at position i
+        low, high = (1 if i == 0 else 0), int(ch) - 1
         if high >= low:
             parts = [_lit(digits[:i])] if i else []
-            parts.append(f"[{low}-{high}]" if high > low else f"[{low}]")
+            parts.append(f"[{low}-{high}]")
             parts.extend(["[0-9]"] * (length - i - 1))
             alts.append(" ".join(parts))
     alts.append(_lit(digits))
@@ -111,39 +124,45 @@ def _box_rules(convention: BoxConvention) -> list[str]:
     return rules
 
 
-def _string_rules() -> list[str]:
-    return [
-        f"schar ::= {_STRING_CHAR}",
-        f'str ::= "\\"" schar{{0,{MAX_STRING_CHARS}}} "\\""',
-        f'longstr ::= "\\"" schar{{0,{MAX_EXPLANATION_CHARS}}} "\\""',
-    ]
+# xgrammar 0.2.8's negated classes accept UTF-8-encoded surrogates (ED A0..BF ..), which are not
+# valid UTF-8 (Python's decode and json.loads refuse them): exclude them explicitly.
+_SURROGATES = r"\uD800-\uDFFF"
+
+# A JSON string, written recursively like xgrammar's own builtin JSON grammar (cheapest form).
+_STRING_RULES = [
+    'str ::= "\\"" strtail',
+    'strtail ::= "\\"" | [^"\\\\\\0-\\x1f\\x7f' + _SURROGATES + '] strtail'
+    ' | "\\\\" ["\\\\/bfnrt] strtail',
+]
 
 
 def _list_of(item: str, min_items: int, max_items: int) -> str:
     """EBNF for `item` repeated min..max times, separated by ", " (min is 0 or 1)."""
     if max_items < 1:
         return '""'
-    sep = '", "'
-    more = f" ({sep} {item}){{0,{max_items - 1}}}" if max_items > 1 else ""
+    more = f' (", " {item}){{0,{max_items - 1}}}' if max_items > 1 else ""
     one_or_more = f"({item}{more})"
     return one_or_more if min_items >= 1 else f"({one_or_more})?"
 
 
 def reasoning_grammar_source(max_steps: int, convention: BoxConvention,
                              max_thinking_chars: int) -> str:
-    """EBNF (xgrammar dialect) for phase 1+2: <think>...</think>\\n{"steps": [...]}."""
+    """EBNF (xgrammar dialect) for phase 1+2: <think>...</think>\\n{"steps": [...]}.
+
+    The thinking and string lengths are enforced by the decoder (module docstring), so the
+    source does not depend on `max_thinking_chars` (one compile serves every limit).
+    """
     if max_steps < 1:
         raise ValueError("max_steps must be >= 1")
     if max_thinking_chars < 0:
         raise ValueError("max_thinking_chars must be >= 0")
     steps = _list_of("step", 1, max_steps)
     rules = [
-        f'root ::= "<think>" tchar{{0,{max_thinking_chars}}} "</think>\\n{{\\"steps\\": [" {steps} "]}}"',
-        "tchar ::= [^<]",
+        f'root ::= "<think>" [^<{_SURROGATES}]* "</think>\\n{{\\"steps\\": [" {steps} "]}}"',
         'step ::= "{\\"statement\\": " str ", \\"kind\\": " kindbox "}"',
         'kindbox ::= ("\\"object\\", \\"bbox_2d\\": " box) | ("\\"text\\", \\"bbox_2d\\": " box)'
         ' | "\\"reasoning\\", \\"bbox_2d\\": null"',
-        *_string_rules(),
+        *_STRING_RULES,
         *_box_rules(convention),
     ]
     return "\n".join(rules) + "\n"
@@ -153,10 +172,10 @@ def synthesis_grammar_source(convention: BoxConvention) -> str:
     """EBNF (xgrammar dialect) for phase 4: {"answer": ..., "explanation": ..., "key_evidence": [...]}."""
     items = _list_of("item", 0, MAX_EVIDENCE_ITEMS)
     rules = [
-        'root ::= "{\\"answer\\": " str ", \\"explanation\\": " longstr ", \\"key_evidence\\": ["'
+        'root ::= "{\\"answer\\": " str ", \\"explanation\\": " str ", \\"key_evidence\\": ["'
         f' {items} "]}}"',
         'item ::= "{\\"description\\": " str ", \\"bbox_2d\\": " (box | "null") "}"',
-        *_string_rules(),
+        *_STRING_RULES,
         *_box_rules(convention),
     ]
     return "\n".join(rules) + "\n"
@@ -165,7 +184,7 @@ def synthesis_grammar_source(convention: BoxConvention) -> str:
 # -- worst-case lengths (bytes; an allowed token is >= 1 byte, so also a token bound) ---------
 
 def _str_max_bytes(chars: int) -> int:
-    return 2 + chars * _UTF8_MAX
+    return 2 + chars * _UTF8_MAX        # an escape: 2 counted characters, 2 bytes
 
 
 def _box_max_bytes(convention: BoxConvention) -> int:
@@ -173,7 +192,7 @@ def _box_max_bytes(convention: BoxConvention) -> int:
 
 
 def reasoning_max_bytes(max_steps: int, convention: BoxConvention, max_thinking_chars: int) -> int:
-    """Upper bound on the UTF-8 length of any text `reasoning_grammar_source(...)` accepts."""
+    """Upper bound on the UTF-8 length of any output the reasoning decoder allows."""
     step = (len('{"statement": , "kind": "reasoning", "bbox_2d": }')
             + _str_max_bytes(MAX_STRING_CHARS) + max(_box_max_bytes(convention), len("null")))
     return (len('<think></think>\n{"steps": []}') + max_thinking_chars * _UTF8_MAX
@@ -181,7 +200,7 @@ def reasoning_max_bytes(max_steps: int, convention: BoxConvention, max_thinking_
 
 
 def synthesis_max_bytes(convention: BoxConvention) -> int:
-    """Upper bound on the UTF-8 length of any text `synthesis_grammar_source(...)` accepts."""
+    """Upper bound on the UTF-8 length of any output the synthesis decoder allows."""
     item = (len('{"description": , "bbox_2d": }') + _str_max_bytes(MAX_STRING_CHARS)
             + max(_box_max_bytes(convention), len("null")))
     return (len('{"answer": , "explanation": , "key_evidence": []}')
@@ -189,12 +208,78 @@ def synthesis_max_bytes(convention: BoxConvention) -> int:
             + MAX_EVIDENCE_ITEMS * item + (MAX_EVIDENCE_ITEMS - 1) * len(", "))
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A grammar plus the length limits its decoder enforces.
+
+    think_chars: None when the output has no <think> block, else its limit in characters.
+    string_chars: limit for every JSON string; key_chars: per-key overrides for value strings.
+    """
+    source: str
+    think_chars: int | None
+    string_chars: int
+    key_chars: tuple[tuple[str, int], ...]
+    max_bytes: int
+
+
+def reasoning_spec(max_steps: int, convention: BoxConvention, max_thinking_chars: int) -> GrammarSpec:
+    return GrammarSpec(reasoning_grammar_source(max_steps, convention, max_thinking_chars),
+                       think_chars=max_thinking_chars, string_chars=MAX_STRING_CHARS, key_chars=(),
+                       max_bytes=reasoning_max_bytes(max_steps, convention, max_thinking_chars))
+
+
+def synthesis_spec(convention: BoxConvention) -> GrammarSpec:
+    return GrammarSpec(synthesis_grammar_source(convention), think_chars=None,
+                       string_chars=MAX_STRING_CHARS,
+                       key_chars=(("explanation", MAX_EXPLANATION_CHARS),),
+                       max_bytes=synthesis_max_bytes(convention))
+
+
+# -- per-token length costs -----------------------------------------------------------------
+
+_QUOTE, _BACKSLASH, _LT = 0x22, 0x5C, 0x3C
+_THINK, _STR, _ESC = 0, 1, 2      # length tables: thinking text, string, string after a backslash
+
+
+def _is_lead(b: int) -> bool:
+    return b & 0xC0 != 0x80
+
+
+def _think_cost(piece: bytes) -> int:
+    """Characters a token adds to the thinking text (those before its first '<')."""
+    end = piece.find(b"<")
+    return sum(1 for b in (piece if end < 0 else piece[:end]) if _is_lead(b))
+
+
+def _string_cost(piece: bytes, escaped: bool) -> int:
+    """Characters a token adds to an open JSON string, up to its closing quote. An escape
+    counts 2 at its backslash; `escaped`: the string's previous byte was an escape's backslash."""
+    cost = 0
+    for b in piece:
+        if escaped:
+            escaped = False
+        elif b == _QUOTE:
+            break
+        elif b == _BACKSLASH:
+            escaped = True
+            cost += 2
+        elif _is_lead(b):
+            cost += 1
+    return cost
+
+
+def _pack(bits: torch.Tensor) -> torch.Tensor:
+    """bool [32 * k] -> int32 [k], bit i of word j = bits[32 * j + i] (xgrammar's layout)."""
+    packed = np.packbits(bits.numpy(), bitorder="little")       # byte j bit i = bits[8j + i]
+    return torch.from_numpy(packed.view("<i4").astype(np.int32))
+
+
 # -- compiled-grammar cache -----------------------------------------------------------------
 
 def _token_id(tokenizer, text: str) -> int | None:
     tid = tokenizer.convert_tokens_to_ids(text)
     unk = getattr(tokenizer, "unk_token_id", None)
-    return tid if isinstance(tid, int) and tid != unk else None
+    return tid if isinstance(tid, int) and tid >= 0 and tid != unk else None
 
 
 class GrammarCache:
@@ -213,6 +298,7 @@ class GrammarCache:
             if not stop_token_ids and tokenizer.eos_token_id is not None:
                 stop_token_ids = [tokenizer.eos_token_id]
         self.stop_token_ids = list(stop_token_ids)
+        self.tokenizer = tokenizer
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids or None)
         self.vocab_size = self.tokenizer_info.vocab_size
@@ -220,16 +306,20 @@ class GrammarCache:
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads,
                                             cache_enabled=False)
         self.decoded_vocab: list[bytes] = self.tokenizer_info.decoded_vocab
-        self.banned_ids = sorted(self._special_ids(tokenizer) - set(self.stop_token_ids))
-        self.allow_row = _allow_row(self.vocab_size, self.banned_ids)
-        self._byte_token: dict[int, int] = {}
-        for tid, b in enumerate(self.decoded_vocab):
-            if len(b) == 1 and b[0] not in self._byte_token and tid not in set(self.banned_ids):
-                self._byte_token[b[0]] = tid
-        self.tokenizer = tokenizer
+        self.banned_ids = frozenset(self._special_ids(tokenizer) - set(self.stop_token_ids))
+        self.words = (self.vocab_size + 31) // 32
+        allow = torch.ones(self.words * 32, dtype=torch.bool)
+        allow[self.vocab_size:] = False
+        if self.banned_ids:
+            allow[torch.tensor(sorted(self.banned_ids), dtype=torch.long)] = False
+        self.allow_row = _pack(allow)                       # int32 [words]
         self.max_entries = max_entries
         self._compiled: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
+        self._costs: list[torch.Tensor] | None = None       # [_THINK/_STR/_ESC] -> int32 [V]
+        self._max_cost: list[int] = []
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}
+        self._byte_token: dict[int, int] | None = None
 
     def _special_ids(self, tokenizer) -> set[int]:
         ids = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -238,8 +328,9 @@ class GrammarCache:
                 ids.add(int(tid))
         return {i for i in ids if 0 <= i < self.vocab_size}
 
+    # compiled grammars
     def get(self, source: str) -> xgr.CompiledGrammar:
-        """The compiled grammar for this EBNF source (compiled on first use)."""
+        """The compiled grammar for this EBNF source (compiled on first use, then cached)."""
         with self._lock:
             compiled = self._compiled.get(source)
             if compiled is not None:
@@ -259,54 +350,161 @@ class GrammarCache:
         with self._lock:
             return len(self._compiled)
 
-    def decoder(self, source: str) -> "ConstrainedDecoder":
-        """A fresh per-sequence decoder for this grammar."""
-        return ConstrainedDecoder(self, self.get(source))
+    # decoders
+    def decoder(self, spec: GrammarSpec) -> "ConstrainedDecoder":
+        """A fresh per-sequence decoder for this grammar and its limits."""
+        return ConstrainedDecoder(self, self.get(spec.source), spec)
 
     def reasoning_decoder(self, max_steps: int, convention: BoxConvention,
                           max_thinking_chars: int) -> "ConstrainedDecoder":
-        return self.decoder(reasoning_grammar_source(max_steps, convention, max_thinking_chars))
+        return self.decoder(reasoning_spec(max_steps, convention, max_thinking_chars))
 
     def synthesis_decoder(self, convention: BoxConvention) -> "ConstrainedDecoder":
-        return self.decoder(synthesis_grammar_source(convention))
+        return self.decoder(synthesis_spec(convention))
+
+    # length tables
+    def _ensure_costs(self) -> None:
+        with self._lock:
+            if self._costs is not None:
+                return
+            think, plain, esc = [], [], []
+            for piece in self.decoded_vocab:
+                think.append(_think_cost(piece))
+                plain.append(_string_cost(piece, False))
+                esc.append(_string_cost(piece, True))
+            pad = self.words * 32 - len(think)
+            tables = [torch.tensor(t + [0] * pad, dtype=torch.int32) for t in (think, plain, esc)]
+            self._max_cost = [int(t.max()) for t in tables]
+            self._costs = tables
+
+    def cost(self, table: int, token_id: int) -> int:
+        self._ensure_costs()
+        return int(self._costs[table][token_id])
+
+    def length_row(self, table: int, remaining: int) -> torch.Tensor | None:
+        """Bitmask row of the tokens adding at most `remaining` characters (None: all of them)."""
+        self._ensure_costs()
+        remaining = max(remaining, 0)
+        if remaining >= self._max_cost[table]:
+            return None
+        key = (table, remaining)
+        row = self._rows.get(key)
+        if row is None:
+            row = _pack(self._costs[table] <= remaining)
+            with self._lock:
+                self._rows[key] = row
+        return row
 
     def byte_token(self, byte: int) -> int:
         """A token whose text is exactly this one byte (byte-level vocabularies have all 256)."""
+        if self._byte_token is None:
+            found: dict[int, int] = {}
+            for tid, piece in enumerate(self.decoded_vocab):
+                if len(piece) == 1 and piece[0] not in found and tid not in self.banned_ids:
+                    found[piece[0]] = tid
+            self._byte_token = found
         try:
             return self._byte_token[byte]
         except KeyError:
             raise ValueError(f"the vocabulary has no single-byte token for {byte:#04x}") from None
 
 
-def _allow_row(vocab_size: int, banned: Iterable[int]) -> torch.Tensor:
-    """An int32 bitmask row with every bit set except the banned ids (and ids >= vocab_size)."""
-    words = (vocab_size + 31) // 32
-    bits = torch.ones(words * 32, dtype=torch.bool)
-    bits[vocab_size:] = False
-    banned = list(banned)
-    if banned:
-        bits[torch.tensor(banned, dtype=torch.long)] = False
-    weights = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int64)
-    row = (bits.view(words, 32).to(torch.int64) * weights).sum(dim=1)
-    return row.to(torch.int32)
+# -- the lexer that follows the output for the length limits --------------------------------
+
+# modes
+_OPENING, _THINKING, _OUTSIDE, _IN_STRING = range(4)
+
+
+@dataclass
+class _LexState:
+    mode: int
+    opening_left: int = 0      # bytes of "<think>" still to come
+    count: int = 0             # characters in the current bounded region
+    limit: int | None = None   # of the current region
+    escaped: bool = False      # inside a string, right after a backslash
+    last_sig: int = 0          # last non-space byte outside strings
+    current: bytes = b""       # the open string's first bytes (to know keys)
+    last_string: bytes = b""
+
+    def copy(self) -> "_LexState":
+        return _LexState(**self.__dict__)
+
+
+class _Lexer:
+    """Just enough of the output's syntax to know which bounded region we are in."""
+
+    def __init__(self, spec: GrammarSpec):
+        self.think_chars = spec.think_chars
+        self.string_chars = spec.string_chars
+        self.key_chars: Mapping[bytes, int] = {k.encode(): v for k, v in spec.key_chars}
+        if spec.think_chars is None:
+            self.state = _LexState(_OUTSIDE)
+        else:
+            self.state = _LexState(_OPENING, opening_left=len(THINK_OPEN), limit=spec.think_chars)
+
+    def feed(self, piece: bytes) -> None:
+        s = self.state
+        for b in piece:
+            if s.mode == _OPENING:
+                s.opening_left -= 1
+                if s.opening_left == 0:
+                    s.mode, s.count = _THINKING, 0
+            elif s.mode == _THINKING:
+                if b == _LT:
+                    s.mode, s.limit, s.last_sig = _OUTSIDE, None, b
+                elif _is_lead(b):
+                    s.count += 1
+            elif s.mode == _OUTSIDE:
+                if b == _QUOTE:
+                    is_value = s.last_sig == ord(":")
+                    s.mode, s.count, s.escaped, s.current = _IN_STRING, 0, False, b""
+                    s.limit = self.key_chars.get(s.last_string, self.string_chars) if is_value \
+                        else self.string_chars
+                elif b not in b" \t\r\n":
+                    s.last_sig = b
+            else:  # in a string
+                if s.escaped:
+                    s.escaped = False
+                elif b == _QUOTE:
+                    s.mode, s.limit, s.last_string, s.last_sig = _OUTSIDE, None, s.current, b
+                    continue
+                elif b == _BACKSLASH:
+                    s.escaped = True
+                    s.count += 2
+                elif _is_lead(b):
+                    s.count += 1
+                if len(s.current) < 32:
+                    s.current += bytes([b])
+
+    def bound(self) -> tuple[int, int] | None:
+        """(cost table, characters left) when inside a bounded region, else None."""
+        s = self.state
+        if s.mode == _THINKING or s.mode == _OPENING:
+            return (_THINK, s.limit - s.count) if s.mode == _THINKING else None
+        if s.mode == _IN_STRING:
+            return (_ESC if s.escaped else _STR), s.limit - s.count
+        return None
 
 
 # -- per-sequence decoder -------------------------------------------------------------------
 
 # Tried in this order when closing a structure; each is checked against the grammar.
-_CLOSERS = ("</think>\n", '"', "]", "}", "reasoning", ", ", "0", "null")
+_CLOSERS = (THINK_CLOSE + "\n", '"', "]", "}", "reasoning", ", ", "0", "null")
 _MAX_CLOSING_MOVES = 200
 
 
 class ConstrainedDecoder:
     """The grammar state of one sequence: mask logits, accept tokens, close early if needed."""
 
-    def __init__(self, cache: GrammarCache, compiled: xgr.CompiledGrammar):
+    def __init__(self, cache: GrammarCache, compiled: xgr.CompiledGrammar, spec: GrammarSpec):
         self.cache = cache
         self.compiled = compiled
+        self.spec = spec
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=cache.stop_token_ids or None,
                                           terminate_without_stop_token=True)
         self.bitmask = xgr.allocate_token_bitmask(1, cache.vocab_size)
+        self._lexer = _Lexer(spec)
+        self._history: list[_LexState] = []
         self._bytes = bytearray()
         self._lengths: list[int] = []
         self._device_mask: torch.Tensor | None = None
@@ -315,38 +513,61 @@ class ConstrainedDecoder:
     def fill_bitmask(self, bitmask: torch.Tensor, index: int = 0) -> None:
         """Write this sequence's allowed tokens into row `index` of a CPU int32 bitmask."""
         self.matcher.fill_next_token_bitmask(bitmask, index)
-        if not self.matcher.is_terminated():
-            bitmask[index].bitwise_and_(self.cache.allow_row)
+        if self.matcher.is_terminated():
+            return
+        row = bitmask[index]
+        row.bitwise_and_(self.cache.allow_row)
+        bound = self._lexer.bound()
+        if bound is not None:
+            limit_row = self.cache.length_row(*bound)
+            if limit_row is not None:
+                row.bitwise_and_(limit_row)
 
     def mask(self, logits: torch.Tensor) -> None:
-        """Set the logits of disallowed tokens to -inf, in place. logits: [vocab] or [1, vocab],
-        float32/float16/bfloat16, CPU or CUDA (the bitmask is copied to the logits' device)."""
+        """Set the logits of disallowed tokens to -inf, in place. logits: [vocab] or [1, vocab]
+        (the last dim may be padded beyond the grammar's vocab: those ids are masked too),
+        float32/float16/bfloat16, on CPU or CUDA (the bitmask is then copied to that device)."""
         if logits.shape[-1] < self.cache.vocab_size:
-            raise ValueError(f"logits have {logits.shape[-1]} entries, grammar vocab is "
+            raise ValueError(f"logits have {logits.shape[-1]} entries, the grammar's vocab "
                              f"{self.cache.vocab_size}")
         self.fill_bitmask(self.bitmask, 0)
-        _apply(logits if logits.dim() == 2 else logits.view(1, -1), self.bitmask,
-               self.cache.vocab_size, self)
+        rows = logits if logits.dim() == 2 else logits.view(1, -1)
+        _apply(rows, self.bitmask, self)
+        if rows.shape[-1] > self.cache.vocab_size:
+            rows[:, self.cache.vocab_size:] = float("-inf")
 
     def accept(self, token_id: int) -> bool:
-        """Advance by one token; False (state unchanged) if the grammar does not allow it."""
+        """Advance by one token; False (and no change) if the grammar or a limit forbids it."""
         token_id = int(token_id)
-        if token_id in self.cache.banned_ids or not self.matcher.accept_token(token_id):
+        if token_id in self.cache.banned_ids or not 0 <= token_id < self.cache.vocab_size:
+            return False
+        bound = self._lexer.bound()
+        if bound is not None and self.cache.cost(bound[0], token_id) > max(bound[1], 0):
+            return False
+        if not self.matcher.accept_token(token_id):
             return False
         piece = self.cache.decoded_vocab[token_id]
+        self._history.append(self._lexer.state.copy())
+        self._lexer.feed(piece)
         self._bytes += piece
         self._lengths.append(len(piece))
         return True
 
     def rollback(self, num_tokens: int = 1) -> None:
+        """Undo the last `num_tokens` accepted tokens."""
+        if num_tokens <= 0:
+            return
+        if num_tokens > len(self._lengths):
+            raise ValueError(f"cannot roll back {num_tokens} of {len(self._lengths)} tokens")
         self.matcher.rollback(num_tokens)
         for _ in range(num_tokens):
             n = self._lengths.pop()
             if n:
                 del self._bytes[-n:]
+            self._lexer.state = self._history.pop()
 
     def is_finished(self) -> bool:
-        """The whole structure has been accepted (stop here; the engine appends <|im_end|>)."""
+        """The whole structure has been accepted: stop here (the engine appends <|im_end|>)."""
         return self.matcher.is_terminated()
 
     @property
@@ -363,11 +584,12 @@ class ConstrainedDecoder:
 
     # closing early ------------------------------------------------------------------------
     def completion_bytes(self) -> bytes:
-        """The bytes to append to the accepted bytes so the output is complete and valid.
+        """The bytes that, appended to the accepted bytes, make a complete valid output.
 
         Greedy and grammar-checked: first finish a split UTF-8 character, then repeatedly take
         xgrammar's jump-forward string (what the grammar forces) or else the first of
-        `_CLOSERS` that the grammar accepts. Empty when already finished.
+        `_CLOSERS` the grammar accepts. Empty when already finished. Adds no characters to an
+        open string or to the thinking text, so the length limits hold.
         """
         if self.matcher.is_terminated():
             return b""
@@ -402,27 +624,32 @@ class ConstrainedDecoder:
         raise RuntimeError("closing the structure did not finish")
 
     def completion_text(self) -> str:
-        """Text that closes the structure: `text() + completion_text()` is a complete, valid output.
+        """Text that closes the structure: `text() + completion_text()` is a complete valid output.
 
-        Normally this is just the suffix to append. If the budget ran out in the middle of a
-        multi-byte character, `text()` leaves that partial character out and this starts with it,
-        finished (to feed the model, use `completion_token_ids()`, which continues the bytes).
+        Normally just the suffix to append to the text so far. Only if the budget ran out in the
+        middle of a multi-byte character does `text()` leave that character out, and this starts
+        with it, finished. To extend the token sequence, prefer `completion_token_ids()`.
         """
         tail = _incomplete_tail(self._bytes)
         partial = bytes(self._bytes[len(self._bytes) - tail:]) if tail else b""
         return (partial + self.completion_bytes()).decode("utf-8")
 
+    def closed_text(self) -> str:
+        """The complete output: the accepted text closed by `completion_text()`."""
+        return self.text() + self.completion_text()
+
     def completion_token_ids(self) -> list[int]:
         """Token ids whose bytes are exactly `completion_bytes()` (to append to the sequence)."""
         data = self.completion_bytes()
-        ids = [self.cache.byte_token(b) for b in data[:_incomplete_need(self._bytes)]]
-        rest = data[len(ids):].decode("utf-8")
+        need = _incomplete_need(self._bytes)
+        ids = [self.cache.byte_token(b) for b in data[:need]]
+        rest = data[need:].decode("utf-8")
         if rest:
             ids += self.cache.tokenizer.encode(rest, add_special_tokens=False)
         return ids
 
     def finish(self) -> list[int]:
-        """Accept the closing tokens into this decoder; returns them. Afterwards is_finished()."""
+        """Accept the closing tokens into this decoder and return them; then is_finished()."""
         ids = self.completion_token_ids()
         for i, tid in enumerate(ids):
             if not self.accept(tid):
@@ -431,59 +658,70 @@ class ConstrainedDecoder:
         return ids
 
 
-def _apply(logits: torch.Tensor, bitmask: torch.Tensor, vocab_size: int,
-           owner: ConstrainedDecoder | None = None) -> None:
+def _apply(logits: torch.Tensor, bitmask: torch.Tensor, owner: ConstrainedDecoder | None = None,
+           indices: list[int] | None = None) -> None:
+    vocab_size = (owner.cache.vocab_size if owner is not None else None)
     if logits.device.type != "cpu":
         if owner is not None:
-            if owner._device_mask is None or owner._device_mask.device != logits.device \
-                    or owner._device_mask.shape != bitmask.shape:
-                owner._device_mask = torch.empty_like(bitmask, device=logits.device)
-            owner._device_mask.copy_(bitmask, non_blocking=True)
-            bitmask = owner._device_mask
+            dev = owner._device_mask
+            if dev is None or dev.device != logits.device or dev.shape != bitmask.shape:
+                dev = owner._device_mask = torch.empty(bitmask.shape, dtype=bitmask.dtype,
+                                                       device=logits.device)
+            dev.copy_(bitmask, non_blocking=True)
+            bitmask = dev
         else:
             bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size)
+    try:
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=indices)
+    except ImportError:    # no triton on this CUDA install: xgrammar's pure-torch kernel
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=indices,
+                                        backend="torch_native")
 
 
 def mask_batch(decoders: Sequence[ConstrainedDecoder | None], logits: torch.Tensor,
-               bitmask: torch.Tensor | None = None) -> torch.Tensor:
+               bitmask: torch.Tensor | None = None) -> torch.Tensor | None:
     """Mask a [B, vocab] logits tensor in place; decoders[i] constrains row i (None: leave it).
 
-    `bitmask` may be passed in to reuse an allocation (CPU, int32, [>=B, ceil(vocab/32)]);
-    returns the bitmask used.
+    All decoders must come from one GrammarCache. `bitmask` may be passed in to reuse an
+    allocation (CPU int32 [>= B, ceil(vocab / 32)]); returns the bitmask used.
     """
     live = [(i, d) for i, d in enumerate(decoders) if d is not None]
     if not live:
         return bitmask
-    vocab_size = live[0][1].cache.vocab_size
+    cache = live[0][1].cache
     if bitmask is None:
-        bitmask = xgr.allocate_token_bitmask(len(decoders), vocab_size)
+        bitmask = xgr.allocate_token_bitmask(len(decoders), cache.vocab_size)
     for i, d in live:
         d.fill_bitmask(bitmask, i)
     indices = [i for i, _ in live]
     mask = bitmask if logits.device.type == "cpu" else bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=vocab_size, indices=indices)
+    try:
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=cache.vocab_size, indices=indices)
+    except ImportError:
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=cache.vocab_size, indices=indices,
+                                        backend="torch_native")
+    if logits.shape[-1] > cache.vocab_size:
+        logits[indices, cache.vocab_size:] = float("-inf")
     return bitmask
 
 
 # -- UTF-8 helpers --------------------------------------------------------------------------
 
+def _lead_need(b: int) -> int:
+    return 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+
+
 def _incomplete_tail(data: bytes | bytearray) -> int:
     """How many trailing bytes form an unfinished UTF-8 character (0 if none)."""
     for back in range(1, min(4, len(data)) + 1):
         b = data[-back]
-        if b & 0xC0 == 0x80:          # continuation byte: keep looking for the lead
+        if not _is_lead(b):            # continuation byte: keep looking for the lead
             continue
-        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
-        return back if need > back else 0
+        return back if _lead_need(b) > back else 0
     return 0
 
 
 def _incomplete_need(data: bytes | bytearray) -> int:
     """How many continuation bytes the unfinished trailing character still needs."""
     tail = _incomplete_tail(data)
-    if not tail:
-        return 0
-    b = data[-tail]
-    need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4
-    return need - tail
+    return _lead_need(data[-tail]) - tail if tail else 0

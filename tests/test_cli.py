@@ -1,0 +1,112 @@
+"""The CLI contract (issue 2): JSON shape, follow-ups, and bad input -> exit 2, one line, no traceback."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, ROOT
+
+IMAGE = str(ROOT / "assets" / "street-scene.png")
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "corgi", "run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fast_config_file(tmp_path_factory):
+    import yaml
+    data = {}
+    for dotted, value in FAST.items():
+        section, key = dotted.split(".")
+        data.setdefault(section, {})[key] = value
+    path = tmp_path_factory.mktemp("cfg") / "fast.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_json_output_with_followup(model, fast_config_file):
+    proc = cli("--image", IMAGE, "--question", "What does the sign say?", "--followup", "And the car?",
+               "--config", fast_config_file, "--model", model, "--json")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)                      # exactly one JSON object on stdout
+    assert payload["model"]["id"] == model
+    assert payload["model"]["family"] == model.removeprefix("tiny-")
+    assert payload["model"]["device"] == "cpu" and payload["model"]["dtype"] == "float32"
+    assert [t["question"] for t in payload["turns"]] == ["What does the sign say?", "And the car?"]
+    for turn in payload["turns"]:
+        assert set(turn) >= {"question", "answer", "explanation", "steps", "evidence", "key_evidence",
+                             "timings", "raw", "cache"}
+        assert set(turn["timings"]) >= {"reasoning", "evidence", "synthesis", "total"}
+        assert set(turn["raw"]) >= {"reasoning", "synthesis"}
+        assert 1 <= len(turn["steps"]) <= FAST["pipeline.max_steps"]
+        for step in turn["steps"]:
+            assert step["kind"] in ("object", "text", "reasoning")
+            if step["bbox"] is not None:
+                x1, y1, x2, y2 = step["bbox"]
+                assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+        grounded = [s["index"] for s in turn["steps"] if s["bbox"] is not None]
+        assert [e["step_index"] for e in turn["evidence"]] == grounded[:FAST["pipeline.max_regions"]]
+        assert len(turn["key_evidence"]) <= 3
+    follow_up = payload["turns"][1]["cache"]
+    assert follow_up["vision_misses"] == 0 and follow_up["prefix_tokens_reused"] > 0
+
+
+def test_no_cache_flag_gives_the_same_answers(fast_config_file):
+    args = ("--image", IMAGE, "--question", "What is here?", "--followup", "Why?", "--config",
+            fast_config_file, "--json")
+    warm, cold = cli(*args), cli(*args, "--no-cache")
+    assert warm.returncode == 0 and cold.returncode == 0, warm.stderr + cold.stderr
+    warm_turns, cold_turns = json.loads(warm.stdout)["turns"], json.loads(cold.stdout)["turns"]
+    assert [t["raw"] for t in warm_turns] == [t["raw"] for t in cold_turns]
+    assert cold_turns[1]["cache"]["vision_misses"] == 2
+
+
+def test_live_output_without_json(fast_config_file):
+    proc = cli("--image", IMAGE, "--question", "What is this?", "--config", fast_config_file)
+    assert proc.returncode == 0, proc.stderr
+    for marker in ("== reasoning ==", "== evidence ==", "== synthesis ==", "Answer:"):
+        assert marker in proc.stdout
+
+
+def _bad(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0].lower(), lines[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    text_as_jpg = tmp_path / "photo.jpg"
+    text_as_jpg.write_text("this is not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("pipeline:\n  max_stepz: 3\n")
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text("pipeline:\n  max_steps: many\n")
+    _bad(cli("--image", str(tmp_path / "missing.png"), "--question", "q"), "no image file")
+    _bad(cli("--image", str(text_as_jpg), "--question", "q"), "image")
+    _bad(cli("--image", str(empty), "--question", "q"), "image")
+    _bad(cli("--image", IMAGE, "--question", "   "), "empty")
+    _bad(cli("--image", IMAGE, "--question", "q", "--followup", ""), "empty")
+    _bad(cli("--image", IMAGE, "--question", "q", "--config", str(bad_yaml)), "yaml")
+    _bad(cli("--image", IMAGE, "--question", "q", "--config", str(unknown_key)), "max_stepz")
+    _bad(cli("--image", IMAGE, "--question", "q", "--config", str(wrong_type)), "max_steps")
+    _bad(cli("--image", IMAGE, "--question", "q", "--config", str(tmp_path / "nope.yaml")), "not found")
+
+
+def test_unknown_model_exits_2(tmp_path):
+    _bad(cli("--image", IMAGE, "--question", "q", "--model", str(tmp_path / "no-such-model")), "model")
+    not_a_model = tmp_path / "folder"
+    not_a_model.mkdir()
+    _bad(cli("--image", IMAGE, "--question", "q", "--model", str(not_a_model)), "model")
