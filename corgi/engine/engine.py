@@ -46,6 +46,16 @@ class Engine:
         self._conversations: weakref.WeakSet[Conversation] = weakref.WeakSet()
         self._num_layers = loaded.model.config.get_text_config().num_hidden_layers
         self._grammars = None     # GrammarCache, built on first use (compiles the tokenizer once)
+        # model.compile: decode steps over static KV buffers (CUDA: compiled + CUDA graphs;
+        # CPU: the same step, eager, which is how the tests check it against the HF path).
+        self.static = None
+        if config.model.compile:
+            from .static_decode import StaticDecoder
+            cuda = loaded.device.type == "cuda"
+            self.static = StaticDecoder(loaded.model, loaded.device, loaded.dtype,
+                                        use_graphs=cuda, compile_layers=cuda)
+            if config.model.warmup:
+                self.static.warm_up(self.warmup_shapes())
 
     @classmethod
     def load(cls, config: Config) -> "Engine":
@@ -101,29 +111,57 @@ class Engine:
         return self._advance(conv, stats, count_prompt=True)
 
     def generate(self, conv: Conversation, max_new_tokens: int, sampling: Sampling | None = None,
-                 constraint=None, stats: CacheStats | None = None) -> Iterator[int]:
+                 constraint=None, stats: CacheStats | None = None, min_new_tokens: int = 0) -> Iterator[int]:
         """Yield new tokens, appending each to the conversation. Stops at an end-of-message
-        token, when `constraint` (a ConstrainedDecoder) is finished, or at max_new_tokens.
+        token, when `constraint` (a ConstrainedDecoder) is finished, or at max_new_tokens;
+        `min_new_tokens` bans the end tokens before that many (benchmarks force counts).
         Closing the generator stops the model at once; the caller truncates what it must."""
         sampling = sampling or Sampling()
         stats = stats if stats is not None else CacheStats()
         generator = torch.Generator().manual_seed(sampling.seed)
+        stop_ids = self.lm.special.stop_ids
         if not self.cache_enabled:
             conv.drop_kv()       # the naive pipeline: every phase reads the whole prompt again
         logits = self._advance(conv, stats, count_prompt=True)          # [1, V]
-        for _ in range(max_new_tokens):
-            if constraint is not None:
-                constraint.mask(logits)
-            token = int(decode.sample(logits, sampling.temperature, sampling.top_p, generator)[0])
-            conv.token_ids.append(token)
-            finished = token in self.lm.special.stop_ids
-            if constraint is not None and not finished:
-                constraint.accept(token)
-                finished = constraint.is_finished()
-            yield token
-            if finished:
-                return
-            logits = self._advance(conv, stats, count_prompt=False)
+        start = conv.kv_len
+        bucket = self.static.bucket(1, start + max_new_tokens) if self.static else None
+        if bucket is not None:
+            position = torch.tensor([start + conv.rope_delta], device=self.lm.device)
+            bucket.load(conv.kv, start, position, valid=None)
+        fed = 0
+        try:
+            for i in range(max_new_tokens):
+                if constraint is not None:
+                    constraint.mask(logits)
+                if i < min_new_tokens:
+                    logits = logits.index_fill(1, torch.tensor(stop_ids, device=logits.device), float("-inf"))
+                token_t = decode.sample(logits, sampling.temperature, sampling.top_p, generator)   # [1]
+                token = int(token_t[0])
+                conv.token_ids.append(token)
+                finished = token in stop_ids
+                if constraint is not None and not finished:
+                    constraint.accept(token)
+                    finished = constraint.is_finished()
+                yield token
+                if finished or i == max_new_tokens - 1:
+                    return
+                if bucket is None:
+                    logits = self._advance(conv, stats, count_prompt=False)
+                else:
+                    logits = bucket.step(token_t.view(1))
+                    fed += 1
+        finally:
+            if bucket is not None and fed:
+                # The static buffers computed K/V for `fed` tokens: hand them to the conversation.
+                bucket.append_to(conv.kv, start, start + fed)
+                conv.kv_len = start + fed
+                conv.kv_bytes = kv.cache_nbytes(conv.kv)
+                self._enforce_kv_budget(keep=conv)
+
+    def warmup_shapes(self) -> list[tuple[int, int]]:
+        """Static buckets a default conversation touches: one row up to 8k columns, and the
+        region-caption batches."""
+        return [(1, 2048), (1, 4096), (1, 8192)] + [(b, 512) for b in (1, 2, 4, 8)]
 
     def _advance(self, conv: Conversation, stats: CacheStats, count_prompt: bool) -> torch.Tensor:
         conv.last_used = time.monotonic()
@@ -175,8 +213,8 @@ class Engine:
     # ---- batched region captions (phase 3) --------------------------------------------
     def generate_batch(self, images: list[Image.Image], heads: list[tuple[str, str]],
                        max_new_tokens: int, max_pixels: int,
-                       sampling: Sampling | None = None,
-                       stats: CacheStats | None = None) -> Iterator[tuple[int, int]]:
+                       sampling: Sampling | None = None, stats: CacheStats | None = None,
+                       min_new_tokens: int = 0) -> Iterator[tuple[int, int]]:
         """Each row is head[0] + image + head[1], rows left-padded into one batch. One vision
         tower call for all images, one prefill, then batched decode. Yields (row, token);
         a row stops at its end-of-message token."""
@@ -205,15 +243,24 @@ class Engine:
         logits = decode.forward(lm.model, ids, positions, cache, attention_mask=mask,
                                 images=EncoderOutput(features))              # [B, V]
         next_pos = torch.tensor([len(r) for r in rows], device=device) + deltas.view(-1).to(device)  # [B]
+        bucket = self.static.bucket(batch, width + max_new_tokens) if self.static else None
+        if bucket is not None:
+            bucket.load(cache, width, next_pos, valid=mask)
+        stop_ids = torch.tensor(lm.special.stop_ids, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
+            if i < min_new_tokens:
+                logits = logits.index_fill(1, stop_ids, float("-inf"))
             tokens = decode.sample(logits, sampling.temperature, sampling.top_p, generator)   # [B]
             tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
             for b in (~done).nonzero().view(-1).tolist():
                 yield b, int(tokens[b])
-            done |= torch.isin(tokens, torch.tensor(lm.special.stop_ids, device=device))
-            if bool(done.all()):
+            done |= torch.isin(tokens, stop_ids)
+            if bool(done.all()) or i == max_new_tokens - 1:
                 return
+            if bucket is not None:
+                logits = bucket.step(tokens)
+                continue
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
             step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)                           # [3, B, 1]
             logits = decode.forward(lm.model, tokens.view(-1, 1), step_pos, cache, attention_mask=mask)

@@ -239,6 +239,7 @@ def synthesis_spec(convention: BoxConvention) -> GrammarSpec:
 
 _QUOTE, _BACKSLASH, _LT = 0x22, 0x5C, 0x3C
 _THINK, _STR, _ESC = 0, 1, 2      # length tables: thinking text, string, string after a backslash
+_OPENING_TABLE = -1               # -1 - k: "<think>" has k bytes left (tokens may run past it)
 
 
 def _is_lead(b: int) -> bool:
@@ -249,6 +250,14 @@ def _think_cost(piece: bytes) -> int:
     """Characters a token adds to the thinking text (those before its first '<')."""
     end = piece.find(b"<")
     return sum(1 for b in (piece if end < 0 else piece[:end]) if _is_lead(b))
+
+
+def _opening_cost(piece: bytes, left: int) -> int:
+    """Thinking characters a token adds when "<think>" still has `left` bytes to come (tokens
+    that do not continue "<think>" get 0: the grammar refuses them anyway)."""
+    if len(piece) <= left or not piece.startswith(THINK_OPEN.encode()[-left:]):
+        return 0
+    return _think_cost(piece[left:])
 
 
 def _string_cost(piece: bytes, escaped: bool) -> int:
@@ -320,6 +329,7 @@ class GrammarCache:
         self._max_cost: list[int] = []
         self._rows: dict[tuple[int, int], torch.Tensor] = {}
         self._byte_token: dict[int, int] | None = None
+        self._ensure_costs()       # ~0.3 s at 151k tokens: paid here, not on the first mask
 
     def _special_ids(self, tokenizer) -> set[int]:
         ids = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -378,21 +388,32 @@ class GrammarCache:
             self._costs = tables
 
     def cost(self, table: int, token_id: int) -> int:
+        if table < 0:
+            return _opening_cost(self.decoded_vocab[token_id], _OPENING_TABLE - table)
         self._ensure_costs()
         return int(self._costs[table][token_id])
 
     def length_row(self, table: int, remaining: int) -> torch.Tensor | None:
         """Bitmask row of the tokens adding at most `remaining` characters (None: all of them)."""
-        self._ensure_costs()
         remaining = max(remaining, 0)
-        if remaining >= self._max_cost[table]:
-            return None
         key = (table, remaining)
         row = self._rows.get(key)
-        if row is None:
-            row = _pack(self._costs[table] <= remaining)
-            with self._lock:
-                self._rows[key] = row
+        if row is not None:
+            return row
+        if table < 0:        # rare (the first token or two): a pass over the vocabulary
+            left = _OPENING_TABLE - table
+            bits = torch.ones(self.words * 32, dtype=torch.bool)
+            for tid, piece in enumerate(self.decoded_vocab):
+                if len(piece) > left and _opening_cost(piece, left) > remaining:
+                    bits[tid] = False
+        else:
+            self._ensure_costs()
+            if remaining >= self._max_cost[table]:
+                return None
+            bits = self._costs[table] <= remaining
+        row = _pack(bits)
+        with self._lock:
+            self._rows[key] = row
         return row
 
     def byte_token(self, byte: int) -> int:
@@ -477,10 +498,13 @@ class _Lexer:
                     s.current += bytes([b])
 
     def bound(self) -> tuple[int, int] | None:
-        """(cost table, characters left) when inside a bounded region, else None."""
+        """(cost table, characters left) when inside a bounded region, else None.
+        While "<think>" is being written: (_OPENING_TABLE, characters allowed after it)."""
         s = self.state
-        if s.mode == _THINKING or s.mode == _OPENING:
-            return (_THINK, s.limit - s.count) if s.mode == _THINKING else None
+        if s.mode == _THINKING:
+            return _THINK, s.limit - s.count
+        if s.mode == _OPENING:
+            return _OPENING_TABLE - s.opening_left, s.limit
         if s.mode == _IN_STRING:
             return (_ESC if s.escaped else _STR), s.limit - s.count
         return None

@@ -1,0 +1,398 @@
+"""The CoRGI Chat web UI: the Blocks layout and its event handlers.
+
+Every handler returns (or streams) the same outputs, OUTPUTS below, computed from the tab's
+UserSession; panels that did not change are sent as gr.skip(). All events that run the model
+share one queue (concurrency_id="model", limit 1), so users wait their turn and see their place
+in the queue on the chat. Rendering lives in render.py; this file only wires events to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from corgi.config import Config, PipelineConfig
+from corgi.engine.engine import Engine
+from corgi.images import ImageError, image_digest, load_image
+from corgi.pipeline import ChatSession, InputError
+from corgi.types import TextDelta
+
+from . import render
+from .render import BOXES, CHAT, DEBUG, GALLERY, TIMINGS
+from .sessions import SessionStore, UserSession
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+MB = 1024 * 1024
+THROTTLE_S = 0.05          # at most ~20 chat updates a second while tokens stream
+STOP_WAIT_S = 15.0         # how long Stop / New conversation wait for a cancelled turn to unwind
+ALL = frozenset({CHAT, BOXES, GALLERY, TIMINGS, DEBUG})
+
+# (PipelineConfig field, slider label, lowest, highest) of the settings accordion.
+SETTINGS = [
+    ("max_steps", "Max reasoning steps", 1, 20),
+    ("max_regions", "Max regions to read", 1, 20),
+    ("reasoning_max_new_tokens", "Token budget: reasoning", 16, 4096),
+    ("evidence_max_new_tokens", "Token budget: evidence (per region)", 1, 512),
+    ("synthesis_max_new_tokens", "Token budget: answer", 16, 4096),
+]
+
+
+def pipeline_settings(base: PipelineConfig, values: tuple) -> PipelineConfig:
+    """The accordion's values on a copy of the configured PipelineConfig (None: keep the default)."""
+    changes = {}
+    for (name, label, low, high), value in zip(SETTINGS, values):
+        if value is None:
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{label.lower()} must be a whole number, not {value!r}") from None
+        if not low <= number <= high:
+            raise InputError(f"{label.lower()} must be between {low} and {high}, not {number}")
+        changes[name] = number
+    return replace(base, **changes)
+
+
+def upload_path(upload: Any) -> tuple[str, str] | None:
+    """(path, file name) of an upload as Gradio hands it over unprocessed (a FileData dict) or a path."""
+    if not upload:
+        return None
+    if isinstance(upload, dict):
+        path = upload.get("path")
+        return (path, upload.get("orig_name") or os.path.basename(path)) if path else None
+    return str(upload), os.path.basename(str(upload))
+
+
+class CorgiApp:
+    def __init__(self, engine: Engine, config: Config):
+        self.engine, self.config = engine, config
+        self.store = SessionStore(config.ui.max_sessions)
+        # Gradio's queue already runs one model event at a time; this lock covers the moment
+        # after a Stop when the queue has moved on but the cancelled turn is still unwinding.
+        self.model_lock = threading.Lock()
+        self.trace_dir = tempfile.mkdtemp(prefix="corgi-chat-")
+        lm = engine.lm
+        self.model_info = {"id": lm.model_id, "family": lm.family.name,
+                           "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+
+    # ---- layout --------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        pipe, ui = self.config.pipeline, self.config.ui
+        with gr.Blocks(title="CoRGI Chat", delete_cache=(1800, 3600)) as demo:
+            state = gr.State(None, time_to_live=ui.idle_timeout_s, delete_callback=self.expire)
+            gr.Markdown(f"## CoRGI Chat\nGrounded visual reasoning: the model writes steps, marks the "
+                        f"regions they depend on (S1, S2 ...), reads those regions, then answers. "
+                        f"Model: `{self.model_info['id']}` on {self.model_info['device']}.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=240):
+                    image_in = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
+                                        height=220)
+                    examples = sorted(ASSETS.glob("*.png"))
+                    if examples:
+                        gr.Examples([[str(p)] for p in examples], inputs=[image_in], label="Example images")
+                    with gr.Accordion("Settings", open=False):
+                        sliders = [gr.Slider(low, max(high, getattr(pipe, name)), step=1,
+                                             value=getattr(pipe, name), label=label)
+                                   for name, label, low, high in SETTINGS]
+                with gr.Column(scale=5, min_width=420):
+                    chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chat",
+                                         placeholder="Upload an image (or pick an example), then ask about it.")
+                    textbox = gr.MultimodalTextbox(placeholder="Ask about the image (the clip attaches a new image)",
+                                                   file_types=["image"], sources=["upload"], show_label=False,
+                                                   elem_id="question")
+                    with gr.Row():
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                        regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+                        new_btn = gr.Button("New conversation", elem_id="new-conversation")
+                with gr.Column(scale=4, min_width=320):
+                    boxes_img = gr.Image(label="Steps on the image (red: object, blue: text)", type="pil",
+                                         format="png", interactive=False, height=300, elem_id="boxes")
+                    gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, height=180,
+                                         format="png", elem_id="regions")
+                    timings = gr.Dataframe(label="Timings (s) and cache, per turn", interactive=False,
+                                           elem_id="timings", max_height=420)
+                    trace_btn = gr.DownloadButton("Download trace (JSON)", value=None, interactive=False,
+                                                  size="sm", elem_id="trace")
+            with gr.Accordion("Debug: prompts, raw output and parsed result per turn", open=False):
+                debug_code = gr.Code(label="Prompts and raw model output", language=None, lines=16,
+                                     max_lines=40, interactive=False)
+                debug_json = gr.JSON(label="Parsed turns (TurnResult JSON plus prompts)")
+
+            outputs = [state, chatbot, boxes_img, gallery, timings, debug_code, debug_json, trace_btn]
+            model = dict(concurrency_id="model", concurrency_limit=1, show_progress="full",
+                         show_progress_on=[chatbot])
+            # preprocess=False: the handler gets the raw upload and checks it itself, so a bad
+            # file is answered in the chat instead of failing inside Gradio's image decoding.
+            image_in.change(self.set_image, [state, image_in], outputs, preprocess=False,
+                            api_name="set_image", **model)
+            # Two listeners on submit: an instant echo (no queue) so the question shows at once,
+            # then the turn itself in the model queue.
+            textbox.submit(self.echo, [chatbot, textbox], [chatbot, textbox], queue=False,
+                           api_visibility="private")
+            ask_event = textbox.submit(self.ask, [state, textbox, *sliders], outputs, api_name="ask", **model)
+            regen_event = regen_btn.click(self.regenerate, [state, *sliders], outputs,
+                                          api_name="regenerate", **model)
+            turns = [ask_event, regen_event]
+            stop_btn.click(self.stop, [state], outputs, cancels=turns, api_name="stop", concurrency_limit=None)
+            new_btn.click(self.new_conversation, [state], outputs, cancels=turns,
+                          api_name="new_conversation", concurrency_limit=None)
+            demo.unload(self.unload)
+        return demo
+
+    # ---- outputs ---------------------------------------------------------------------
+    def outputs(self, session: UserSession, panels=ALL) -> tuple:
+        s, skip = session, gr.skip()
+        results = s.results
+        if s.live is not None:
+            evidence = s.live.evidence_list()
+        else:
+            evidence = results[-1].evidence if results else []
+        return (
+            s,
+            s.messages() if CHAT in panels else skip,
+            (render.draw_boxes(s.image, s.latest_steps()) if s.image else None) if BOXES in panels else skip,
+            (render.gallery_items(s.image, evidence, self.config.pipeline.crop_padding) if s.image else [])
+            if GALLERY in panels else skip,
+            render.timings_table(s.warmup, results, s.live) if TIMINGS in panels else skip,
+            render.debug_text(results) if DEBUG in panels else skip,
+            render.debug_json(results) if DEBUG in panels else skip,
+            gr.DownloadButton(value=s.trace_path, interactive=s.trace_path is not None) if DEBUG in panels else skip,
+        )
+
+    def session(self, state: Any, request: gr.Request | None) -> UserSession:
+        if isinstance(state, UserSession) and not state.closed:
+            return state
+        key = getattr(request, "session_hash", None) or uuid.uuid4().hex
+        return self.store.get(key)
+
+    # ---- handlers ------------------------------------------------------------------------
+    def set_image(self, state, upload, request: gr.Request) -> Iterator[tuple]:
+        """Load the uploaded image, start a ChatSession on it and warm it up (encode the image,
+        prefill the conversation head) so the first question starts decoding at once."""
+        session = self.session(state, request)
+        found = upload_path(upload)
+        if found is None:   # the image was removed
+            with session.lock:
+                session.set_image(None)
+            yield self.outputs(session)
+            return
+        yield from self._load_image(session, *found)
+
+    def echo(self, history, message):
+        """Show the question (or the attached image) at once, before the turn gets the model."""
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        history = list(history or [])
+        if text:
+            history += [{"role": "user", "content": text},
+                        render.status_message("Waiting for the model", "", done=False)]
+        elif message.get("files"):
+            history += [render.status_message("Loading the image", "", done=False)]
+        return history, gr.MultimodalTextbox(value=None)
+
+    def ask(self, state, message, max_steps, max_regions, reasoning_tokens, evidence_tokens,
+            synthesis_tokens, request: gr.Request) -> Iterator[tuple]:
+        """One turn: the question through the four phases, streamed into the chat and panels."""
+        values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
+        session = self.session(state, request)
+        if isinstance(message, str):
+            message = {"text": message, "files": []}
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = message.get("files") or []
+        if files:
+            loaded = yield from self._load_image(session, *upload_path(files[-1]))
+            if not loaded or not text:
+                return
+        with session.lock:
+            try:
+                settings = pipeline_settings(self.config.pipeline, values)
+                problem = None
+            except InputError as exc:
+                problem = f"These settings cannot be used: {exc}."
+            if not text:
+                problem = "Please type a question about the image."
+            elif session.image is None:
+                problem = ("There is no image yet (or this session was idle too long): upload an image "
+                           "or pick an example, then ask about it.")
+            if problem:
+                if text:
+                    session.history.append({"role": "user", "content": text})
+                session.history.append(render.notice(problem))
+                yield self.outputs(session, {CHAT})
+                return
+            yield from self._turn(session, text, settings)
+
+    def regenerate(self, state, max_steps, max_regions, reasoning_tokens, evidence_tokens,
+                   synthesis_tokens, request: gr.Request) -> Iterator[tuple]:
+        """Ask the last question again, after forgetting its answer (and its tokens)."""
+        values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
+        session = self.session(state, request)
+        with session.lock:
+            try:
+                settings = pipeline_settings(self.config.pipeline, values)
+            except InputError as exc:
+                session.history.append(render.notice(f"These settings cannot be used: {exc}."))
+                yield self.outputs(session, {CHAT})
+                return
+            with self.model_lock:
+                turn = session.drop_last_turn()
+            if turn is None or session.image is None:
+                session.history.append(render.notice("Nothing to regenerate yet: ask a question first."))
+                yield self.outputs(session)
+                return
+            yield from self._turn(session, turn.question, settings)
+
+    def stop(self, state, request: gr.Request) -> tuple:
+        """Show the conversation once the cancelled turn has unwound (Gradio cancels it via
+        `cancels=`: closing its generator stops the model and cuts the conversation back)."""
+        session = self.session(state, request)
+        got = session.lock.acquire(timeout=STOP_WAIT_S)
+        try:
+            return self.outputs(session)
+        finally:
+            if got:
+                session.lock.release()
+
+    def new_conversation(self, state, request: gr.Request) -> tuple:
+        """Forget the turns and free the KV cache; the image stays for the next question."""
+        session = self.session(state, request)
+        got = session.lock.acquire(timeout=STOP_WAIT_S)
+        try:
+            with self.model_lock:
+                session.new_conversation()
+            return self.outputs(session)
+        finally:
+            if got:
+                session.lock.release()
+
+    def unload(self, request: gr.Request) -> None:
+        """The tab was closed or reloaded: free its session now rather than at the idle time-out."""
+        if request is not None and request.session_hash:
+            self.store.close(request.session_hash)
+
+    def expire(self, session: Any) -> None:
+        """gr.State's delete_callback: the session was idle for ui.idle_timeout_s."""
+        if isinstance(session, UserSession):
+            log.info("freeing an idle session")
+            self.store.close(session.key)
+            session.close()
+
+    # ---- the work ------------------------------------------------------------------------
+    def _load_image(self, session: UserSession, path: str, name: str) -> Iterator[tuple]:
+        """Check and load an image file, start a fresh ChatSession on it, warm it up.
+        Returns (as a generator's return value) whether the image can be asked about."""
+        limit = self.config.ui.max_upload_mb
+        try:
+            size = os.path.getsize(path)
+            if size > limit * MB:
+                raise ImageError(f"The file {name!r} is {size / MB:.1f} MB; the limit is {limit:g} MB.")
+            image = load_image(path, self.config.image.max_input_pixels)
+        except (ImageError, OSError) as exc:
+            with session.lock:
+                session.set_image(None)
+                session.history.append(render.notice(f"This file cannot be used: {exc} "
+                                                     "Please upload a PNG, JPEG or WebP image."))
+            yield self.outputs(session)
+            return False
+        digest = image_digest(image)
+        with session.lock:
+            if session.image is not None and digest == session.image_digest and session.chat is not None:
+                yield self.outputs(session, {CHAT})    # the same picture again: keep the conversation
+                return True
+            session.set_image(image, name, digest)
+            title = f"Image: {name}"
+            session.history.append(render.status_message(title, "Encoding the image ...", done=False))
+            yield self.outputs(session)
+            t0 = time.perf_counter()
+            try:
+                with self.model_lock:
+                    session.chat = ChatSession(self.engine, image)
+                    stats = session.chat.warm_up()
+            except InputError as exc:
+                session.set_image(None)
+                session.history.append(render.notice(f"This image cannot be used: {exc}."))
+                yield self.outputs(session)
+                return False
+            except Exception as exc:
+                log.exception("warm-up failed")
+                session.chat = None     # the next question starts a new one
+                session.history[-1] = render.status_message(title, "", done=True)
+                session.history.append(render.notice(f"The model failed on this image: "
+                                                     f"{type(exc).__name__}: {exc}"))
+                yield self.outputs(session)
+                return True
+            seconds = time.perf_counter() - t0
+            session.warmup = (stats, seconds)
+            session.history[-1] = render.status_message(
+                title, f"{image.width}x{image.height} pixels, encoded and ready. Ask a question about it.",
+                done=True, seconds=seconds)
+            yield self.outputs(session)
+            return True
+
+    def _turn(self, session: UserSession, question: str, settings: PipelineConfig) -> Iterator[tuple]:
+        """Stream one turn. The caller holds session.lock."""
+        if session.chat is None:     # after New conversation or a failed warm-up
+            with self.model_lock:
+                session.chat = ChatSession(self.engine, session.image)
+        view = render.TurnView(question, len(session.results) + 1, settings.max_regions)
+        session.begin_turn(view)
+        yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS})   # the pending phase, at once
+        events = session.chat.ask(question, settings)
+        changed: set[str] = set()
+        last = 0.0
+        try:
+            while True:
+                with self.model_lock:
+                    event = next(events, None)
+                if event is None:
+                    break
+                changed |= view.apply(event)
+                now = time.monotonic()
+                # Every event but a text delta ends or starts something: always show those.
+                if not isinstance(event, TextDelta) or now - last >= THROTTLE_S:
+                    yield self.outputs(session, changed | {TIMINGS})
+                    changed, last = set(), now
+        except GeneratorExit:   # Stop: Gradio closes this generator
+            view.end("Stopped. The conversation goes on from before this question.")
+            raise
+        except InputError as exc:
+            view.end(f"This question cannot be asked: {exc}.")
+        except Exception as exc:
+            log.exception("turn failed")
+            view.end(f"The model failed on this turn: {type(exc).__name__}: {exc}")
+        finally:
+            with self.model_lock:
+                events.close()      # stops the engine loop; ChatSession.ask cuts the turn's tokens
+            session.end_turn()
+            if view.result is not None:
+                self._write_trace(session)
+            if session.closed:      # the tab went away while this turn ran
+                session.set_image(None)
+        yield self.outputs(session)
+
+    def _write_trace(self, session: UserSession) -> None:
+        """The CLI's --json object for this session's turns, for the Download trace button."""
+        folder = Path(self.trace_dir) / hashlib.sha256(session.key.encode()).hexdigest()[:16]
+        folder.mkdir(exist_ok=True)
+        path = folder / "corgi-trace.json"
+        path.write_text(json.dumps(render.trace(self.model_info, session.results), ensure_ascii=False,
+                                   indent=1), encoding="utf-8")
+        session.trace_path = str(path)
+
+
+def build_app(engine: Engine, config: Config) -> gr.Blocks:
+    return CorgiApp(engine, config).build()

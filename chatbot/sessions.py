@@ -1,0 +1,150 @@
+"""Per-browser-session state: the image, its ChatSession (and so its KV cache), what the chat shows.
+
+A UserSession lives in a gr.State (whose time_to_live frees idle ones) and in a SessionStore
+keyed by Gradio's session hash, because demo.unload (tab closed) hands over only the request,
+not the State. Whichever comes first frees the memory; closing twice is harmless.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from corgi.pipeline import ChatSession
+from corgi.types import CacheStats, Step, TurnResult
+
+from .render import TurnView
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShownTurn:
+    question: str
+    start: int                      # index of its first message in UserSession.history
+    result: TurnResult | None       # None when it was stopped or failed
+
+
+class UserSession:
+    def __init__(self, key: str):
+        self.key = key
+        # Held for a whole model operation of this tab (a turn, a warm-up). Gradio frees the
+        # queue slot of a cancelled turn before it closes the turn's generator, so the next
+        # turn could otherwise start while the old one is still cutting the conversation back.
+        self.lock = threading.Lock()
+        self.closed = False
+        self.image: Image.Image | None = None
+        self.image_name = ""
+        self.image_digest = ""
+        self.chat: ChatSession | None = None
+        self.warmup: tuple[CacheStats, float] | None = None   # the upload's stats and seconds
+        self.history: list[dict[str, Any]] = []              # messages of ended turns and notices
+        self.turns: list[ShownTurn] = []
+        self.live: TurnView | None = None                    # the turn being streamed
+        self.trace_path: str | None = None                   # its folder is this session's alone
+
+    # ---- what the panels show -------------------------------------------------------
+    def messages(self) -> list[dict[str, Any]]:
+        return self.history + (self.live.messages() if self.live else [])
+
+    @property
+    def results(self) -> list[TurnResult]:
+        """Finished turns, the streaming one included once its TurnFinished arrived."""
+        done = [t.result for t in self.turns if t.result is not None]
+        if self.live is not None and self.live.result is not None:
+            done.append(self.live.result)
+        return done
+
+    def latest_steps(self) -> list[Step]:
+        """The boxes to draw: the streaming turn's (none until parsed), else the last turn's."""
+        if self.live is not None:
+            return self.live.steps
+        results = self.results
+        return results[-1].steps if results else []
+
+    # ---- changes ----------------------------------------------------------------------
+    def begin_turn(self, view: TurnView) -> None:
+        self.live = view
+
+    def end_turn(self) -> None:
+        """Move the live turn into the history (finished, stopped or failed alike)."""
+        view, self.live = self.live, None
+        if view is None:
+            return
+        self.turns.append(ShownTurn(view.question, len(self.history), view.result))
+        self.history.extend(view.messages())
+
+    def drop_last_turn(self) -> ShownTurn | None:
+        """Regenerate: forget the last turn's messages and, if it finished, its tokens."""
+        if not self.turns:
+            return None
+        turn = self.turns.pop()
+        del self.history[turn.start:]
+        if turn.result is not None and self.chat is not None:
+            self.chat.undo_last_turn()
+        return turn
+
+    def new_conversation(self) -> None:
+        """Forget every turn and free the KV cache; the image stays (re-encoding it is a cache hit)."""
+        if self.chat is not None:
+            self.chat.close()
+        self.chat, self.warmup, self.live = None, None, None
+        self.history, self.turns = [], []
+        self.drop_trace()
+
+    def drop_trace(self) -> None:
+        if self.trace_path:
+            shutil.rmtree(os.path.dirname(self.trace_path), ignore_errors=True)
+            self.trace_path = None
+
+    def set_image(self, image: Image.Image | None, name: str = "", digest: str = "") -> None:
+        self.new_conversation()
+        self.image, self.image_name, self.image_digest = image, name, digest
+
+    def close(self) -> None:
+        """Free the model memory. Safe from any thread: if a turn is running, it finishes
+        the job when it ends (see `closed`)."""
+        self.closed = True
+        if self.lock.acquire(blocking=False):
+            try:
+                self.set_image(None)
+            finally:
+                self.lock.release()
+
+
+class SessionStore:
+    """Live sessions by Gradio session hash, at most `max_sessions` (least recently used go)."""
+
+    def __init__(self, max_sessions: int):
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, UserSession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> UserSession:
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None or session.closed:
+                session = self._sessions[key] = UserSession(key)
+            self._sessions.move_to_end(key)
+            evicted = []
+            while len(self._sessions) > self.max_sessions:
+                evicted.append(self._sessions.popitem(last=False)[1])
+        for old in evicted:
+            log.info("session limit reached: closing the least recently used session")
+            old.close()
+        return session
+
+    def close(self, key: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(key, None)
+        if session is not None:
+            session.close()
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,503 @@
+"""Grammar-constrained decoding (corgi/engine/grammar.py) under random logits, early closing,
+caching, masks, and a Qwen-sized (151,936) synthetic vocabulary. CPU only, a few seconds."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+
+import pytest
+import torch
+
+from corgi.boxes import REL1000, BoxConvention, pixel_convention
+from corgi.engine import grammar as G
+
+PIXELS = pixel_convention(644, 476)
+CONVENTIONS = {"pixels": PIXELS, "rel1000": REL1000}
+MAX_STEPS = 4
+THINK_CHARS = 60
+SEEDS = range(20)
+PAD = 37                       # model vocab = tokenizer + padding, like real lm_heads
+
+
+# ---- tokenizers ------------------------------------------------------------------------
+
+def _local_byte_level_tokenizer():
+    """Fallback when corgi.engine.tiny has no builder: a small byte-level BPE trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ['<think>The cat sits on the mat.</think>\n{"steps": [{"statement": "a cat", "kind": '
+              '"object", "bbox_2d": [12, 34, 560, 470]}, {"statement": "so", "kind": "reasoning", '
+              '"bbox_2d": null}]}', '{"answer": "red", "explanation": "The car is red.", '
+              '"key_evidence": [{"description": "car", "bbox_2d": [1, 2, 3, 4]}]}'] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|image_pad|>"])
+
+
+def _tokenizer(family: str):
+    try:
+        from corgi.engine.tiny import _build_tokenizer     # the real tiny checkpoints' tokenizer
+    except ImportError:
+        return _local_byte_level_tokenizer()
+    return _build_tokenizer(family)
+
+
+_caches: dict[str, G.GrammarCache] = {}
+
+
+def grammar_cache(family: str) -> G.GrammarCache:
+    if family not in _caches:
+        tok = _tokenizer(family)
+        _caches[family] = G.GrammarCache(tok, vocab_size=len(tok) + PAD)
+    return _caches[family]
+
+
+FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+def allowed_ids(decoder: G.ConstrainedDecoder) -> set[int]:
+    logits = torch.zeros(1, decoder.cache.vocab_size)
+    decoder.mask(logits)
+    return set(torch.nonzero(torch.isfinite(logits[0])).flatten().tolist())
+
+
+def sample_run(decoder: G.ConstrainedDecoder, seed: int, max_tokens: int | None = None,
+               check_mask: bool = False) -> list[int]:
+    """Uniform random logits under the mask (argmax of uniform noise = a uniform pick)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    limit = decoder.spec.max_bytes + 1
+    cache = decoder.cache
+    while not decoder.is_finished():
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+        assert len(ids) < limit, "ran past the computed token bound"
+        logits = torch.rand(1, cache.vocab_size, generator=gen)
+        decoder.mask(logits)
+        assert torch.isfinite(logits).any(), f"empty mask after {decoder.output_bytes!r}"
+        if check_mask:
+            ok = torch.isfinite(logits[0])
+            assert not ok[sorted(cache.banned_ids)].any(), "a special token is allowed"
+            assert not ok[cache.stop_token_ids].any(), "a stop token is allowed before the end"
+        token = int(torch.argmax(logits))
+        assert decoder.accept(token)
+        ids.append(token)
+    return ids
+
+
+def split_think(text: str) -> tuple[str, str]:
+    assert text.startswith("<think>")
+    think, body = text[len("<think>"):].split("</think>\n", 1)
+    return think, body
+
+
+def check_box(box, convention: BoxConvention) -> None:
+    assert isinstance(box, list) and len(box) == 4
+    assert all(type(v) is int for v in box)
+    x1, y1, x2, y2 = box
+    assert 0 <= x1 <= convention.x_range and 0 <= x2 <= convention.x_range
+    assert 0 <= y1 <= convention.y_range and 0 <= y2 <= convention.y_range
+
+
+def check_reasoning(text: str, convention: BoxConvention, max_steps: int, think_chars: int) -> dict:
+    think, body = split_think(text)
+    assert "<" not in think and len(think) <= think_chars
+    value = json.loads(body)
+    assert body == json.dumps(value, ensure_ascii=False) or "\\" in body   # one fixed style
+    assert list(value) == ["steps"]
+    steps = value["steps"]
+    assert 1 <= len(steps) <= max_steps
+    for step in steps:
+        assert list(step) == ["statement", "kind", "bbox_2d"]
+        assert isinstance(step["statement"], str) and len(step["statement"]) <= G.MAX_STRING_CHARS
+        assert step["kind"] in ("object", "text", "reasoning")
+        if step["kind"] == "reasoning":
+            assert step["bbox_2d"] is None
+        else:
+            check_box(step["bbox_2d"], convention)
+    return value
+
+
+def check_synthesis(text: str, convention: BoxConvention) -> dict:
+    value = json.loads(text)
+    assert list(value) == ["answer", "explanation", "key_evidence"]
+    assert isinstance(value["answer"], str) and len(value["answer"]) <= G.MAX_STRING_CHARS
+    assert isinstance(value["explanation"], str)
+    assert len(value["explanation"]) <= G.MAX_EXPLANATION_CHARS
+    assert 0 <= len(value["key_evidence"]) <= G.MAX_EVIDENCE_ITEMS
+    for item in value["key_evidence"]:
+        assert list(item) == ["description", "bbox_2d"]
+        assert len(item["description"]) <= G.MAX_STRING_CHARS
+        if item["bbox_2d"] is not None:
+            check_box(item["bbox_2d"], convention)
+    return value
+
+
+def check_parser(phase: str, text: str, convention: BoxConvention) -> None:
+    try:
+        from corgi.parsing import parse_reasoning, parse_synthesis
+    except ImportError:
+        return
+    if phase == "reasoning":
+        result = parse_reasoning(text, convention, MAX_STEPS)
+        assert len(result.steps) <= MAX_STEPS
+    else:
+        result = parse_synthesis(text, convention)
+    bad = [w for w in result.warnings if re.search(r"malformed|cut off|No .*JSON found", w)]
+    assert not bad, bad
+
+
+def make_decoder(family: str, phase: str, convention: BoxConvention) -> G.ConstrainedDecoder:
+    cache = grammar_cache(family)
+    if phase == "reasoning":
+        return cache.reasoning_decoder(MAX_STEPS, convention, THINK_CHARS)
+    return cache.synthesis_decoder(convention)
+
+
+def check_output(phase: str, text: str, convention: BoxConvention) -> dict:
+    if phase == "reasoning":
+        return check_reasoning(text, convention, MAX_STEPS, THINK_CHARS)
+    return check_synthesis(text, convention)
+
+
+# ---- grammar text --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [0, 5, 9, 10, 11, 99, 100, 101, 476, 644, 999, 1000, 1023, 2048])
+def test_integer_ranges_are_exact(n):
+    alts = G._int_range_alternatives(n)
+    pattern = re.compile("|".join("(?:" + a.replace('"', "").replace(" ", "") + ")" for a in alts))
+    accepted = {v for v in range(0, n * 2 + 20) if pattern.fullmatch(str(v))}
+    assert accepted == set(range(n + 1))
+    assert not pattern.fullmatch("0" + str(n)) and not pattern.fullmatch("-1")
+
+
+def test_sources_compile_and_do_not_depend_on_thinking_limit():
+    import xgrammar as xgr
+    a = G.reasoning_grammar_source(3, PIXELS, 10)
+    assert a == G.reasoning_grammar_source(3, PIXELS, 500)      # the limit lives in the decoder
+    assert a != G.reasoning_grammar_source(3, REL1000, 10)
+    for source in (a, G.synthesis_grammar_source(PIXELS), G.reasoning_grammar_source(1, REL1000, 0)):
+        xgr.Grammar.from_ebnf(source)
+
+
+# ---- (a) random sampling ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("phase", ["reasoning", "synthesis"])
+@pytest.mark.parametrize("conv_name", list(CONVENTIONS))
+def test_random_sampling_always_valid(family, phase, conv_name):
+    convention = CONVENTIONS[conv_name]
+    tok = grammar_cache(family).tokenizer
+    lengths = []
+    for seed in SEEDS:
+        decoder = make_decoder(family, phase, convention)
+        ids = sample_run(decoder, seed, check_mask=(seed < 3))
+        assert decoder.is_finished() and decoder.completion_text() == ""
+        text = decoder.text()
+        assert tok.decode(ids) == text                  # our byte tracking matches the tokenizer
+        assert len(ids) <= len(text.encode()) <= decoder.spec.max_bytes
+        check_output(phase, text, convention)
+        check_parser(phase, text, convention)
+        lengths.append(len(ids))
+    assert max(lengths) <= decoder.spec.max_bytes
+
+
+def test_limits_are_reached_and_hold():
+    """Uniform picks from ~2000 tokens rarely close a string: strings run to their limits."""
+    cache = grammar_cache("qwen2.5-vl")
+    saw_full = False
+    for seed in range(6):
+        decoder = cache.reasoning_decoder(2, REL1000, THINK_CHARS)
+        sample_run(decoder, 100 + seed)
+        think, body = split_think(decoder.text())
+        assert len(think) <= THINK_CHARS
+        for step in json.loads(body)["steps"]:
+            saw_full |= len(step["statement"]) >= G.MAX_STRING_CHARS * 3 // 4
+        saw_full |= len(think) >= THINK_CHARS * 3 // 4
+    assert saw_full
+
+
+def test_zero_thinking_and_one_step():
+    cache = grammar_cache("qwen2.5-vl")
+    for seed in range(5):
+        decoder = cache.reasoning_decoder(1, REL1000, 0)
+        sample_run(decoder, seed)
+        assert len(check_reasoning(decoder.text(), REL1000, 1, 0)["steps"]) == 1
+
+
+def test_at_thinking_limit_only_the_closing_tag_can_follow():
+    cache = grammar_cache("qwen3-vl")
+    decoder = cache.reasoning_decoder(2, PIXELS, 5)
+    for token in cache.tokenizer.encode("<think>abcde", add_special_tokens=False):
+        assert decoder.accept(token)
+    allowed = allowed_ids(decoder)
+    assert allowed and all(cache.decoded_vocab[t].startswith(b"<") for t in allowed)
+    assert not decoder.accept(cache.tokenizer.convert_tokens_to_ids("f"))
+    assert decoder.accept(cache.tokenizer.convert_tokens_to_ids("</think>"))   # qwen3: one token
+
+
+def test_escapes_inside_strings():
+    cache = grammar_cache("qwen2.5-vl")
+    decoder = cache.synthesis_decoder(REL1000)
+    text = '{"answer": "a \\"quoted\\" word\\n", "explanation": "back\\\\slash", "key_evidence": []}'
+    for token in cache.tokenizer.encode(text, add_special_tokens=False):
+        assert decoder.accept(token), decoder.output_bytes
+    assert decoder.is_finished()
+    assert json.loads(decoder.text())["answer"] == 'a "quoted" word\n'
+    for wrong in ['{"answer": "\\u0041', '{"answer": "a\tb']:
+        d = cache.synthesis_decoder(REL1000)
+        ids = cache.tokenizer.encode(wrong, add_special_tokens=False)
+        assert not all(d.accept(t) for t in ids)     # \u escapes, raw control characters
+
+
+# ---- termination / EOS ---------------------------------------------------------------------
+
+def test_finished_right_after_last_brace_and_stop_tokens_only_then():
+    cache = grammar_cache("qwen3-vl")
+    decoder = cache.synthesis_decoder(PIXELS)
+    text = '{"answer": "red", "explanation": "It is red.", "key_evidence": [{"description": "car", "bbox_2d": null}]}'
+    ids = cache.tokenizer.encode(text, add_special_tokens=False)
+    for i, token in enumerate(ids):
+        assert not decoder.is_finished()
+        assert decoder.accept(token)
+    assert decoder.is_finished()
+    assert allowed_ids(decoder) == set(cache.stop_token_ids)   # xgrammar: only stop tokens remain
+    im_end = cache.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert not decoder.accept(im_end)                          # the engine appends it itself
+    assert decoder.is_finished()
+    decoder.rollback(1)
+    assert not decoder.is_finished() and text.startswith(decoder.text())
+    assert json.loads(decoder.closed_text()) == json.loads(text)
+
+
+def test_special_tokens_never_allowed_in_strings():
+    cache = grammar_cache("qwen2.5-vl")
+    decoder = cache.synthesis_decoder(REL1000)
+    for token in cache.tokenizer.encode('{"answer": "', add_special_tokens=False):
+        assert decoder.accept(token)
+    allowed = allowed_ids(decoder)
+    for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|vision_start|>"):
+        tid = cache.tokenizer.convert_tokens_to_ids(name)
+        assert tid not in allowed and not decoder.accept(tid), name
+    assert not allowed & set(range(len(cache.tokenizer), cache.vocab_size))    # padding ids
+    assert cache.tokenizer.convert_tokens_to_ids("<") in allowed
+
+
+# ---- (b) closing early --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("phase", ["reasoning", "synthesis"])
+def test_completion_after_random_cut(family, phase):
+    rng = random.Random(7)
+    tok = grammar_cache(family).tokenizer
+    for seed in SEEDS:
+        convention = CONVENTIONS["pixels" if seed % 2 else "rel1000"]
+        full = sample_run(make_decoder(family, phase, convention), seed)
+        cut = rng.randrange(0, len(full))
+        decoder = make_decoder(family, phase, convention)
+        ids = sample_run(decoder, seed, max_tokens=cut)
+        assert ids == full[:cut]
+        closing = decoder.completion_text()
+        closed = decoder.closed_text()
+        assert closed == decoder.text() + closing
+        check_output(phase, closed, convention)
+        check_parser(phase, closed, convention)
+        extra = decoder.finish()                    # the tokens the engine would append
+        assert decoder.is_finished() and decoder.text() == closed
+        assert tok.decode(ids + extra) == closed
+
+
+def test_completion_inside_thinking_and_at_start():
+    cache = grammar_cache("qwen2.5-vl")
+    decoder = cache.reasoning_decoder(3, PIXELS, 100)
+    assert decoder.completion_text() == ('<think></think>\n{"steps": [{"statement": "", '
+                                         '"kind": "reasoning", "bbox_2d": null}]}')
+    for token in cache.tokenizer.encode("<think>I see a", add_special_tokens=False):
+        assert decoder.accept(token)
+    assert decoder.completion_text() == ('</think>\n{"steps": [{"statement": "", '
+                                         '"kind": "reasoning", "bbox_2d": null}]}')
+    synth = cache.synthesis_decoder(REL1000)
+    assert synth.completion_text() == '{"answer": "", "explanation": "", "key_evidence": []}'
+
+
+@pytest.mark.parametrize("prefix, closing", [
+    ('<think>x</think>\n{"steps": [{"statement": "a cat', '", "kind": "reasoning", "bbox_2d": null}]}'),
+    ('<think>x</think>\n{"steps": [{"statement": "a\\', '"", "kind": "reasoning", "bbox_2d": null}]}'),
+    ('<think>x</think>\n{"steps": [{"statement": "a", "kind": "ob', 'ject", "bbox_2d": [0, 0, 0, 0]}]}'),
+    ('<think>x</think>\n{"steps": [{"statement": "a", "kind": "text", "bbox_2d": [12', ', 0, 0, 0]}]}'),
+    ('<think>x</think>\n{"steps": [{"statement": "a", "kind": "reasoning", "bbox_2d": null}', "]}"),
+])
+def test_completion_examples(prefix, closing):
+    cache = grammar_cache("qwen2.5-vl")
+    decoder = cache.reasoning_decoder(3, PIXELS, 100)
+    for token in cache.tokenizer.encode(prefix, add_special_tokens=False):
+        assert decoder.accept(token), (prefix, decoder.output_bytes)
+    assert decoder.completion_text() == closing
+    check_reasoning(decoder.closed_text(), PIXELS, 3, 100)
+
+
+def test_completion_in_the_middle_of_a_utf8_character():
+    cache = grammar_cache("qwen2.5-vl")
+    decoder = cache.synthesis_decoder(REL1000)
+    for token in cache.tokenizer.encode('{"answer": "ok ', add_special_tokens=False):
+        assert decoder.accept(token)
+    assert decoder.accept(cache.byte_token("中".encode()[0]))     # half a character
+    assert decoder.text().endswith("ok ")
+    closing = decoder.completion_text()
+    assert closing[0] not in '"\ufffd' and closing[1:].startswith('", "explanation"')
+    check_synthesis(decoder.closed_text(), REL1000)
+    ids = decoder.finish()
+    assert decoder.is_finished() and json.loads(decoder.text())["answer"].startswith("ok ")
+    assert ids[0] == cache.byte_token(0x80)
+
+
+# ---- (c) caching, masks, batches ---------------------------------------------------------------
+
+def test_compiled_grammar_is_cached():
+    cache = grammar_cache("qwen3-vl")
+    source = G.reasoning_grammar_source(5, pixel_convention(320, 240), 10)
+    first = cache.get(source)
+    assert cache.get(source) is first and source in cache
+    a, b = cache.reasoning_decoder(5, pixel_convention(320, 240), 10), \
+        cache.reasoning_decoder(5, pixel_convention(320, 240), 99)
+    assert a.compiled is first and b.compiled is first and a.matcher is not b.matcher
+    small = G.GrammarCache(cache.tokenizer, vocab_size=cache.vocab_size, max_entries=2)
+    s1, s2, s3 = (G.synthesis_grammar_source(pixel_convention(w, 100)) for w in (100, 200, 300))
+    c1 = small.get(s1)
+    small.get(s2)
+    assert small.get(s1) is c1          # s1 is now the most recent
+    small.get(s3)                       # evicts s2
+    assert s1 in small and s2 not in small and s3 in small and len(small) == 2
+
+
+def test_mask_shapes_and_dtypes():
+    cache = grammar_cache("qwen2.5-vl")
+    reference = allowed_ids(cache.synthesis_decoder(REL1000))
+    assert cache.tokenizer.convert_tokens_to_ids("{") in reference
+    assert all(cache.decoded_vocab[t].startswith(b"{") for t in reference)
+    for shape, dtype in [((cache.vocab_size,), torch.float32), ((1, cache.vocab_size), torch.bfloat16),
+                         ((1, cache.vocab_size + 64), torch.float32), ((cache.vocab_size,), torch.float16)]:
+        logits = torch.zeros(shape, dtype=dtype)
+        cache.synthesis_decoder(REL1000).mask(logits)
+        assert set(torch.nonzero(torch.isfinite(logits.view(-1))).flatten().tolist()) == reference
+    with pytest.raises(ValueError):
+        cache.synthesis_decoder(REL1000).mask(torch.zeros(1, cache.vocab_size - 1))
+
+
+def test_mask_batch_matches_single_masks():
+    cache = grammar_cache("qwen2.5-vl")
+    decoders = [cache.reasoning_decoder(3, PIXELS, 30), None, cache.synthesis_decoder(REL1000)]
+    sample_run(decoders[0], 1, max_tokens=25)
+    sample_run(decoders[2], 2, max_tokens=9)
+    logits = torch.rand(3, cache.vocab_size + 5, generator=torch.Generator().manual_seed(0))
+    untouched = logits[1].clone()
+    G.mask_batch(decoders, logits)
+    assert torch.equal(logits[1], untouched)
+    for row in (0, 2):
+        single = torch.zeros(1, cache.vocab_size + 5)
+        decoders[row].mask(single)
+        assert torch.equal(torch.isfinite(logits[row]), torch.isfinite(single[0]))
+
+
+def test_reject_leaves_state_unchanged():
+    cache = grammar_cache("qwen2.5-vl")
+    decoder = cache.synthesis_decoder(REL1000)
+    assert not decoder.accept(cache.tokenizer.convert_tokens_to_ids("a"))
+    assert decoder.num_tokens == 0 and decoder.output_bytes == b""
+    assert not decoder.accept(cache.vocab_size + 3) and not decoder.accept(-1)
+
+
+# ---- (d) a Qwen-sized vocabulary ------------------------------------------------------------------
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+                "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_PLAIN = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, shifted = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + shifted)
+            shifted += 1
+    return chars
+
+
+def large_tokenizer(n_base: int = 151643, seed: int = 0):
+    """A byte-level BPE with Qwen2.5's sizes: 151,643 generated tokens (words, punctuation runs,
+    whitespace runs, CJK), its 14 special + 4 plain added tokens; no merges (masks need none)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    rng = random.Random(seed)
+    b2u = _byte_level_alphabet()
+    vocab = {ch: i for i, ch in enumerate(b2u.values())}
+    letters, punct = "abcdefghijklmnopqrstuvwxyz", '{}[]":,.!?;()-_/\\<>=+*#@$%&\'`~|'
+    while len(vocab) < n_base:
+        r = rng.random()
+        if r < 0.6:
+            word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 10)))
+            word = (" " if rng.random() < 0.5 else "") + (word.capitalize() if rng.random() < 0.2 else word)
+        elif r < 0.75:
+            word = (" " if rng.random() < 0.3 else "") + "".join(rng.choice(punct) for _ in range(rng.randint(1, 4)))
+        elif r < 0.8:
+            word = rng.choice(" \n\t") * rng.randint(1, 16)
+        else:
+            word = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 3)))
+        vocab.setdefault("".join(b2u[b] for b in word.encode()), len(vocab))
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_PLAIN])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN_SPECIAL[3:])
+
+
+def test_qwen_sized_vocabulary(capsys):
+    t0 = time.perf_counter()
+    tok = large_tokenizer()
+    assert len(tok) == 151661
+    t1 = time.perf_counter()
+    cache = G.GrammarCache(tok, vocab_size=151936)
+    t2 = time.perf_counter()
+    specs = [G.reasoning_spec(6, PIXELS, 300), G.synthesis_spec(PIXELS), G.reasoning_spec(6, REL1000, 300)]
+    compile_s = []
+    for spec in specs:
+        start = time.perf_counter()
+        cache.get(spec.source)
+        compile_s.append(time.perf_counter() - start)
+    per_token = []
+    for spec, convention, seed in zip(specs, (PIXELS, PIXELS, REL1000), (0, 1, 2)):
+        decoder = cache.decoder(spec)
+        gen = torch.Generator().manual_seed(seed)
+        times = []
+        while not decoder.is_finished():
+            logits = torch.rand(1, cache.vocab_size, generator=gen)
+            start = time.perf_counter()
+            decoder.mask(logits)
+            times.append(time.perf_counter() - start)
+            assert decoder.accept(int(torch.argmax(logits)))
+        per_token.append((sum(times) / len(times), sorted(times)[len(times) // 2]))
+        text = decoder.text()
+        if spec.think_chars is None:
+            check_synthesis(text, convention)
+        else:
+            check_reasoning(text, convention, 6, 300)
+        assert decoder.num_tokens <= spec.max_bytes
+    with capsys.disabled():
+        print(f"\n[151k vocab] tokenizer {t1 - t0:.2f}s, GrammarCache (TokenizerInfo + length tables) {t2 - t1:.2f}s, "
+              f"compile {', '.join(f'{c:.3f}s' for c in compile_s)}, "
+              f"mask per token (mean/median) {', '.join(f'{a * 1e3:.2f}/{m * 1e3:.2f}' for a, m in per_token)} ms")
+    assert max(compile_s) < 10
+    assert max(a for a, _ in per_token) < 0.05
