@@ -99,7 +99,7 @@ class CorgiApp:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=240):
                     image_in = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
-                                        height=220)
+                                        height=220, elem_id="image-input")
                     examples = sorted(ASSETS.glob("*.png"))
                     if examples:
                         gr.Examples([[str(p)] for p in examples], inputs=[image_in], label="Example images")
@@ -120,10 +120,10 @@ class CorgiApp:
                 with gr.Column(scale=4, min_width=320):
                     boxes_img = gr.Image(label="Steps on the image (red: object, blue: text)", type="pil",
                                          format="png", interactive=False, height=300, elem_id="boxes")
-                    gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, height=180,
-                                         format="png", elem_id="regions")
+                    gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, height=200,
+                                         object_fit="contain", format="png", elem_id="regions")
                     timings = gr.Dataframe(label="Timings (s) and cache, per turn", interactive=False,
-                                           elem_id="timings", max_height=420)
+                                           elem_id="timings", max_height=560)
                     trace_btn = gr.DownloadButton("Download trace (JSON)", value=None, interactive=False,
                                                   size="sm", elem_id="trace")
             with gr.Accordion("Debug: prompts, raw output and parsed result per turn", open=False):
@@ -139,10 +139,11 @@ class CorgiApp:
             image_in.change(self.set_image, [state, image_in], outputs, preprocess=False,
                             api_name="set_image", **model)
             # Two listeners on submit: an instant echo (no queue) so the question shows at once,
-            # then the turn itself in the model queue.
-            textbox.submit(self.echo, [chatbot, textbox], [chatbot, textbox], queue=False,
-                           api_visibility="private")
-            ask_event = textbox.submit(self.ask, [state, textbox, *sliders], outputs, api_name="ask", **model)
+            # then the turn itself in the model queue. The turn clears the textbox when it starts:
+            # cleared any earlier, the turn could read the empty box instead of the question.
+            textbox.submit(self.echo, [chatbot, textbox], [chatbot], queue=False, api_visibility="private")
+            ask_event = textbox.submit(self.ask, [state, textbox, *sliders], [*outputs, textbox],
+                                       api_name="ask", **model)
             regen_event = regen_btn.click(self.regenerate, [state, *sliders], outputs,
                                           api_name="regenerate", **model)
             turns = [ask_event, regen_event]
@@ -192,7 +193,7 @@ class CorgiApp:
         yield from self._load_image(session, *found)
 
     def echo(self, history, message):
-        """Show the question (or the attached image) at once, before the turn gets the model."""
+        """Show the question (or the attached image) at once, while the turn waits for the model."""
         message = message or {}
         text = (message.get("text") or "").strip()
         history = list(history or [])
@@ -201,12 +202,23 @@ class CorgiApp:
                         render.status_message("Waiting for the model", "", done=False)]
         elif message.get("files"):
             history += [render.status_message("Loading the image", "", done=False)]
-        return history, gr.MultimodalTextbox(value=None)
+        return history
 
     def ask(self, state, message, max_steps, max_regions, reasoning_tokens, evidence_tokens,
             synthesis_tokens, request: gr.Request) -> Iterator[tuple]:
-        """One turn: the question through the four phases, streamed into the chat and panels."""
+        """One turn: the question through the four phases, streamed into the chat and panels.
+        Outputs: the common ones plus the textbox, emptied by the first update."""
         values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
+        cleared = gr.MultimodalTextbox(value=None)
+        updates = self._ask(state, message, values, request)
+        try:
+            for update in updates:
+                yield (*update, cleared)
+                cleared = gr.skip()
+        finally:
+            updates.close()     # on Stop, at once: this is what stops the model
+
+    def _ask(self, state, message, values, request) -> Iterator[tuple]:
         session = self.session(state, request)
         if isinstance(message, str):
             message = {"text": message, "files": []}

@@ -196,9 +196,10 @@ class ChatSession:
         text = stream.text
         if constraint is not None and not constraint.is_finished():
             # Out of token budget inside the structure: close it validly so it still parses.
+            # The grammar gives the closing tokens (exact even when a UTF-8 character was cut).
             closing = constraint.completion_text()
-            engine.append(conv, closing)
-            text += closing
+            conv.token_ids.extend(constraint.finish())
+            text = constraint.text()
             yield TextDelta(phase, closing)
         engine.append(conv, "\n" if last == engine.lm.special.im_end else prompts.END_OF_MESSAGE)
         timings[phase.value] = time.perf_counter() - t0

@@ -140,7 +140,8 @@ class Engine:
                 conv.token_ids.append(token)
                 finished = token in stop_ids
                 if constraint is not None and not finished:
-                    constraint.accept(token)
+                    if not constraint.accept(token):   # cannot happen after mask(); never silently
+                        raise RuntimeError(f"grammar refused token {token} that its own mask allowed")
                     finished = constraint.is_finished()
                 yield token
                 if finished or i == max_new_tokens - 1:

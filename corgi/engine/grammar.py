@@ -25,14 +25,18 @@ One whitespace style only (", " and ": "), so the text is predictable.
 Where the bounds live. The structure, the step/item counts and the box ranges are in the EBNF.
 The *lengths* (thinking text, strings) are enforced by `ConstrainedDecoder`, not by the EBNF:
 in xgrammar 0.2.8 a bounded repetition is expensive at a Qwen-sized vocabulary (151,936 ids):
-`[^<]{0,256}` takes ~8 s to compile and `("\\\\" [..] | [^..]){0,200}` makes every mask cost
-0.3-0.8 s, while the unbounded forms compile in ~0.02 s and mask in ~0.1 ms. The decoder follows
-the accepted bytes with a small lexer and, near a limit, also masks out every token that would
-write past it (a per-token "characters before the closing delimiter" table, compared with what is
-left). The bounds are exact for the thinking text and for strings (one token may overshoot only
-if it closes a string *and* writes more than a whole limit into the next one, which needs tokens
-longer than the limits). So any token sequence the decoder allows ends within
-`spec.max_bytes` bytes, hence within that many tokens (every allowed token is >= 1 byte).
+`[^<]{0,256}` takes ~8 s to compile, `[^"...]{0,200}` ~4 s, and `("\\" [..] | [^..]){0,200}`
+makes every mask cost 0.3-0.8 s, while the unbounded recursive forms used here compile in ~0.02 s
+and fill a mask in ~0.01-0.05 ms. The decoder follows the accepted bytes with a small lexer and,
+near a limit, also masks out every token that would write past it (per-token tables of
+"characters before the closing delimiter", compared with what is left). The thinking bound is
+exact (also for tokens that run past "<think>"); a string bound is exact except that the token
+which *opens* a string may put up to its own length into it before the mask can act, so it can
+only be exceeded with tokens longer than the limit. Hence any token sequence the decoder allows
+ends within `spec.max_bytes` bytes, so within that many tokens (each allowed token is >= 1 byte).
+
+Unicode. The character classes exclude U+D800..U+DFFF: xgrammar 0.2.8's negated classes otherwise
+accept UTF-8-encoded surrogates, which Python's decoder and `json.loads` refuse.
 
 Termination / EOS. The grammars contain no end-of-sequence token. Matchers are built with
 `terminate_without_stop_token=True`, so `ConstrainedDecoder.is_finished()` is True right after
@@ -48,11 +52,15 @@ JSON string; `ConstrainedDecoder` masks out every special token of the tokenizer
 Out of budget. `completion_text()` / `completion_token_ids()` / `finish()` close the structure
 validly from wherever the output stopped (greedy, checked against the grammar). Inside <think>
 the closing is
-    </think>\\n{"steps": [{"statement": "", "kind": "reasoning", "bbox_2d": null}]}
-(one empty reasoning step: no region to look at); inside a step it closes the open string, picks
-"reasoning" if the kind is not written yet, finishes an open box with zeros, then closes the
-arrays and objects. In phase 4 it closes the strings, writes "null" for an unwritten box and
-ends key_evidence there.
+    </think>\n{"steps": [{"statement": "", "kind": "reasoning", "bbox_2d": null}]}
+(one empty reasoning step: no region to look at; `parsing.py` drops empty statements, so this
+reads as "no steps"); inside a step it closes the open string, picks "reasoning" if the kind is
+not written yet, finishes an open box with zeros, then closes the arrays and objects. In phase 4
+it closes the strings, writes "null" for an unwritten box and ends key_evidence there.
+If the budget ran out inside a multi-byte character, `text()` leaves that character out and
+`completion_text()` starts with it, finished; `closed_text()` is always the whole valid output and
+`completion_token_ids()` the exact tokens to append (they continue the split bytes, whereas
+re-encoding `completion_text()` would repeat them).
 """
 from __future__ import annotations
 

@@ -181,6 +181,17 @@ class Bucket:
             layer.update(self.k[i][:1, :, start:stop], self.v[i][:1, :, start:stop])
 
 
+_COMPILED = None
+
+
+def _compiled_layer_step():
+    """One compiled function for the process, so engines share its per-shape compilations."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(layer_step, fullgraph=True, dynamic=False)
+    return _COMPILED
+
+
 class StaticDecoder:
     """Buckets by (batch, capacity), created on first use or at warm-up."""
 
@@ -190,7 +201,13 @@ class StaticDecoder:
         self.use_graphs = use_graphs and device.type == "cuda"
         self.layer_fn = layer_step
         if compile_layers:
-            self.layer_fn = torch.compile(layer_step, fullgraph=True, dynamic=False)
+            import torch._dynamo
+            # One specialisation per bucket shape; the default limit (8) would silently fall
+            # back to eager once more buckets exist.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+            self.layer_fn = _compiled_layer_step()
         self.buckets: dict[tuple[int, int], Bucket] = {}
 
     @staticmethod

@@ -1,0 +1,210 @@
+"""Shared pieces of the benchmarks: timing, tables, JSON, and an engine whose outputs have
+exactly the lengths we ask for.
+
+Why forced lengths: a random-weight model writes noise, and noise stops wherever it likes.
+Both arms of a comparison must do the same work, so every phase produces a fixed number of
+tokens, like `min_new_tokens == max_new_tokens` in HF generate().
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from corgi import prompts
+from corgi.boxes import BoxConvention
+from corgi.engine.engine import Engine
+from corgi.engine.loading import LoadedModel, SpecialTokens
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "benchmarks" / "out"
+os.environ.setdefault("CORGI_CACHE", str(ROOT / ".cache" / "corgi"))   # the tests' tiny-model cache
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+def sync(device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device="cpu"):
+    """(seconds, result) of one call, GPU work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - t0, result
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def median_of(fn: Callable, repeats: int, device="cpu", warmup: int = 0) -> tuple[float, list[float]]:
+    """Median seconds of `repeats` calls (after `warmup` untimed ones) and all the samples."""
+    for _ in range(warmup):
+        fn()
+    samples = [timed(fn, device)[0] for _ in range(repeats)]
+    return median(samples), samples
+
+
+# ---- output -------------------------------------------------------------------------------
+
+def environment(device="cpu") -> dict:
+    import transformers
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def write_json(path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table (pastes straight into RESULTS.md); floats with 4 significant digits."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+# ---- forced output lengths ----------------------------------------------------------------
+
+class Forced:
+    """A constraint (the duck type Engine.generate takes: mask/accept/is_finished) that makes
+    the model write exactly `token_ids`: every other logit is -inf. Costs one fill per token,
+    negligible next to a forward pass."""
+
+    def __init__(self, token_ids: list[int]):
+        self.ids, self.pos = list(token_ids), 0
+
+    @torch.inference_mode()     # the engine's logits are inference tensors
+    def mask(self, logits: torch.Tensor) -> None:       # logits [1, V]
+        logits.fill_(float("-inf"))
+        logits[..., self.ids[self.pos]] = 0.0
+
+    def accept(self, token: int) -> bool:
+        assert token == self.ids[self.pos], "forced token not taken"
+        self.pos += 1
+        return True
+
+    def is_finished(self) -> bool:
+        return self.pos >= len(self.ids)
+
+
+class NoStop:
+    """Free decoding that cannot end early: only the stop tokens are masked out."""
+
+    def __init__(self, stop_ids):
+        self.stop_ids = list(stop_ids)
+
+    @torch.inference_mode()
+    def mask(self, logits: torch.Tensor) -> None:
+        logits[..., self.stop_ids] = float("-inf")
+
+    def accept(self, token: int) -> bool:
+        return True
+
+    def is_finished(self) -> bool:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _NeverStop(SpecialTokens):
+    """Special tokens with no reachable stop id (-1), so phase-3 rows run to max_new_tokens."""
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (-1,)
+
+
+class ForcedEngine(Engine):
+    """The real Engine, with phase 1+2 and phase 4 writing scripted token sequences (set
+    `scripts` before a turn) and phase 3 rows never stopping early. Use it with
+    `pipeline.structured_output: true` (that is what makes ChatSession ask for a constraint);
+    the grammar itself is never built. Counts every token it yields in `generated`."""
+
+    def __init__(self, loaded: LoadedModel, config):
+        loaded = dataclasses.replace(loaded, special=_NeverStop(**dataclasses.asdict(loaded.special)))
+        super().__init__(loaded, config)
+        self.scripts: dict[str, list[int]] = {}
+        self.generated = 0
+
+    def constraint(self, phase, settings, convention):
+        return Forced(self.scripts[phase])
+
+    def generate(self, *args, **kwargs):
+        for token in super().generate(*args, **kwargs):
+            self.generated += 1
+            yield token
+
+    def generate_batch(self, *args, **kwargs):
+        for row, token in super().generate_batch(*args, **kwargs):
+            self.generated += 1
+            yield row, token
+
+
+FILLER = ("The red car is parked next to the blue bicycle near the window and a small dog is "
+          "sitting on the chair in the kitchen while the clock on the tower says seven ")
+
+
+def _exact(engine: Engine, head: str, tail: str, n_tokens: int) -> list[int]:
+    """ids(head) + filler ids + ids(tail), exactly n_tokens long. Token-level concatenation
+    decodes to the concatenated text (byte-level BPE), so the parser sees valid JSON."""
+    head_ids, tail_ids = engine.encode_text(head), engine.encode_text(tail)
+    need = n_tokens - len(head_ids) - len(tail_ids)
+    if need < 0:
+        raise ValueError(f"{n_tokens} tokens are too few for this script "
+                         f"(the fixed part alone is {len(head_ids) + len(tail_ids)})")
+    filler = engine.encode_text(FILLER)
+    while len(filler) < need:
+        filler = filler + filler
+    return head_ids + filler[:need] + tail_ids
+
+
+def region_boxes(n: int) -> list[tuple[float, float, float, float]]:
+    """n distinct boxes (fractions of the image), left to right along a diagonal."""
+    return [(0.05 + 0.8 * i / max(n, 1), 0.1 + 0.5 * i / max(n, 1),
+             0.05 + 0.8 * i / max(n, 1) + 0.25, 0.1 + 0.5 * i / max(n, 1) + 0.3) for i in range(n)]
+
+
+def _native(box, convention: BoxConvention) -> list[int]:
+    return [min(round(box[0] * convention.x_range), convention.x_range),
+            min(round(box[1] * convention.y_range), convention.y_range),
+            min(round(box[2] * convention.x_range), convention.x_range),
+            min(round(box[3] * convention.y_range), convention.y_range)]
+
+
+def reasoning_script(engine: Engine, convention: BoxConvention, n_tokens: int, n_regions: int) -> list[int]:
+    """<think>filler</think>\\n{"steps": [...]} of exactly n_tokens, with n_regions object steps."""
+    steps = [{"statement": f"Look at region {i + 1}.", "kind": "object",
+              "bbox_2d": _native(b, convention)} for i, b in enumerate(region_boxes(n_regions))]
+    tail = prompts.THINK_CLOSE + "\n" + json.dumps({"steps": steps})
+    return _exact(engine, prompts.THINK_OPEN, tail, n_tokens)
+
+
+def synthesis_script(engine: Engine, convention: BoxConvention, n_tokens: int) -> list[int]:
+    """{"answer": ..., "explanation": "filler", "key_evidence": [...]} of exactly n_tokens."""
+    box = _native(region_boxes(1)[0], convention)
+    tail = '", "key_evidence": [{"description": "region 1", "bbox_2d": ' + json.dumps(box) + "}]}"
+    return _exact(engine, '{"answer": "a red car", "explanation": "', tail, n_tokens)

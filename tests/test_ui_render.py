@@ -1,0 +1,317 @@
+"""Unit tests of the UI's pure parts: events -> chat messages, boxes drawn, tables, traces."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from chatbot import render
+from chatbot.sessions import SessionStore, UserSession
+from corgi.types import (AnswerReady, Box, CacheStats, Evidence, EvidenceReady, KeyEvidence, Phase,
+                         PhaseFinished, PhaseStarted, ReasoningResult, Step, StepKind, StepsParsed,
+                         SynthesisResult, TextDelta, TurnFinished, TurnResult)
+
+OBJECT_BOX = Box(0.1, 0.2, 0.5, 0.8)
+TEXT_BOX = Box(0.6, 0.1, 0.9, 0.3)
+STEPS = [Step(1, "The car is in the middle.", StepKind.OBJECT, OBJECT_BOX),
+         Step(2, "The sign reads STOP.", StepKind.TEXT, TEXT_BOX),
+         Step(3, "So the answer is blue.", StepKind.REASONING, None)]
+EVIDENCE = [Evidence(1, OBJECT_BOX, StepKind.OBJECT, "a blue car"),
+            Evidence(2, TEXT_BOX, StepKind.TEXT, "STOP")]
+
+
+def turn_result(question="What colour is the car?", misses=1, reused=0, warnings=()):
+    return TurnResult(question=question, answer="blue", explanation="The car is blue.", steps=STEPS,
+                      evidence=EVIDENCE, key_evidence=[KeyEvidence("the car", OBJECT_BOX)],
+                      timings={"reasoning": 1.234, "evidence": 0.5, "synthesis": 0.75, "total": 2.5},
+                      raw={"reasoning": "<think>x</think>{...}", "synthesis": '{"answer": "blue"}'},
+                      prompts={"reasoning": "PROMPT-R", "evidence": "PROMPT-E", "synthesis": "PROMPT-S"},
+                      cache=CacheStats(vision_hits=0, vision_misses=misses, prompt_tokens=900,
+                                       prefill_tokens_computed=900 - reused, prefix_tokens_reused=reused,
+                                       region_vision_misses=2),
+                      warnings=list(warnings))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def full_turn_events(result):
+    yield PhaseStarted(Phase.REASONING, "PROMPT-R")
+    yield TextDelta(Phase.REASONING, "<think>look")
+    yield TextDelta(Phase.REASONING, " at the car</think>")
+    yield PhaseFinished(Phase.REASONING, 1.234, "raw")
+    yield StepsParsed(ReasoningResult("look at the car", STEPS, ok=True))
+    yield PhaseStarted(Phase.EVIDENCE, "PROMPT-E")
+    yield TextDelta(Phase.EVIDENCE, "a blue", region=0)
+    yield TextDelta(Phase.EVIDENCE, "ST", region=1)
+    yield EvidenceReady(EVIDENCE[0], region=0, total=2)
+    yield EvidenceReady(EVIDENCE[1], region=1, total=2)
+    yield PhaseFinished(Phase.EVIDENCE, 0.5)
+    yield PhaseStarted(Phase.SYNTHESIS, "PROMPT-S")
+    yield TextDelta(Phase.SYNTHESIS, '{"answer": "blue"}')
+    yield PhaseFinished(Phase.SYNTHESIS, 0.75)
+    yield AnswerReady(SynthesisResult("blue", "The car is blue.", [KeyEvidence("the car", OBJECT_BOX)], ok=True))
+    yield TurnFinished(result)
+
+
+def phase_messages(messages):
+    return {m["metadata"]["id"].split("-", 1)[1]: m for m in messages if m.get("metadata", {}) and
+            m["metadata"].get("id")}
+
+
+# ---- TurnView -------------------------------------------------------------------------
+
+def test_turn_view_shows_a_pending_phase_before_any_event():
+    view = render.TurnView("What colour is the car?", 1, max_regions=4)
+    user, reasoning = view.messages()
+    assert user == {"role": "user", "content": "What colour is the car?"}
+    assert reasoning["metadata"]["status"] == "pending"
+    assert reasoning["metadata"]["title"] == render.PHASE_TITLES[Phase.REASONING]
+
+
+def test_turn_view_streams_text_and_closes_each_phase():
+    view = render.TurnView("q", 2, max_regions=4)
+    events = list(full_turn_events(turn_result()))
+    view.apply(events[0])
+    assert view.apply(events[1]) == {render.CHAT}
+    view.apply(events[2])
+    msg = phase_messages(view.messages())["reasoning"]
+    assert "<think>look at the car</think>" in msg["content"]      # verbatim, in a code block
+    assert msg["content"].startswith("```")
+    assert msg["metadata"]["status"] == "pending"
+
+    view.apply(events[3])
+    msg = phase_messages(view.messages())["reasoning"]
+    assert msg["metadata"]["status"] == "done" and msg["metadata"]["duration"] == 1.23
+
+    assert render.BOXES in view.apply(events[4])                  # boxes as soon as steps parse
+    msg = phase_messages(view.messages())["reasoning"]
+    assert "**S1** (object, red box): The car is in the middle." in msg["content"]
+    assert "**S2** (text, blue box): The sign reads STOP." in msg["content"]
+    assert "**S3** (reasoning): So the answer is blue." in msg["content"]
+
+    for event in events[5:8]:
+        view.apply(event)
+    evidence = phase_messages(view.messages())["evidence"]
+    assert evidence["metadata"]["status"] == "pending"
+    assert "**S1** sees: a blue ..." in evidence["content"]         # streaming per region
+    assert "**S2** reads: ST ..." in evidence["content"]
+    assert render.GALLERY in view.apply(events[8])
+    evidence = phase_messages(view.messages())["evidence"]
+    assert "**S1** sees: a blue car" in evidence["content"]
+
+    for event in events[9:]:
+        view.apply(event)
+    messages = view.messages()
+    assert [m["metadata"]["status"] for m in messages if m.get("metadata")] == ["done"] * 3
+    answer = messages[-1]
+    assert answer["role"] == "assistant" and "metadata" not in answer
+    assert answer["content"].startswith("**blue**") and "The car is blue." in answer["content"]
+    assert "- the car" in answer["content"]
+    assert view.result is not None
+
+
+def test_turn_view_warnings_become_a_collapsed_note():
+    view = render.TurnView("q", 1, max_regions=4)
+    for event in full_turn_events(turn_result(warnings=["box 1 was repaired"])):
+        view.apply(event)
+    note = view.messages()[-1]
+    assert note["metadata"]["title"] == "Notes (1)" and note["metadata"]["status"] == "done"
+    assert "box 1 was repaired" in note["content"]
+
+
+def test_unreadable_steps_and_answer_show_the_raw_text():
+    view = render.TurnView("q", 1, max_regions=4)
+    view.apply(PhaseStarted(Phase.REASONING, "p"))
+    view.apply(TextDelta(Phase.REASONING, "no json here"))
+    view.apply(PhaseFinished(Phase.REASONING, 0.1))
+    view.apply(StepsParsed(ReasoningResult("", [], ok=False)))
+    view.apply(PhaseStarted(Phase.EVIDENCE, ""))
+    view.apply(PhaseFinished(Phase.EVIDENCE, 0.0))
+    view.apply(AnswerReady(SynthesisResult("just words", "", [], ok=False)))
+    phases = phase_messages(view.messages())
+    assert "no json here" in phases["reasoning"]["content"]
+    assert "could be read" in phases["reasoning"]["content"]
+    assert "nothing to look at" in phases["evidence"]["content"]
+    assert view.messages()[-1]["content"] == "just words"
+
+
+def test_an_interrupted_turn_closes_its_pending_phase_with_a_notice():
+    clock = FakeClock()
+    view = render.TurnView("q", 1, max_regions=4, clock=clock)
+    view.apply(PhaseStarted(Phase.REASONING, "p"))
+    view.apply(TextDelta(Phase.REASONING, "half"))
+    clock.now += 2.5
+    assert view.live_seconds() == {"reasoning": "2.5..."}
+    view.end("Stopped.")
+    messages = view.messages()
+    reasoning = phase_messages(messages)["reasoning"]
+    assert reasoning["metadata"]["status"] == "done"
+    assert reasoning["metadata"]["title"].endswith("(interrupted)")
+    assert messages[-1] == {"role": "assistant", "content": "Stopped."}
+    assert view.live_seconds() == {}
+
+
+def test_code_block_cannot_be_closed_by_the_text_inside():
+    block = render.code_block("a ``` b ```` c")
+    fence = block.split("text", 1)[0]
+    assert fence == "`````"
+    assert block.endswith("\n" + fence)
+
+
+# ---- boxes ------------------------------------------------------------------------------
+
+def test_boxes_are_drawn_at_the_right_pixels_in_the_kind_colour():
+    image = Image.new("RGB", (200, 100), "white")
+    out = render.draw_boxes(image, STEPS)
+    assert image.getpixel((20, 50)) == (255, 255, 255), "the input image must stay untouched"
+    # Object box (0.1, 0.2, 0.5, 0.8) -> pixels x 20..99, y 20..79: left, right and bottom edges.
+    red, blue = render.COLOURS[StepKind.OBJECT], render.COLOURS[StepKind.TEXT]
+    assert out.getpixel((20, 50)) == red
+    assert out.getpixel((99, 50)) == red
+    assert out.getpixel((60, 79)) == red
+    assert out.getpixel((60, 50)) == (255, 255, 255), "inside the box stays clear"
+    assert out.getpixel((60, 85)) == (255, 255, 255), "just below the box stays clear"
+    # Text box (0.6, 0.1, 0.9, 0.3) -> x 120..179, y 10..29: its right edge is blue.
+    assert out.getpixel((179, 20)) == blue
+    # The S1 tag is a filled block of the box colour touching its top-left corner.
+    assert out.getpixel((21, 18)) in (red, (255, 255, 255))
+    tag = [out.getpixel((x, y)) for x in range(20, 40) for y in range(0, 20)]
+    assert tag.count(red) > 40 and (255, 255, 255) in tag
+
+
+def test_reasoning_steps_draw_nothing():
+    image = Image.new("RGB", (50, 50), "white")
+    out = render.draw_boxes(image, [STEPS[2]])
+    assert out.getcolors() == [(2500, (255, 255, 255))]
+
+
+def test_gallery_items_are_captioned_crops():
+    image = Image.new("RGB", (200, 100), "white")
+    items = render.gallery_items(image, EVIDENCE, padding=0.0)
+    assert [caption for _, caption in items] == ["S1 sees: a blue car", "S2 reads: STOP"]
+    assert items[0][0].size == (80, 60)
+
+
+# ---- timings, debug, trace ---------------------------------------------------------------
+
+def table_column(table, name):
+    index = table["headers"].index(name)
+    return {row[0]: row[index] for row in table["data"]}
+
+
+def test_timings_table_has_one_column_per_turn_and_a_live_one():
+    clock = FakeClock()
+    live = render.TurnView("q3", 3, max_regions=4, clock=clock)
+    live.apply(PhaseStarted(Phase.REASONING, "p"))
+    live.apply(PhaseFinished(Phase.REASONING, 0.4))
+    live.apply(PhaseStarted(Phase.EVIDENCE, "p"))
+    clock.now += 0.25
+    table = render.timings_table((CacheStats(vision_misses=1, prompt_tokens=136, prefill_tokens_computed=136), 0.8),
+                                 [turn_result(misses=0), turn_result(misses=0, reused=700)], live)
+    assert table["headers"] == ["metric", "image", "turn 1", "turn 2", "turn 3"]
+    image, turn2, turn3 = (table_column(table, n) for n in ("image", "turn 2", "turn 3"))
+    assert image["vision misses"] == 1 and image["total s"] == 0.8 and image["prefill computed"] == 136
+    assert turn2["vision misses"] == 0 and turn2["prefix reused"] == 700 and turn2["reasoning s"] == 1.23
+    assert turn2["region crops encoded"] == 2
+    assert turn3["reasoning s"] == 0.4 and turn3["evidence s"] == "0.2..." and turn3["vision misses"] == ""
+    assert render.timings_table(None, [])["data"] == []
+
+
+def test_trace_is_the_cli_json():
+    results = [turn_result(), turn_result("And the sign?")]
+    model = {"id": "tiny-qwen2.5-vl", "family": "qwen2.5-vl", "dtype": "float32", "device": "cpu"}
+    trace = render.trace(model, results)
+    assert trace == {"model": model, "turns": [r.to_json() for r in results]}
+    json.dumps(trace)
+    debug = render.debug_json(results)
+    assert debug["turn 2"]["question"] == "And the sign?"
+    assert debug["turn 1"]["prompts"]["synthesis"] == "PROMPT-S"
+    text = render.debug_text(results)
+    assert text.index("PROMPT-R") < text.index("==== reasoning output ====") < text.index("PROMPT-S")
+
+
+# ---- per-tab sessions ------------------------------------------------------------------------
+
+class FakeChat:
+    def __init__(self):
+        self.undone, self.closed = 0, False
+
+    def undo_last_turn(self):
+        self.undone += 1
+
+    def close(self):
+        self.closed = True
+
+
+def test_session_keeps_history_and_regenerate_drops_the_last_turn():
+    session = UserSession("k")
+    session.chat = FakeChat()
+    for question in ("one", "two"):
+        view = render.TurnView(question, 1, 4)
+        session.begin_turn(view)
+        for event in full_turn_events(turn_result(question)):
+            view.apply(event)
+        assert session.results[-1].question == question     # visible before the turn is moved
+        session.end_turn()
+    assert [r.question for r in session.results] == ["one", "two"]
+    n_one = len(session.history) // 2
+    assert session.latest_steps() == STEPS
+    turn = session.drop_last_turn()
+    assert turn.question == "two" and session.chat.undone == 1
+    assert len(session.history) == n_one and session.history[0]["content"] == "one"
+
+
+def test_a_stopped_turn_stays_in_the_chat_but_not_in_the_results():
+    session = UserSession("k")
+    session.chat = FakeChat()
+    view = render.TurnView("q", 1, 4)
+    session.begin_turn(view)
+    view.end("Stopped.")
+    session.end_turn()
+    assert session.results == [] and session.history[-1]["content"] == "Stopped."
+    session.drop_last_turn()
+    assert session.chat.undone == 0 and session.history == []
+
+
+def test_close_frees_the_chat_unless_a_turn_holds_the_lock():
+    session = UserSession("k")
+    chat = session.chat = FakeChat()
+    with session.lock:
+        session.close()
+        assert not chat.closed and session.closed    # the running turn finishes the job
+    session.close()
+    assert chat.closed and session.chat is None
+
+
+def test_store_reuses_sessions_and_evicts_the_least_recently_used():
+    store = SessionStore(max_sessions=2)
+    a = store.get("a")
+    a.chat = FakeChat()
+    assert store.get("a") is a
+    store.get("b")
+    store.get("c")
+    assert a.closed and a.chat is None and len(store) == 2
+    assert store.get("a") is not a                           # a closed session is replaced
+    store.close("a")                                          # "b" was evicted by the new "a"
+    assert len(store) == 1
+
+
+def test_pipeline_settings_validate_and_copy():
+    from chatbot.app import pipeline_settings
+    from corgi.config import PipelineConfig
+    from corgi.pipeline import InputError
+    base = PipelineConfig()
+    new = pipeline_settings(base, (2, 3, 64.0, 8, None))
+    assert (new.max_steps, new.max_regions, new.reasoning_max_new_tokens, new.evidence_max_new_tokens) == (2, 3, 64, 8)
+    assert new.synthesis_max_new_tokens == base.synthesis_max_new_tokens and base.max_steps == 6
+    with pytest.raises(InputError, match="between 1 and 20"):
+        pipeline_settings(base, (0, 3, 64, 8, 32))
+    with pytest.raises(InputError, match="whole number"):
+        pipeline_settings(base, ("many", 3, 64, 8, 32))
