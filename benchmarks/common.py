@@ -45,6 +45,14 @@ def timed(fn: Callable, device="cpu"):
     return time.perf_counter() - t0, result
 
 
+def timed_cpu(fn: Callable, device="cpu"):
+    """(wall seconds, process CPU seconds, result). CPU seconds (all threads) are a second
+    reading that other processes on a shared machine disturb less than wall time."""
+    c0 = time.process_time()
+    seconds, result = timed(fn, device)
+    return seconds, time.process_time() - c0, result
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 
@@ -197,7 +205,7 @@ def _native(box, convention: BoxConvention) -> list[int]:
 
 def reasoning_script(engine: Engine, convention: BoxConvention, n_tokens: int, n_regions: int) -> list[int]:
     """<think>filler</think>\\n{"steps": [...]} of exactly n_tokens, with n_regions object steps."""
-    steps = [{"statement": f"Look at region {i + 1}.", "kind": "object",
+    steps = [{"statement": f"Look at region {i + 1}.", "kind": "object",   # naive.py uses the same statement
               "bbox_2d": _native(b, convention)} for i, b in enumerate(region_boxes(n_regions))]
     tail = prompts.THINK_CLOSE + "\n" + json.dumps({"steps": steps})
     return _exact(engine, prompts.THINK_OPEN, tail, n_tokens)
@@ -206,5 +214,5 @@ def reasoning_script(engine: Engine, convention: BoxConvention, n_tokens: int, n
 def synthesis_script(engine: Engine, convention: BoxConvention, n_tokens: int) -> list[int]:
     """{"answer": ..., "explanation": "filler", "key_evidence": [...]} of exactly n_tokens."""
     box = _native(region_boxes(1)[0], convention)
-    tail = '", "key_evidence": [{"description": "region 1", "bbox_2d": ' + json.dumps(box) + "}]}"
-    return _exact(engine, '{"answer": "a red car", "explanation": "', tail, n_tokens)
+    tail = '", "key_evidence": [{"description": "car", "bbox_2d": ' + json.dumps(box) + "}]}"
+    return _exact(engine, '{"answer": "red", "explanation": "', tail, n_tokens)

@@ -109,3 +109,137 @@ def naive_turn(lm: LoadedModel, image: Image.Image, question: str, *, reasoning_
     tokens.update(reasoning=reasoning_tokens, evidence=evidence_tokens * len(crop_boxes),
                   synthesis=synthesis_tokens, regions=len(crop_boxes))
     return {"seconds": seconds, "tokens": tokens}
+
+
+# ---- side by side with the engine ---------------------------------------------------------
+
+def engine_turn(lm: LoadedModel, config, image: Image.Image, question: str, args) -> dict:
+    """The same turn through ChatSession on a fresh engine (caches on, starting empty), with the
+    same forced token counts (benchmarks.common.ForcedEngine)."""
+    from corgi.pipeline import ChatSession
+    engine = common.ForcedEngine(lm, config)
+    session = ChatSession(engine, image)
+    engine.scripts = {
+        "reasoning": common.reasoning_script(engine, session.convention, args.reasoning_tokens, args.regions),
+        "synthesis": common.synthesis_script(engine, session.convention, args.synthesis_tokens)}
+    seconds, events = common.timed(lambda: list(session.ask(question)), lm.device)
+    result = events[-1].result
+    assert len(result.evidence) == args.regions, result.warnings
+    session.close()
+    phases = {k: result.timings[k] for k in ("reasoning", "evidence", "synthesis")}
+    return {"seconds": dict(phases, total=seconds), "generated_tokens": engine.generated,
+            "cache": result.cache.to_json()}
+
+
+def setup(args):
+    from corgi.config import load_config
+    if args.shape:
+        from .shapes import loaded_random_model
+        config = load_config(None, {"model.device": args.device, **_pipeline(args)})
+        lm = loaded_random_model(args.shape, args.device, torch.bfloat16,
+                                 min_pixels=config.image.min_pixels, max_pixels=config.image.max_pixels)
+    else:
+        from corgi.engine.loading import load_model
+        config = load_config(None, {"model.id": args.model, "model.device": args.device, **_pipeline(args)})
+        lm = load_model(config.model, config.image)
+    return lm, config
+
+
+def _pipeline(args) -> dict:
+    return {"pipeline.structured_output": True, "pipeline.temperature": 0.0,
+            "pipeline.max_steps": args.regions, "pipeline.max_regions": args.regions,
+            "pipeline.reasoning_max_new_tokens": args.reasoning_tokens,
+            "pipeline.evidence_max_new_tokens": args.evidence_tokens,
+            "pipeline.synthesis_max_new_tokens": args.synthesis_tokens}
+
+
+def run(args) -> dict:
+    from corgi.images import load_image
+    lm, config = setup(args)
+    image = load_image(args.image, 10**8)
+    if args.image_scale != 1.0:
+        image = image.resize((round(image.width * args.image_scale), round(image.height * args.image_scale)),
+                             Image.BICUBIC)
+    crop_boxes = [Box(*b) for b in common.region_boxes(args.regions)]
+    question = "What does the sign above the shop say?"
+
+    def naive():
+        return naive_turn(lm, image, question, reasoning_tokens=args.reasoning_tokens,
+                          evidence_tokens=args.evidence_tokens, synthesis_tokens=args.synthesis_tokens,
+                          crop_boxes=crop_boxes, min_pixels=config.image.min_pixels,
+                          max_pixels=config.image.max_pixels, crop_max_pixels=config.pipeline.crop_max_pixels,
+                          crop_padding=config.pipeline.crop_padding, max_steps=args.regions)
+
+    arms = {"naive": naive}
+    if args.compare:
+        arms["engine"] = lambda: engine_turn(lm, config, image, question, args)
+    for fn in arms.values():            # untimed warm-up: first-call costs (and CUDA init)
+        fn()
+    samples = {name: [] for name in arms}
+    for _ in range(args.repeats):       # interleaved, so drift hits every arm alike
+        for name, fn in arms.items():
+            samples[name].append(fn())
+    rows = []
+    for name, recs in samples.items():
+        row = {"arm": name}
+        for phase in ("reasoning", "evidence", "synthesis", "total"):
+            row[phase] = common.median([r["seconds"][phase] for r in recs])
+        row["samples_total_s"] = [r["seconds"]["total"] for r in recs]
+        rows.append(row)
+    data = {"benchmark": "naive", "environment": common.environment(args.device),
+            "settings": {"model": args.shape or args.model, "image_size": list(image.size),
+                         "image_max_pixels": config.image.max_pixels, "regions": args.regions,
+                         "reasoning_tokens": args.reasoning_tokens, "evidence_tokens_per_region": args.evidence_tokens,
+                         "synthesis_tokens": args.synthesis_tokens, "repeats": args.repeats,
+                         "naive_prompt_tokens": samples["naive"][0]["tokens"]},
+            "rows": rows}
+    if args.compare:
+        data["engine_cache_stats"] = samples["engine"][0]["cache"]
+        data["ratio_naive_over_engine"] = {p: rows[0][p] / rows[1][p]
+                                           for p in ("reasoning", "evidence", "synthesis", "total")}
+    return data
+
+
+def print_report(data: dict) -> None:
+    s = data["settings"]
+    print(f"\nnaive turn: {s['model']}, image {s['image_size'][0]}x{s['image_size'][1]}, {s['regions']} regions, "
+          f"tokens {s['reasoning_tokens']}/{s['evidence_tokens_per_region']} per region/{s['synthesis_tokens']}, "
+          f"median of {s['repeats']}")
+    print(common.table(data["rows"], ["arm", "reasoning", "evidence", "synthesis", "total"]))
+    for phase, ratio in data.get("ratio_naive_over_engine", {}).items():
+        print(f"{phase}: naive / engine {ratio:.2f}x")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="the naive CoRGI turn (fresh generate() per phase)")
+    ap.add_argument("--model", default="small-qwen2.5-vl", help="tiny-builder name or checkpoint folder")
+    ap.add_argument("--shape", default=None, help="random weights of a real shape (benchmarks.shapes)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--image", default=str(common.ROOT / "assets" / "street-scene.png"))
+    ap.add_argument("--image-scale", type=float, default=1.0)
+    ap.add_argument("--regions", type=int, default=2)
+    ap.add_argument("--reasoning-tokens", type=int, default=128)
+    ap.add_argument("--evidence-tokens", type=int, default=16)
+    ap.add_argument("--synthesis-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compare", action="store_true", help="also run the engine's turn, side by side")
+    ap.add_argument("--out", default=str(common.OUT_DIR / "naive.json"))
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens, 1 repeat (for the tests)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.shape, args.repeats, args.compare = "tiny-qwen2.5-vl", None, 1, True
+        args.image_scale = 0.5
+        args.reasoning_tokens, args.evidence_tokens, args.synthesis_tokens, args.regions = 110, 4, 60, 2
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    data = run(args)
+    print_report(data)
+    print(f"wrote {common.write_json(args.out, data)}")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -118,9 +118,13 @@ class CorgiApp:
                         regen_btn = gr.Button("Regenerate", elem_id="regenerate")
                         new_btn = gr.Button("New conversation", elem_id="new-conversation")
                 with gr.Column(scale=4, min_width=320):
-                    boxes_img = gr.Image(label="Steps on the image (red: object, blue: text)", type="pil",
-                                         format="png", interactive=False, height=300, elem_id="boxes")
-                    gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, height=200,
+                    # No floating label on the image: it would cover boxes in the top-left corner.
+                    gr.Markdown("**Steps on the image**: S1, S2 ... as the model marked them; "
+                                "red: look at an object, blue: read text.")
+                    boxes_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                         height=300, elem_id="boxes")
+                    # fit_columns=False: one region would otherwise fill the panel and hide its caption.
+                    gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, fit_columns=False,
                                          object_fit="contain", format="png", elem_id="regions")
                     timings = gr.Dataframe(label="Timings (s) and cache, per turn", interactive=False,
                                            elem_id="timings", max_height=560)
@@ -141,7 +145,8 @@ class CorgiApp:
             # Two listeners on submit: an instant echo (no queue) so the question shows at once,
             # then the turn itself in the model queue. The turn clears the textbox when it starts:
             # cleared any earlier, the turn could read the empty box instead of the question.
-            textbox.submit(self.echo, [chatbot, textbox], [chatbot], queue=False, api_visibility="private")
+            textbox.submit(self.echo, [chatbot, textbox], [chatbot], queue=False, show_progress="hidden",
+                           api_visibility="private")
             ask_event = textbox.submit(self.ask, [state, textbox, *sliders], [*outputs, textbox],
                                        api_name="ask", **model)
             regen_event = regen_btn.click(self.regenerate, [state, *sliders], outputs,
@@ -326,8 +331,8 @@ class CorgiApp:
                 yield self.outputs(session, {CHAT})    # the same picture again: keep the conversation
                 return True
             session.set_image(image, name, digest)
-            title = f"Image: {name}"
-            session.history.append(render.status_message(title, "Encoding the image ...", done=False))
+            title = f"Encoding the image {name}"
+            session.history.append(render.status_message(title, "", done=False))
             yield self.outputs(session)
             t0 = time.perf_counter()
             try:
@@ -349,9 +354,10 @@ class CorgiApp:
                 return True
             seconds = time.perf_counter() - t0
             session.warmup = (stats, seconds)
-            session.history[-1] = render.status_message(
-                title, f"{image.width}x{image.height} pixels, encoded and ready. Ask a question about it.",
-                done=True, seconds=seconds)
+            # A plain message, not a collapsed one: "ready, ask away" is meant to be read.
+            session.history[-1] = render.notice(
+                f"Image **{name}** ({image.width}x{image.height} pixels) is encoded and ready "
+                f"({seconds:.2f} s). Ask a question about it.")
             yield self.outputs(session)
             return True
 

@@ -284,9 +284,10 @@ def debug_json(results: list[TurnResult]) -> dict[str, Any]:
 
 
 def debug_text(results: list[TurnResult]) -> str:
-    """Prompts and raw outputs as plain text, in the order the model saw and wrote them."""
+    """Prompts and raw outputs as plain text, the latest turn first (the one usually debugged);
+    within a turn in the order the model saw and wrote them."""
     parts = []
-    for n, r in enumerate(results, 1):
+    for n, r in reversed(list(enumerate(results, 1))):
         parts.append(f"######## turn {n}: {r.question}")
         for phase in ("reasoning", "evidence", "synthesis"):
             if phase in r.prompts:

@@ -116,7 +116,7 @@ def stream_ask(client, question, *settings):
 
 def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     out = set_image(client)
-    assert ("Image: street-scene.png", "done") in titles(out[CHAT])
+    assert any("**street-scene.png**" in t and "encoded and ready" in t for t in texts(out[CHAT]))
     assert column(out[TIMINGS], "image")["vision misses"] == 1          # encoded once, on upload
     assert out[BOXES]                                                    # the side panel shows it
 
@@ -124,18 +124,20 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     first = updates[0][CHAT]
     assert first[-2]["content"][0]["text"] == "What colour is the car?"    # question + a pending phase, at once
     assert first[-1]["metadata"]["status"] == "pending"
-    sizes = [len(json.dumps(u[CHAT])) for u in updates]
-    assert len(updates) >= 5 and sizes[-1] > sizes[0]
-    assert sizes == sorted(sizes), "the streamed chat only grows"
+    # While the reasoning phase is pending its text grows token by token (then becomes the step list).
+    growing = [len(m["content"][0]["text"]) for u in updates for m in u[CHAT][-1:]
+               if m.get("metadata", {}) and m["metadata"]["title"].startswith("Reasoning")
+               and m["metadata"]["status"] == "pending"]
+    assert len(growing) >= 3 and growing == sorted(growing) and growing[-1] > growing[0]
     chat = final[CHAT]
-    assert [t for t, _ in titles(chat)][1:4] == ["Reasoning: steps and regions", "Evidence: reading the regions",
+    assert [t for t, _ in titles(chat)][0:3] == ["Reasoning: steps and regions", "Evidence: reading the regions",
                                                  "Synthesis: writing the answer"]
     assert all(status == "done" for _, status in titles(chat))
     answer = [m for m in chat if m["role"] == "assistant" and not m.get("metadata")]
     assert answer and answer[-1]["content"][0]["text"].strip()
     turn1 = column(final[TIMINGS], "turn 1")
     assert turn1["vision misses"] == 0 and turn1["vision hits"] == 0      # warm: no image work at all
-    print("TEXTBOX", updates[0][-1], final[-1])
+    assert updates[0][-1]["value"] == {"text": "", "files": []}, "the first update empties the textbox"
 
     updates, final = stream_ask(client, "And what about the house?")
     assert len(updates) >= 3
@@ -209,13 +211,11 @@ def test_bad_input_is_answered_in_the_chat(client, tmp_path):
     set_image(client)
     out = client.predict({"text": "   ", "files": []}, api_name="/ask")
     assert texts(out[CHAT])[-1] == "Please type a question about the image."
-    out = client.predict({"text": "Why?", "files": []}, 0, api_name="/ask")
-    assert "must be between 1 and 20" in texts(out[CHAT])[-1]
 
     # The session still works after all that, and an image attached to the message is used.
     out = client.predict({"text": "How many shapes are there?", "files": [handle_file(str(ASSETS / "shapes.png"))]},
                          api_name="/ask")
-    assert ("Image: shapes.png", "done") in titles(out[CHAT])
+    assert any("**shapes.png**" in t and "encoded and ready" in t for t in texts(out[CHAT]))
     assert list(out[DEBUG_JSON]) == ["turn 1"]
 
 

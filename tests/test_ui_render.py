@@ -234,6 +234,7 @@ def test_trace_is_the_cli_json():
     assert debug["turn 2"]["question"] == "And the sign?"
     assert debug["turn 1"]["prompts"]["synthesis"] == "PROMPT-S"
     text = render.debug_text(results)
+    assert text.startswith("######## turn 2: And the sign?")
     assert text.index("PROMPT-R") < text.index("==== reasoning output ====") < text.index("PROMPT-S")
 
 

@@ -128,15 +128,25 @@ class Engine:
         if bucket is not None:
             position = torch.tensor([start + conv.rope_delta], device=self.lm.device)
             bucket.load(conv.kv, start, position, valid=None)
+        # On CUDA the next step is launched before the host reads this token, so the CPU work
+        # per token (grammar, detokenising, the caller) overlaps the GPU's forward pass.
+        ahead = bucket is not None and self.lm.device.type == "cuda"
+        fetch = _TokenFetch(1, self.lm.device)
+        stop_tensor = torch.tensor(stop_ids, device=self.lm.device)
         fed = 0
         try:
             for i in range(max_new_tokens):
+                last = i == max_new_tokens - 1
                 if constraint is not None:
                     constraint.mask(logits)
                 if i < min_new_tokens:
-                    logits = logits.index_fill(1, torch.tensor(stop_ids, device=logits.device), float("-inf"))
+                    logits = logits.index_fill(1, stop_tensor, float("-inf"))
                 token_t = decode.sample(logits, sampling.temperature, sampling.top_p, generator)   # [1]
-                token = int(token_t[0])
+                fetch.start(token_t)
+                if ahead and not last:
+                    logits = bucket.step(token_t)
+                    fed += 1
+                token = fetch.wait()[0]
                 conv.token_ids.append(token)
                 finished = token in stop_ids
                 if constraint is not None and not finished:
@@ -144,12 +154,12 @@ class Engine:
                         raise RuntimeError(f"grammar refused token {token} that its own mask allowed")
                     finished = constraint.is_finished()
                 yield token
-                if finished or i == max_new_tokens - 1:
+                if finished or last:
                     return
                 if bucket is None:
                     logits = self._advance(conv, stats, count_prompt=False)
-                else:
-                    logits = bucket.step(token_t.view(1))
+                elif not ahead:
+                    logits = bucket.step(token_t)
                     fed += 1
         finally:
             if bucket is not None and fed:
@@ -248,24 +258,36 @@ class Engine:
         if bucket is not None:
             bucket.load(cache, width, next_pos, valid=mask)
         stop_ids = torch.tensor(lm.special.stop_ids, device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        ahead = bucket is not None and device.type == "cuda"
+        fetch = _TokenFetch(batch, device)
+        done = [False] * batch
+        done_t = None                                    # [B] bool on the device, once a row ends
         for i in range(max_new_tokens):
+            last = i == max_new_tokens - 1
             if i < min_new_tokens:
                 logits = logits.index_fill(1, stop_ids, float("-inf"))
             tokens = decode.sample(logits, sampling.temperature, sampling.top_p, generator)   # [B]
-            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
-            for b in (~done).nonzero().view(-1).tolist():
-                yield b, int(tokens[b])
-            done |= torch.isin(tokens, stop_ids)
-            if bool(done.all()) or i == max_new_tokens - 1:
-                return
-            if bucket is not None:
+            if done_t is not None:
+                tokens = torch.where(done_t, torch.full_like(tokens, pad), tokens)
+            fetch.start(tokens)
+            if ahead and not last:
                 logits = bucket.step(tokens)
-                continue
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-            step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)                           # [3, B, 1]
-            logits = decode.forward(lm.model, tokens.view(-1, 1), step_pos, cache, attention_mask=mask)
-            next_pos = next_pos + 1
+            values = fetch.wait()
+            for b in range(batch):
+                if not done[b]:
+                    yield b, values[b]
+                    if values[b] in lm.special.stop_ids:
+                        done[b] = True
+                        done_t = torch.tensor(done, device=device)
+            if all(done) or last:
+                return
+            if bucket is None:
+                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+                step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)                       # [3, B, 1]
+                logits = decode.forward(lm.model, tokens.view(-1, 1), step_pos, cache, attention_mask=mask)
+                next_pos = next_pos + 1
+            elif not ahead:
+                logits = bucket.step(tokens)
 
     # ---- helpers ---------------------------------------------------------------------
     def _image_block(self, before: str, n_image_tokens: int, after: str) -> list[int]:
@@ -285,3 +307,22 @@ class Engine:
             ids, mm_token_type_ids=token_types, image_grid_thw=torch.tensor(grids),
             attention_mask=mask.cpu() if mask is not None else None)
         return positions.to(self.lm.device), deltas
+
+
+class _TokenFetch:
+    """Sampled ids -> host, waiting only for the sampling, not for work queued after it."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, tokens: torch.Tensor) -> None:
+        self.host[:tokens.shape[0]].copy_(tokens, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def wait(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+        return self.host.tolist()

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .loading import LoadedModel
+from .preprocess import to_patches
 
 
 @dataclass
@@ -84,11 +85,9 @@ class VisionEncoder:
     @torch.inference_mode()
     def _run_tower(self, images: list[Image.Image], min_pixels: int, max_pixels: int) -> list[ImageFeatures]:
         lm = self.loaded
-        processed = lm.image_processor(images=images, return_tensors="pt",
-                                       size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
-        # pixel_values: [sum of patches, C*T*P*P]; image_grid_thw: [n_images, 3]
-        pixel_values = processed["pixel_values"].to(lm.device, lm.dtype)
-        grid = processed["image_grid_thw"].to(lm.device)
+        # pixel_values: [sum of patches, C*T*P*P]; grid: [n_images, 3]
+        pixel_values, grid = to_patches(images, lm.image_processor, min_pixels, max_pixels, lm.device)
+        pixel_values, grid = pixel_values.to(lm.dtype), grid.to(lm.device)
         out = lm.model.model.get_image_features(pixel_values, grid, return_dict=True)
         deepstack = getattr(out, "deepstack_features", None) or []
         features = []
