@@ -7,6 +7,7 @@ tokens, like `min_new_tokens == max_new_tokens` in HF generate().
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,13 +66,29 @@ def median_of(fn: Callable, repeats: int, device="cpu", warmup: int = 0) -> tupl
     return median(samples), samples
 
 
+@contextlib.contextmanager
+def threads(n: int | None):
+    """Torch intra-op threads for the block (None: leave as is). Why 1 on a shared CPU: with 2
+    threads every matmul waits for the slower thread, and when another process takes a core
+    that thread stalls; measured on this 2-core machine, the same decode loop took 25-85 ms per
+    token at 2 threads and 19-26 ms at 1 thread within the same minute."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- output -------------------------------------------------------------------------------
 
 def environment(device="cpu") -> dict:
     import transformers
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "machine": platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+           "load_average_1m": os.getloadavg()[0]}     # other work on the machine, when this ran
     if torch.device(device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env

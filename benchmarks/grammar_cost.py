@@ -153,6 +153,8 @@ def parse_args(argv=None):
     ap.add_argument("--shape", default=None, help="random weights of a real shape instead (benchmarks.shapes)")
     ap.add_argument("--tokenizer", default=None, help="with --shape: a real tokenizer folder")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU: torch threads (1: steadier on a shared machine, see common.threads)")
     ap.add_argument("--image", default=str(common.ROOT / "assets" / "street-scene.png"))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -166,7 +168,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    data = run(args)
+    with common.threads(args.threads if args.device == "cpu" else None):
+        data = run(args)
     print_report(data)
     print(f"wrote {common.write_json(args.out, data)}")
     return data

@@ -215,12 +215,14 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="small-qwen2.5-vl", help="tiny-builder name or checkpoint folder")
     ap.add_argument("--shape", default=None, help="random weights of a real shape (benchmarks.shapes)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU: torch threads (1: steadier on a shared machine, see common.threads)")
     ap.add_argument("--image", default=str(common.ROOT / "assets" / "street-scene.png"))
-    ap.add_argument("--image-scale", type=float, default=1.0)
+    ap.add_argument("--image-scale", type=float, default=1.5, help="resize the image first")
     ap.add_argument("--regions", type=int, default=2)
     ap.add_argument("--reasoning-tokens", type=int, default=128)
     ap.add_argument("--evidence-tokens", type=int, default=16)
-    ap.add_argument("--synthesis-tokens", type=int, default=48)
+    ap.add_argument("--synthesis-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare", action="store_true", help="also run the engine's turn, side by side")
     ap.add_argument("--out", default=str(common.OUT_DIR / "naive.json"))
@@ -235,7 +237,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    data = run(args)
+    with common.threads(args.threads if args.device == "cpu" else None):
+        data = run(args)
     print_report(data)
     print(f"wrote {common.write_json(args.out, data)}")
     return data

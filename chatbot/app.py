@@ -1,6 +1,6 @@
 """The CoRGI Chat web UI: the Blocks layout and its event handlers.
 
-Every handler returns (or streams) the same outputs, OUTPUTS below, computed from the tab's
+Every handler returns (or streams) the same outputs, built by CorgiApp.outputs from the tab's
 UserSession; panels that did not change are sent as gr.skip(). All events that run the model
 share one queue (concurrency_id="model", limit 1), so users wait their turn and see their place
 in the queue on the chat. Rendering lives in render.py; this file only wires events to it.
@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -83,7 +82,7 @@ class CorgiApp:
         # Gradio's queue already runs one model event at a time; this lock covers the moment
         # after a Stop when the queue has moved on but the cancelled turn is still unwinding.
         self.model_lock = threading.Lock()
-        self.trace_dir = tempfile.mkdtemp(prefix="corgi-chat-")
+        self._traces = tempfile.TemporaryDirectory(prefix="corgi-chat-")   # removed at exit
         lm = engine.lm
         self.model_info = {"id": lm.model_id, "family": lm.family.name,
                            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
@@ -124,8 +123,8 @@ class CorgiApp:
                     boxes_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
                                          height=300, elem_id="boxes")
                     # fit_columns=False: one region would otherwise fill the panel and hide its caption.
-                    gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, fit_columns=False,
-                                         object_fit="contain", format="png", elem_id="regions")
+                    gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, height=230,
+                                         fit_columns=False, object_fit="contain", format="png", elem_id="regions")
                     timings = gr.Dataframe(label="Timings (s) and cache, per turn", interactive=False,
                                            elem_id="timings", max_height=560)
                     trace_btn = gr.DownloadButton("Download trace (JSON)", value=None, interactive=False,
@@ -235,16 +234,17 @@ class CorgiApp:
             if not loaded or not text:
                 return
         with session.lock:
-            try:
-                settings = pipeline_settings(self.config.pipeline, values)
-                problem = None
-            except InputError as exc:
-                problem = f"These settings cannot be used: {exc}."
+            problem, settings = None, None
             if not text:
                 problem = "Please type a question about the image."
             elif session.image is None:
                 problem = ("There is no image yet (or this session was idle too long): upload an image "
                            "or pick an example, then ask about it.")
+            else:
+                try:
+                    settings = pipeline_settings(self.config.pipeline, values)
+                except InputError as exc:
+                    problem = f"These settings cannot be used: {exc}."
             if problem:
                 if text:
                     session.history.append({"role": "user", "content": text})
@@ -287,19 +287,19 @@ class CorgiApp:
     def new_conversation(self, state, request: gr.Request) -> tuple:
         """Forget the turns and free the KV cache; the image stays for the next question."""
         session = self.session(state, request)
-        got = session.lock.acquire(timeout=STOP_WAIT_S)
+        if not session.lock.acquire(timeout=STOP_WAIT_S):
+            return self.outputs(session)    # a turn that would not unwind: leave it be
         try:
             with self.model_lock:
                 session.new_conversation()
             return self.outputs(session)
         finally:
-            if got:
-                session.lock.release()
+            session.lock.release()
 
     def unload(self, request: gr.Request) -> None:
         """The tab was closed or reloaded: free its session now rather than at the idle time-out."""
-        if request is not None and request.session_hash:
-            self.store.close(request.session_hash)
+        if request is not None and request.session_hash and self.store.close(request.session_hash):
+            log.info("a tab was closed: its session is freed")
 
     def expire(self, session: Any) -> None:
         """gr.State's delete_callback: the session was idle for ui.idle_timeout_s."""
@@ -364,8 +364,15 @@ class CorgiApp:
     def _turn(self, session: UserSession, question: str, settings: PipelineConfig) -> Iterator[tuple]:
         """Stream one turn. The caller holds session.lock."""
         if session.chat is None:     # after New conversation or a failed warm-up
-            with self.model_lock:
-                session.chat = ChatSession(self.engine, session.image)
+            try:
+                with self.model_lock:
+                    session.chat = ChatSession(self.engine, session.image)
+            except Exception as exc:
+                log.exception("could not start a conversation")
+                session.history.append(render.notice(f"The model failed on this image: "
+                                                     f"{type(exc).__name__}: {exc}"))
+                yield self.outputs(session, {CHAT})
+                return
         view = render.TurnView(question, len(session.results) + 1, settings.max_regions)
         session.begin_turn(view)
         yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS})   # the pending phase, at once
@@ -404,7 +411,7 @@ class CorgiApp:
 
     def _write_trace(self, session: UserSession) -> None:
         """The CLI's --json object for this session's turns, for the Download trace button."""
-        folder = Path(self.trace_dir) / hashlib.sha256(session.key.encode()).hexdigest()[:16]
+        folder = Path(self._traces.name) / hashlib.sha256(session.key.encode()).hexdigest()[:16]
         folder.mkdir(exist_ok=True)
         path = folder / "corgi-trace.json"
         path.write_text(json.dumps(render.trace(self.model_info, session.results), ensure_ascii=False,

@@ -140,11 +140,13 @@ class SessionStore:
             old.close()
         return session
 
-    def close(self, key: str) -> None:
+    def close(self, key: str) -> bool:
+        """Close the session of `key`; False when there was none."""
         with self._lock:
             session = self._sessions.pop(key, None)
         if session is not None:
             session.close()
+        return session is not None
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,20 +25,18 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    url, proc = start_server(tmp_path_factory.mktemp("ui-browser"))
-    yield url
+    folder = tmp_path_factory.mktemp("ui-browser")
+    url, proc = start_server(folder)
+    yield SimpleNamespace(url=url, log=folder / "server.log")
     stop_server(proc)
 
 
 @pytest.fixture
-def page(server):
+def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(WAIT_MS)
-        page.goto(server)
-        yield page
+        yield browser
         browser.close()
 
 
@@ -58,8 +58,11 @@ def ask(page, question: str) -> None:
     box.press("Enter")
 
 
-def test_a_conversation_in_the_browser(page):
+def test_a_conversation_in_the_browser(server, browser):
     from playwright.sync_api import expect
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(server.url)
     chat = page.locator("#chat")
 
     page.locator("#image-input input[type=file]").set_input_files(str(ASSETS / "street-scene.png"))
@@ -96,3 +99,10 @@ def test_a_conversation_in_the_browser(page):
     # Debugging is one click away: the exact prompts and raw outputs of each turn.
     page.get_by_text("Debug: prompts, raw output and parsed result per turn").click()
     expect(page.get_by_text("######## turn 2: Describe the house.")).to_be_visible()
+
+    # Closing the tab frees its session at once (demo.unload), not only after the idle time-out.
+    page.close()
+    deadline = time.monotonic() + 30
+    while "a tab was closed: its session is freed" not in server.log.read_text():
+        assert time.monotonic() < deadline, "closing the tab did not free its session"
+        time.sleep(0.2)

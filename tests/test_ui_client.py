@@ -244,3 +244,41 @@ def test_a_model_failure_is_shown_and_the_session_stays_usable():
     chat = updates[-1][1]
     assert chat[-1]["content"] == "The model failed on this turn: RuntimeError: CUDA out of memory"
     assert session.live is None and session.results == [] and not session.lock.locked()
+
+
+def fake_app():
+    from chatbot.app import CorgiApp
+    from corgi.config import Config
+    engine = SimpleNamespace(lm=SimpleNamespace(model_id="fake", family=SimpleNamespace(name="f"),
+                                                dtype="torch.float32", device="cpu"))
+    return CorgiApp(engine, Config())
+
+
+def test_wiring_one_model_queue_stop_cancels_and_idle_sessions_expire():
+    import gradio as gr
+    app = fake_app()
+    demo = app.build()
+    fns = {f.api_name: f for f in demo.fns.values()}
+    for name in ("set_image", "ask", "regenerate"):           # everything that runs the model
+        assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ("model", 1), name
+        assert fns[name].show_progress == "full", "the queue position must stay visible"
+    assert fns["set_image"].preprocess is False
+    cancelling = [f for f in demo.fns.values() if f.cancels]
+    turn_ids = {i for i, f in demo.fns.items() if f.api_name in ("ask", "regenerate")}
+    assert len(cancelling) == 2 and all(set(f.cancels) == turn_ids for f in cancelling)   # Stop, New conversation
+    (state,) = [b for b in demo.blocks.values() if isinstance(b, gr.State)]
+    assert state.time_to_live == app.config.ui.idle_timeout_s and state.delete_callback == app.expire
+    assert any(t == (None, "unload") for f in demo.fns.values() for t in f.targets)
+
+
+def test_tab_close_and_idle_time_out_free_the_session():
+    app = fake_app()
+    chats = []
+    for key in ("tab", "idle"):
+        session = app.store.get(key)
+        session.chat = SimpleNamespace(close=lambda key=key: chats.append(key))
+    app.unload(SimpleNamespace(session_hash="tab"))
+    assert chats == ["tab"] and len(app.store) == 1
+    app.expire(app.store.get("idle"))
+    assert chats == ["tab", "idle"] and len(app.store) == 0
+    app.expire(None)                                          # a State that never held a session

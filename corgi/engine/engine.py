@@ -172,7 +172,7 @@ class Engine:
     def warmup_shapes(self) -> list[tuple[int, int]]:
         """Static buckets a default conversation touches: one row up to 8k columns, and the
         region-caption batches."""
-        return [(1, 2048), (1, 4096), (1, 8192)] + [(b, 512) for b in (1, 2, 4, 8)]
+        return [(1, c) for c in (1536, 2048, 3072, 4096, 6144, 8192)] + [(b, 512) for b in (1, 2, 4, 8)]
 
     def _advance(self, conv: Conversation, stats: CacheStats, count_prompt: bool) -> torch.Tensor:
         conv.last_used = time.monotonic()

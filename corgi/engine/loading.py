@@ -140,6 +140,9 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
     if model_cfg.quantization == "none":
         model.to(device)
     model.eval().requires_grad_(False)
+    if attn == "sdpa":
+        from .vision_attention import use_for_vision
+        use_for_vision(model)   # batched windows instead of one SDPA call per window
 
     def token_id(text: str) -> int:
         ids = tokenizer.convert_tokens_to_ids([text])

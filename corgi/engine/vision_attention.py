@@ -1,0 +1,41 @@
+"""Windowed vision attention in a few batched SDPA calls instead of one call per window.
+
+Without flash-attn, transformers' Qwen-VL vision attention splits the patch sequence at
+`cu_seqlens` and calls SDPA once per window or image: 88 windows x 28 layers = 2,464 small
+calls for a 1232x896 image, launch-bound. Any attention implementation whose name contains
+"flash" is handed `cu_seqlens` in one call instead, so we register one: windows of equal
+length (most are) are gathered into a batch and attended together; the result is the same
+block-diagonal attention. Used for the vision tower only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "corgi_flash_varlen_sdpa"   # contains "flash": transformers passes cu_seqlens
+
+
+def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                cu_seq_lens_q=None, is_causal=False, **kwargs):
+    """query/key/value [1, H, N, D]; segment i is positions cu[i]..cu[i+1]-1 and attends only
+    within itself. Returns ([1, N, H, D], None) like transformers' attention functions."""
+    _, heads, n, dim = query.shape
+    cu = cu_seq_lens_q.tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, stop in zip(cu[:-1], cu[1:]):
+        by_length.setdefault(stop - start, []).append(start)
+    out = torch.empty_like(query)
+    for length, starts in by_length.items():
+        # [windows*length] positions of every window of this length, window by window
+        index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).view(-1).to(query.device)
+        gather = lambda t: t[0].index_select(1, index).view(heads, len(starts), length, dim).transpose(0, 1)
+        attended = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), scale=scaling)
+        out[0].index_copy_(1, index, attended.transpose(0, 1).reshape(heads, -1, dim))
+    return out.transpose(1, 2), None
+
+
+def use_for_vision(model) -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(NAME, varlen_sdpa)
+    visual = model.model.visual
+    visual.config._attn_implementation = NAME
