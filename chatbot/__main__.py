@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
              lm.family.name, lm.device, str(lm.dtype).removeprefix("torch."))
 
     log.info("building the UI ...")
-    from .app import build_app
+    from .app import CSS, build_app
     demo = build_app(engine, config)
     ui = config.ui
     try:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     # The handler answers uploads over ui.max_upload_mb in the chat; Gradio's own
                     # limit only keeps absurd files off the disk.
                     max_file_size=int(ui.max_upload_mb * 2 * 1024 * 1024),
-                    state_session_capacity=max(ui.max_sessions * 4, 100), footer_links=["api"])
+                    state_session_capacity=max(ui.max_sessions * 4, 100), footer_links=["api"], css=CSS)
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", ui.host, ui.port, exc)
         return EXIT_BAD_INPUT

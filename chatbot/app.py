@@ -4,6 +4,16 @@ Every handler returns (or streams) the same outputs, built by CorgiApp.outputs f
 UserSession; panels that did not change are sent as gr.skip(). All events that run the model
 share one queue (concurrency_id="model", limit 1), so users wait their turn and see their place
 in the queue on the chat. Rendering lives in render.py; this file only wires events to it.
+
+Endpoints (gradio_client, one Client per session):
+    /set_image(upload)                                  upload = handle_file(path)
+    /ask(message, max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
+                                                        message = {"text": str, "files": [image]}
+    /regenerate(max_steps, ..., synthesis_tokens)       the last question again
+    /stop()                                             after job.cancel() of the running /ask
+    /new_conversation()
+each returning (chat messages, boxes image, region crops, timings table, prompts and raw text,
+parsed turns JSON, trace file); /ask adds the emptied textbox.
 """
 from __future__ import annotations
 
@@ -38,6 +48,8 @@ MB = 1024 * 1024
 THROTTLE_S = 0.05          # at most ~20 chat updates a second while tokens stream
 STOP_WAIT_S = 15.0         # how long Stop / New conversation wait for a cancelled turn to unwind
 ALL = frozenset({CHAT, BOXES, GALLERY, TIMINGS, DEBUG})
+# Raw model output streams into code blocks; wrap it so a long line stays readable.
+CSS = "#chat pre, #chat pre code { white-space: pre-wrap; overflow-wrap: anywhere; }"
 
 # (PipelineConfig field, slider label, lowest, highest) of the settings accordion.
 SETTINGS = [
@@ -150,10 +162,14 @@ class CorgiApp:
                                        api_name="ask", **model)
             regen_event = regen_btn.click(self.regenerate, [state, *sliders], outputs,
                                           api_name="regenerate", **model)
+            # Stop first cancels the running turn (that closes its generator, which stops the
+            # model), *then* shows the result: the browser runs a listener's cancels only after
+            # its function returns, and self.stop waits for the cancelled turn to unwind.
             turns = [ask_event, regen_event]
-            stop_btn.click(self.stop, [state], outputs, cancels=turns, api_name="stop", concurrency_limit=None)
-            new_btn.click(self.new_conversation, [state], outputs, cancels=turns,
-                          api_name="new_conversation", concurrency_limit=None)
+            stop_btn.click(None, None, None, cancels=turns).then(
+                self.stop, [state], outputs, api_name="stop", concurrency_limit=None)
+            new_btn.click(None, None, None, cancels=turns).then(
+                self.new_conversation, [state], outputs, api_name="new_conversation", concurrency_limit=None)
             demo.unload(self.unload)
         return demo
 

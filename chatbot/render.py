@@ -64,12 +64,14 @@ def grounded_steps(steps: list[Step], max_regions: int) -> list[Step]:
 
 
 def steps_markdown(result: ReasoningResult) -> str:
-    lines = []
-    if result.thinking.strip():
-        lines.append(f"*{result.thinking.strip()}*\n")
+    """The model's thinking as a quote, then one line per step naming its box colour."""
+    lines = [f"> {line}" for line in result.thinking.strip().splitlines()]
+    if lines:
+        lines.append("")
     for step in result.steps:
-        where = f"{step.kind.value}, {COLOUR_NAMES[step.kind]} box" if step.bbox and step.kind in COLOURS \
-            else step.kind.value
+        where = step.kind.value
+        if step.bbox is not None and step.kind in COLOURS:
+            where += f", {COLOUR_NAMES[step.kind]} box"
         lines.append(f"- **S{step.index}** ({where}): {step.statement}")
     return "\n".join(lines)
 

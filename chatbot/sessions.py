@@ -12,14 +12,16 @@ import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from corgi.pipeline import ChatSession
 from corgi.types import CacheStats, Step, TurnResult
 
 from .render import TurnView
+
+if TYPE_CHECKING:     # only a type here: keeps this module (and its tests) free of torch
+    from corgi.pipeline import ChatSession
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The web UI in a real browser: Debian's chromium driven by Playwright (never `playwright install`:
-there is no browser download here). Uploads an image, asks, watches the phases stream in, checks
-the answer, the boxes panel and the timings, asks a follow-up, saves test-artifacts/ui.png.
+there is no browser download here). Uploads an image, stops a turn, asks, watches the phases
+stream in, checks the answer, the boxes panel and the timings, asks a follow-up, saves
+test-artifacts/ui.png, opens the debug view and closes the tab.
 """
 from __future__ import annotations
 
@@ -52,6 +53,25 @@ def timings_column(page, header: str) -> dict[str, str]:
     return out
 
 
+def finished_column(page, header: str) -> dict[str, str] | None:
+    column = timings_column(page, header)
+    return column if column.get("vision misses") else None
+
+
+def wait_for(probe, timeout: float = WAIT_MS / 1000):
+    """Poll `probe` until it returns something truthy (reading a table that is still updating)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = probe()
+        except ValueError:        # e.g. the column is not there yet
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 def ask(page, question: str) -> None:
     box = page.locator("#question textarea")
     box.fill(question)
@@ -70,6 +90,14 @@ def test_a_conversation_in_the_browser(server, browser):
     expect(page.locator("#boxes img").first).to_be_visible()            # the image in the side panel
     expect(page.locator("#timings")).to_contain_text("image")
 
+    # Stop as soon as the first phase shows (this first turn of a fresh server also compiles the
+    # grammar, so it is still running): the chat says so, nothing keeps spinning.
+    ask(page, "What does the sign say?")
+    expect(chat.locator(".loading-spinner").first).to_be_visible()       # a pending phase, at once
+    page.locator("#stop").click()
+    expect(chat.get_by_text("Stopped. The conversation goes on from before this question.")).to_be_visible()
+    expect(chat.locator(".loading-spinner")).to_have_count(0)
+
     ask(page, "What colour is the car?")
     expect(chat.get_by_text("What colour is the car?")).to_be_visible()   # echoed at once
     expect(page.locator("#question textarea")).to_have_value("")
@@ -78,7 +106,7 @@ def test_a_conversation_in_the_browser(server, browser):
     # The turn is over when its column is in the timings and the trace can be downloaded.
     expect(page.locator("#timings")).to_contain_text("turn 1")
     expect(page.locator("#trace")).to_be_enabled()
-    expect(chat.locator(".pending")).to_have_count(0)
+    expect(chat.locator(".loading-spinner")).to_have_count(0)          # every phase is done
     bot = chat.get_by_test_id("bot")
     assert bot.count() >= 5      # image note, three phases, the answer
     assert bot.last.inner_text().strip()
@@ -86,11 +114,11 @@ def test_a_conversation_in_the_browser(server, browser):
 
     ask(page, "Describe the house.")
     expect(chat.get_by_text("Describe the house.")).to_be_visible()
-    expect(page.locator("#timings")).to_contain_text("turn 2")
-    expect(page.locator("#trace")).to_be_enabled()
-    turn2 = timings_column(page, "turn 2")
+    # The turn's column appears at once and fills in phase by phase; cache counters come last.
+    turn2 = wait_for(lambda: finished_column(page, "turn 2"))
     assert turn2["vision misses"] == "0", turn2
     assert int(turn2["prefix reused"]) > 0, turn2
+    expect(chat.locator(".loading-spinner")).to_have_count(0)
 
     artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
@@ -100,9 +128,11 @@ def test_a_conversation_in_the_browser(server, browser):
     page.get_by_text("Debug: prompts, raw output and parsed result per turn").click()
     expect(page.get_by_text("######## turn 2: Describe the house.")).to_be_visible()
 
+    # An example image starts a new conversation about it.
+    page.get_by_role("button").filter(has=page.locator("img[src*='receipt']")).first.click()
+    expect(chat.get_by_text("receipt.png")).to_be_visible()
+    expect(chat.get_by_text("Describe the house.")).to_have_count(0)
+
     # Closing the tab frees its session at once (demo.unload), not only after the idle time-out.
     page.close()
-    deadline = time.monotonic() + 30
-    while "a tab was closed: its session is freed" not in server.log.read_text():
-        assert time.monotonic() < deadline, "closing the tab did not free its session"
-        time.sleep(0.2)
+    wait_for(lambda: "a tab was closed: its session is freed" in server.log.read_text(), timeout=30)

@@ -263,9 +263,14 @@ def test_wiring_one_model_queue_stop_cancels_and_idle_sessions_expire():
         assert (fns[name].concurrency_id, fns[name].concurrency_limit) == ("model", 1), name
         assert fns[name].show_progress == "full", "the queue position must stay visible"
     assert fns["set_image"].preprocess is False
-    cancelling = [f for f in demo.fns.values() if f.cancels]
+    # Stop and New conversation: a cancel of the running turn first, *then* their function (the
+    # browser runs a listener's cancels only after its function, which waits for the turn to end).
     turn_ids = {i for i, f in demo.fns.items() if f.api_name in ("ask", "regenerate")}
-    assert len(cancelling) == 2 and all(set(f.cancels) == turn_ids for f in cancelling)   # Stop, New conversation
+    for name in ("stop", "new_conversation"):
+        first = demo.fns[fns[name].trigger_after]
+        assert first.fn is None and not fns[name].cancels, name
+        (cancel,) = [f for f in demo.fns.values() if f.is_cancel_function and f.targets == first.targets]
+        assert set(cancel.cancels) == turn_ids, name
     (state,) = [b for b in demo.blocks.values() if isinstance(b, gr.State)]
     assert state.time_to_live == app.config.ui.idle_timeout_s and state.delete_callback == app.expire
     assert any(t == (None, "unload") for f in demo.fns.values() for t in f.targets)
@@ -282,3 +287,17 @@ def test_tab_close_and_idle_time_out_free_the_session():
     app.expire(app.store.get("idle"))
     assert chats == ["tab", "idle"] and len(app.store) == 0
     app.expire(None)                                          # a State that never held a session
+
+
+def test_pipeline_settings_validate_and_copy():
+    from chatbot.app import pipeline_settings
+    from corgi.config import PipelineConfig
+    from corgi.pipeline import InputError
+    base = PipelineConfig()
+    new = pipeline_settings(base, (2, 3, 64.0, 8, None))
+    assert (new.max_steps, new.max_regions, new.reasoning_max_new_tokens, new.evidence_max_new_tokens) == (2, 3, 64, 8)
+    assert new.synthesis_max_new_tokens == base.synthesis_max_new_tokens and base.max_steps == 6
+    with pytest.raises(InputError, match="between 1 and 20"):
+        pipeline_settings(base, (0, 3, 64, 8, 32))
+    with pytest.raises(InputError, match="whole number"):
+        pipeline_settings(base, ("many", 3, 64, 8, 32))

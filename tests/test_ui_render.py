@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from PIL import Image
 
 from chatbot import render
@@ -92,6 +91,7 @@ def test_turn_view_streams_text_and_closes_each_phase():
 
     assert render.BOXES in view.apply(events[4])                  # boxes as soon as steps parse
     msg = phase_messages(view.messages())["reasoning"]
+    assert msg["content"].startswith("> look at the car\n")           # the thinking, quoted
     assert "**S1** (object, red box): The car is in the middle." in msg["content"]
     assert "**S2** (text, blue box): The sign reads STOP." in msg["content"]
     assert "**S3** (reasoning): So the answer is blue." in msg["content"]
@@ -303,16 +303,3 @@ def test_store_reuses_sessions_and_evicts_the_least_recently_used():
     store.close("a")                                          # "b" was evicted by the new "a"
     assert len(store) == 1
 
-
-def test_pipeline_settings_validate_and_copy():
-    from chatbot.app import pipeline_settings
-    from corgi.config import PipelineConfig
-    from corgi.pipeline import InputError
-    base = PipelineConfig()
-    new = pipeline_settings(base, (2, 3, 64.0, 8, None))
-    assert (new.max_steps, new.max_regions, new.reasoning_max_new_tokens, new.evidence_max_new_tokens) == (2, 3, 64, 8)
-    assert new.synthesis_max_new_tokens == base.synthesis_max_new_tokens and base.max_steps == 6
-    with pytest.raises(InputError, match="between 1 and 20"):
-        pipeline_settings(base, (0, 3, 64, 8, 32))
-    with pytest.raises(InputError, match="whole number"):
-        pipeline_settings(base, ("many", 3, 64, 8, 32))
