@@ -233,3 +233,14 @@ def synthesis_script(engine: Engine, convention: BoxConvention, n_tokens: int) -
     box = _native(region_boxes(1)[0], convention)
     tail = '", "key_evidence": [{"description": "car", "bbox_2d": ' + json.dumps(box) + "}]}"
     return _exact(engine, '{"answer": "red", "explanation": "', tail, n_tokens)
+
+
+def run_script(parse_args, run, print_report, argv=None) -> dict:
+    """The shared main() of the CPU benchmark scripts: parse, run (thread count pinned on
+    CPU), print the tables, write the JSON."""
+    args = parse_args(argv)
+    with threads(args.threads if args.device == "cpu" else None):
+        data = run(args)
+    print_report(data)
+    print(f"wrote {write_json(args.out, data)}")
+    return data

@@ -236,12 +236,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    with common.threads(args.threads if args.device == "cpu" else None):
-        data = run(args)
-    print_report(data)
-    print(f"wrote {common.write_json(args.out, data)}")
-    return data
+    return common.run_script(parse_args, run, print_report, argv)
 
 
 if __name__ == "__main__":

@@ -86,14 +86,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _resolve_path(model_id: str) -> str:
+    """Tiny names are built (once) into the cache; folders are used as they are; anything
+    else shaped like "org/name" is a hub id for from_pretrained."""
     from .tiny import ensure_tiny_checkpoint, is_tiny_name
     if is_tiny_name(model_id):
         return str(ensure_tiny_checkpoint(model_id))
     if os.path.isdir(model_id):
         return model_id
-    if model_id.startswith((".", "/", "~")) or os.sep in model_id.rstrip("/").split("/", 1)[-1]:
+    looks_like_hub_id = model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
         raise ModelLoadError(f"model folder not found: {model_id}")
-    return model_id  # a hub id: from_pretrained finds it in the local HF cache or downloads it
+    return model_id
 
 
 def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
