@@ -99,10 +99,7 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(event, TurnFinished):
                 turns.append(event.result.to_json())
     if args.json:
-        lm = engine.lm
-        payload = {"model": {"id": lm.model_id, "family": lm.family.name,
-                             "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
-                   "turns": turns}
+        payload = {"model": engine.model_info(), "turns": turns}
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
     return 0
 

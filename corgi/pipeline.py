@@ -21,7 +21,7 @@ from . import boxes, parsing, prompts
 from .config import PipelineConfig
 from .engine.engine import Engine, Sampling
 from .types import (AnswerReady, CacheStats, Event, Evidence, EvidenceReady, Phase, PhaseFinished,
-                    PhaseStarted, StepKind, StepsParsed, TextDelta, TurnFinished, TurnResult)
+                    PhaseStarted, Step, StepKind, StepsParsed, TextDelta, TurnFinished, TurnResult)
 
 
 class InputError(ValueError):
@@ -38,6 +38,13 @@ def clean_question(question: str, max_chars: int) -> str:
     if len(text) > max_chars:
         raise InputError(f"the question is too long ({len(text)} characters; the limit is {max_chars})")
     return text
+
+
+def grounded_steps(steps: list[Step], max_regions: int | None) -> list[Step]:
+    """The steps whose regions phase 3 examines, in order: those with a box that look at an
+    object or read text, at most `max_regions`."""
+    grounded = [s for s in steps if s.bbox is not None and s.kind != StepKind.REASONING]
+    return grounded if max_regions is None else grounded[:max_regions]
 
 
 class TextStream:
@@ -128,10 +135,10 @@ class ChatSession:
 
         # Phase 3: evidence from every grounded step, all regions in one batch.
         t0 = time.perf_counter()
-        grounded = [s for s in reasoning.steps if s.bbox is not None and s.kind != StepKind.REASONING]
-        if len(grounded) > cfg.max_regions:
-            warnings.append(f"{len(grounded)} grounded steps; only the first {cfg.max_regions} regions were examined")
-            grounded = grounded[:cfg.max_regions]
+        grounded = grounded_steps(reasoning.steps, cfg.max_regions)
+        n_grounded = len(grounded_steps(reasoning.steps, None))
+        if n_grounded > len(grounded):
+            warnings.append(f"{n_grounded} grounded steps; only the first {cfg.max_regions} regions were examined")
         head_before, head_after = prompts.crop_head()
         prompt_texts["evidence"] = "\n---\n".join(
             prompts.crop_instruction(s.kind, s.statement) for s in grounded)

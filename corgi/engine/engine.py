@@ -61,6 +61,12 @@ class Engine:
     def load(cls, config: Config) -> "Engine":
         return cls(load_model(config.model, config.image), config)
 
+    def model_info(self) -> dict[str, str]:
+        """What the CLI's --json and the UI's trace report as "model"."""
+        lm = self.lm
+        return {"id": lm.model_id, "family": lm.family.name,
+                "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+
     # ---- text <-> ids ---------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
         return self.lm.tokenizer.encode(text, add_special_tokens=False)
