@@ -11,6 +11,7 @@ an empty KV cache and re-encodes the image: the naive pipeline, kept for equalit
 """
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from dataclasses import dataclass
@@ -49,7 +50,10 @@ class Engine:
         # model.compile: decode steps over static KV buffers (CUDA: compiled + CUDA graphs;
         # CPU: the same step, eager, which is how the tests check it against the HF path).
         self.static = None
-        if config.model.compile:
+        if config.model.compile and config.model.quantization != "none":
+            # The static step reads plain weight tensors; quantized layers keep the HF path.
+            logging.getLogger(__name__).warning("model.compile is ignored with quantization")
+        elif config.model.compile:
             from .static_decode import StaticDecoder
             cuda = loaded.device.type == "cuda"
             self.static = StaticDecoder(loaded.model, loaded.device, loaded.dtype,
