@@ -2,13 +2,23 @@
 
 Loads the model once (logging each step, since a real checkpoint takes a while), then serves
 the UI, by default on http://127.0.0.1:7860. Bad configuration or model: one line, exit 2.
+
+Safe defaults (docs/reliability.md): only 127.0.0.1 unless --host / ui.host say otherwise; a
+login when CORGI_USERNAME and CORGI_PASSWORD are set; uploads capped by ui.max_upload_mb; only
+files this process produced are served (Gradio's upload/cache folder is a private temporary
+folder of this process, no allowed_paths); no monitoring dashboard.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import ipaddress
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import time
 
 log = logging.getLogger("chatbot")
@@ -24,6 +34,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def login_from_env(environ=os.environ) -> tuple[str, str] | None:
+    """(username, password) from CORGI_USERNAME / CORGI_PASSWORD, None when neither is set.
+    Raises ValueError when only one of them is set (a half-configured login must not mean none)."""
+    user, password = environ.get("CORGI_USERNAME", ""), environ.get("CORGI_PASSWORD", "")
+    if not user and not password:
+        return None
+    if not user or not password:
+        raise ValueError("set both CORGI_USERNAME and CORGI_PASSWORD for a login, or neither")
+    return user, password
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def private_gradio_folder() -> str:
+    """Gradio serves files from its upload/cache folder (/tmp/gradio, shared by every Gradio app
+    of this user, by default). Give this process its own, removed at exit, unless the operator
+    chose one. Must run before gradio is imported: some of its modules read it at import."""
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        folder = tempfile.mkdtemp(prefix="corgi-chat-files-")     # mode 0700
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["GRADIO_TEMP_DIR"] = folder
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(os.environ["GRADIO_TEMP_DIR"], "examples"))
+    return os.environ["GRADIO_TEMP_DIR"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -36,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    try:
+        auth = login_from_env()
+    except ValueError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
 
@@ -55,21 +102,36 @@ def main(argv: list[str] | None = None) -> int:
              lm.family.name, lm.device, str(lm.dtype).removeprefix("torch."))
 
     log.info("building the UI ...")
+    files = private_gradio_folder()
     from .app import CSS, build_app
     demo = build_app(engine, config)
     ui = config.ui
+    if not is_loopback(ui.host) and auth is None:
+        log.warning("serving on %s without a login: anyone who can reach it can use the model "
+                    "(set CORGI_USERNAME and CORGI_PASSWORD to require one)", ui.host)
+    log.info("login %s; served files only from %s", "required" if auth else "off", files)
     try:
         demo.launch(server_name=ui.host, server_port=ui.port, prevent_thread_lock=True,
+                    auth=auth, auth_message="CoRGI Chat: please log in." if auth else None,
                     # The handler answers uploads over ui.max_upload_mb in the chat; Gradio's own
                     # limit only keeps absurd files off the disk.
                     max_file_size=int(ui.max_upload_mb * 2 * 1024 * 1024),
+                    allowed_paths=[], enable_monitoring=False, share=False,
                     state_session_capacity=max(ui.max_sessions * 4, 100), footer_links=["api"], css=CSS)
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", ui.host, ui.port, exc)
         return EXIT_BAD_INPUT
     log.info("CoRGI Chat is ready: http://%s:%d (Ctrl+C stops it)", ui.host, ui.port)
+    # SIGTERM (service managers, `kill`) stops like Ctrl+C, so the exit clean-up runs: the
+    # private file folder (uploads, traces) is removed instead of left on the disk.
+    signal.signal(signal.SIGTERM, _interrupt)
     demo.block_thread()
+    log.info("stopped")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

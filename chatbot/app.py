@@ -12,6 +12,7 @@ Endpoints (gradio_client, one Client per session):
     /regenerate(max_steps, ..., synthesis_tokens)       the last question again
     /stop()                                             after job.cancel() of the running /ask
     /new_conversation()
+    /stats()                                            read-only memory figures (see CorgiApp.stats)
 each returning (chat messages, boxes image, region crops, timings table, prompts and raw text,
 parsed turns JSON, trace file); /ask adds the emptied textbox.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
+import torch
 
 from corgi.config import Config, PipelineConfig
 from corgi.engine.engine import Engine
@@ -59,6 +61,46 @@ SETTINGS = [
     ("evidence_max_new_tokens", "Token budget: evidence (per region)", 1, 512),
     ("synthesis_max_new_tokens", "Token budget: answer", 16, 4096),
 ]
+
+
+def stream_diff(old: Any, new: Any) -> list:
+    """gradio.utils.diff (the edits that turn one streamed output into the next), with list
+    deletions that stay right when nested lists shrink too.
+
+    Gradio 6.31 shifts the index of *every* delete edit under a list, nested ones included, so
+    a table whose rows each lose a cell (the timings of a turn that failed lose its column)
+    arrives corrupted in the browser and makes gradio_client raise IndexError. Here nested
+    edits keep their indices and a list's own tail is deleted from the end."""
+    edits: list = []
+
+    def walk(a: Any, b: Any, path: list) -> None:
+        if a == b:
+            return
+        if type(a) is not type(b):
+            edits.append(["replace", path, b])
+        elif isinstance(a, str) and b.startswith(a):
+            edits.append(["append", path, b[len(a):]])
+        elif isinstance(a, list):
+            common = min(len(a), len(b))
+            for i in range(common):
+                walk(a[i], b[i], path + [i])
+            edits.extend(["delete", path + [i], None] for i in reversed(range(common, len(a))))
+            edits.extend(["add", path + [i], b[i]] for i in range(common, len(b)))
+        elif isinstance(a, dict):
+            for key in a:
+                if key in b:
+                    walk(a[key], b[key], path + [key])
+                else:
+                    edits.append(["delete", path + [key], None])
+            edits.extend(["add", path + [key], b[key]] for key in b if key not in a)
+        else:
+            edits.append(["replace", path, b])
+
+    walk(old, new, [])
+    return edits
+
+
+gr.utils.diff = stream_diff      # Blocks.handle_streaming_diffs looks it up at each update
 
 
 def pipeline_settings(base: PipelineConfig, values: tuple) -> PipelineConfig:
@@ -171,6 +213,8 @@ class CorgiApp:
             new_btn.click(None, None, None, cancels=turns).then(
                 self.new_conversation, [state], outputs, api_name="new_conversation", concurrency_limit=None)
             demo.unload(self.unload)
+            # Read-only memory figures (no inputs, no session): the load test reads them.
+            gr.api(self.stats, api_name="stats", queue=False)
         return demo
 
     # ---- outputs ---------------------------------------------------------------------
@@ -317,6 +361,14 @@ class CorgiApp:
         if request is not None and request.session_hash and self.store.close(request.session_hash):
             log.info("a tab was closed: its session is freed")
 
+    def stats(self) -> dict:
+        """Cache memory in bytes against its configured budget, and the live session count."""
+        engine = self.engine
+        with self.model_lock:     # a consistent snapshot, between two model steps
+            return {"kv_bytes": engine.kv_bytes_total(), "kv_budget_bytes": engine.kv_budget,
+                    "vision_bytes": engine.vision.cached_bytes, "vision_budget_bytes": engine.vision.cache_bytes,
+                    "sessions": len(self.store)}
+
     def expire(self, session: Any) -> None:
         """gr.State's delete_callback: the session was idle for ui.idle_timeout_s."""
         if isinstance(session, UserSession):
@@ -355,9 +407,9 @@ class CorgiApp:
                 with self.model_lock:
                     session.chat = ChatSession(self.engine, image)
                     stats = session.chat.warm_up()
-            except InputError as exc:
+            except InputError as exc:     # its message already says "this image cannot be used: ..."
                 session.set_image(None)
-                session.history.append(render.notice(f"This image cannot be used: {exc}."))
+                session.history.append(render.notice(f"{str(exc)[:1].upper()}{str(exc)[1:]}."))
                 yield self.outputs(session)
                 return False
             except Exception as exc:
@@ -412,6 +464,12 @@ class CorgiApp:
             raise
         except InputError as exc:
             view.end(f"This question cannot be asked: {exc}.")
+        except torch.OutOfMemoryError:
+            log.exception("out of memory in a turn")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()    # hand the failed turn's blocks back before the next one
+            view.end("The model ran out of memory on this turn. The conversation goes on from before "
+                     "this question: try again, lower the token budgets or regions, or start a New conversation.")
         except Exception as exc:
             log.exception("turn failed")
             view.end(f"The model failed on this turn: {type(exc).__name__}: {exc}")

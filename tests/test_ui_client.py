@@ -151,9 +151,10 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     assert list(debug) == ["turn 1", "turn 2"]
     assert "What colour is the car?" in debug["turn 1"]["prompts"]["reasoning"]
     assert "==== synthesis output ====" in final[DEBUG_TEXT]
+    # gradio_client has downloaded the served file to a local copy (the server keeps its files
+    # in a private folder of its own, so the local path is not a server path).
     trace_path = final[TRACE]["value"]
-    with urllib.request.urlopen(f"{server}/gradio_api/file={trace_path}") as response:
-        trace = json.load(response)
+    trace = json.loads(Path(trace_path).read_text(encoding="utf-8"))
     assert trace["model"] == {"id": "tiny-qwen2.5-vl", "family": "qwen2.5-vl", "dtype": "float32", "device": "cpu"}
     assert [t["question"] for t in trace["turns"]] == ["What colour is the car?", "And what about the house?"]
     assert trace["turns"][1]["cache"]["vision_misses"] == 0

@@ -206,7 +206,14 @@ class Engine:
             stats.prompt_tokens += stop
             stats.prefix_tokens_reused += start
             stats.prefill_tokens_computed += stop - start
-        logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
+        try:
+            logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
+        except BaseException:
+            # A forward that failed part-way (out of memory, a kernel error, an interrupt) has
+            # written K/V into some layers and not others: the cache matches no prefix of the
+            # tokens any more. Drop it; the next step rebuilds it from the tokens.
+            conv.drop_kv()
+            raise
         conv.kv_len = stop
         conv.kv_bytes = kv.cache_nbytes(conv.kv)
         self._enforce_kv_budget(keep=conv)

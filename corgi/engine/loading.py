@@ -118,7 +118,10 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     attn = "sdpa" if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
-    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code)
+    # use_safetensors: weights only from .safetensors, never a pickled pytorch_model.bin (even
+    # torch's restricted unpickler is still an unpickler); a .bin-only folder is refused.
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code,
+                  use_safetensors=True)
     if model_cfg.quantization != "none":
         if device.type != "cuda":
             raise ModelLoadError("quantization needs a CUDA device")

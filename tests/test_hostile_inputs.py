@@ -1,0 +1,253 @@
+"""Hostile inputs (hardening, part 1): every case of tests/hostile/cases.yaml, through the CLI and
+through the UI, ends in a finished answer or in one clear error, and the process keeps serving.
+
+  * CLI: `python -m corgi run` as main(argv) in this process (a subprocess per case would cost a
+    torch import each; test_cli.py covers the real process and its exit codes). Errors: exit 2
+    and exactly one line `error: ...` on stderr, no traceback.
+  * UI: a launched app driven through gradio_client, one browser session for the whole corpus:
+    the image cases go through /set_image (the upload path of the image panel), the question
+    cases through /ask; errors appear in the chat as one message.
+  * Configs: the CLI and the UI launcher (`python -m chatbot --config`, its main() here) both
+    exit 2 with one line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_load import serve, texts
+
+REPO = Path(__file__).resolve().parent.parent
+HOSTILE = REPO / "tests" / "hostile"
+CASES = yaml.safe_load((HOSTILE / "cases.yaml").read_text(encoding="utf-8"))
+IMAGE_CASES = CASES["images"]["cases"]
+QUESTION_CASES = CASES["questions"]["cases"]
+CONFIG_CASES = CASES["configs"]["cases"]
+IMAGE_QUESTION = CASES["images"]["question"]
+QUESTION_IMAGE = REPO / "assets" / CASES["questions"]["image"]
+
+# Small token budgets: a turn in a fraction of a second.
+FAST_CONFIG = """\
+model: {id: tiny-qwen2.5-vl}
+image: {min_pixels: 3136, max_pixels: 50176}
+pipeline: {max_steps: 3, max_regions: 3, reasoning_max_new_tokens: 64, evidence_max_new_tokens: 6,
+           synthesis_max_new_tokens: 48, max_thinking_chars: 30}
+ui: {max_upload_mb: 0.1, idle_timeout_s: 600}
+"""
+CHAT, TIMINGS, DEBUG_JSON = 0, 3, 5
+
+
+def question_text(case: dict) -> str:
+    text = case["text"]
+    if "repeat_to" in case:
+        text = (text * (case["repeat_to"] // len(text) + 1))[:case["repeat_to"]]
+    return text
+
+
+def image_file(case: dict) -> Path:
+    return HOSTILE / "images" / case["file"]
+
+
+def test_the_corpus_is_committed_small_and_complete():
+    names = {p.name for p in (HOSTILE / "images").iterdir()}
+    assert names == {c["file"] for c in IMAGE_CASES}, "every file has a case and every case a file"
+    for path in [*(HOSTILE / "images").iterdir(), *(HOSTILE / "configs").iterdir()]:
+        assert path.stat().st_size <= 8 * 1024, f"{path.name} is not small"
+    configs = {p.name for p in (HOSTILE / "configs").iterdir()}
+    assert configs == {c["file"] for c in CONFIG_CASES} - {"does-not-exist.yaml"}
+    assert (HOSTILE / "images" / "bomb.png").stat().st_size < 100     # declares 10^10 pixels
+    for case in [*IMAGE_CASES, *QUESTION_CASES, *CONFIG_CASES]:
+        assert case["outcome"] in ("answer", "error") and ("error" in case) == (case["outcome"] == "error")
+    assert len(question_text(QUESTION_CASES[0])) == 100_000
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fast_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile-cli") / "fast.yaml"
+    path.write_text(FAST_CONFIG)
+    return str(path)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    from corgi.__main__ import main
+    capsys.readouterr()
+    code = main(["run", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(code: int, err: str) -> str:
+    """The one line a failed CLI run prints: exit 2, `error: ...`, no traceback."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def check_answer(turn: dict, question: str) -> None:
+    """A finished, structured turn: the question recorded, steps parsed from the model's JSON
+    (the grammar holds the format whatever the question says), an answer field."""
+    assert turn["question"] == question
+    assert 1 <= len(turn["steps"]) <= 3
+    assert isinstance(turn["answer"], str) and set(turn["raw"]) >= {"reasoning", "synthesis"}
+    assert not any("could be read" in w for w in turn.get("warnings", [])), turn["warnings"]
+    json.loads(turn["raw"]["synthesis"])                         # the answer phase is valid JSON
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c["file"] for c in IMAGE_CASES])
+def test_cli_images(case, capsys, fast_config):
+    code, out, err = cli(capsys, "--image", str(image_file(case)), "--question", IMAGE_QUESTION,
+                         "--config", fast_config, "--json")
+    if case["outcome"] == "error":
+        assert case["error"].lower() in error_line(code, err).lower()
+        assert out == ""
+    else:
+        assert code == 0, err
+        (turn,) = json.loads(out)["turns"]
+        check_answer(turn, IMAGE_QUESTION)
+
+
+@pytest.mark.parametrize("case", QUESTION_CASES, ids=[c["id"] for c in QUESTION_CASES])
+def test_cli_questions(case, capsys, fast_config):
+    question = question_text(case)
+    code, out, err = cli(capsys, "--image", str(QUESTION_IMAGE), "--question", question,
+                         "--config", fast_config, "--json")
+    if case["outcome"] == "error":
+        assert case["error"].lower() in error_line(code, err).lower()
+    else:
+        assert code == 0, err
+        (turn,) = json.loads(out)["turns"]
+        check_answer(turn, case.get("cleaned", question.strip()))
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c["file"] for c in CONFIG_CASES])
+def test_cli_configs(case, capsys):
+    code, out, err = cli(capsys, "--image", str(QUESTION_IMAGE), "--question", "What is this?",
+                         "--config", str(HOSTILE / "configs" / case["file"]))
+    assert case["error"].lower() in error_line(code, err).lower()
+    assert out == ""
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=[c["file"] for c in CONFIG_CASES])
+def test_ui_launcher_refuses_bad_configs_with_one_line(case, caplog, monkeypatch):
+    """`python -m chatbot --config BAD` (its main(), in this process) exits 2 with one logged
+    error line, before it builds or serves anything."""
+    import logging
+
+    import chatbot.__main__ as launcher
+
+    def must_not_serve():
+        raise AssertionError("a bad config got as far as serving")
+    monkeypatch.setattr(launcher, "private_gradio_folder", must_not_serve)
+    caplog.set_level(logging.INFO)
+    code = launcher.main(["--config", str(HOSTILE / "configs" / case["file"])])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2
+    assert len(errors) == 1 and case["error"].lower() in errors[0].lower(), errors
+    assert "\n" not in errors[0]
+
+
+# ---- the UI -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = serve(tmp_path_factory.mktemp("hostile-ui"), FAST_CONFIG)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+    client = Client(server.url, verbose=False)     # one browser session for the whole corpus
+    yield client
+    client.close()
+
+
+def last_turn(out) -> dict | None:
+    turns = out[DEBUG_JSON] or {}
+    return turns[list(turns)[-1]] if turns else None
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c["file"] for c in IMAGE_CASES])
+def test_ui_images(case, client):
+    from gradio_client import handle_file
+    out = client.predict(handle_file(str(image_file(case))), api_name="/set_image")
+    shown = texts(out[CHAT])
+    if case["outcome"] == "error":
+        assert case["error"].lower() in shown[-1].lower(), shown[-1]
+        assert shown[-1].count("annot be used") == 1, shown[-1]         # one message, said once
+        assert not any("encoded and ready" in t for t in shown)
+        # The session has no image now, and says so instead of failing.
+        out = client.predict({"text": IMAGE_QUESTION, "files": []}, api_name="/ask")
+        assert "There is no image yet" in texts(out[CHAT])[-1]
+        return
+    width, height = case["size"]
+    assert f"**{case['file']}** ({width}x{height} pixels) is encoded and ready" in shown[-1], shown[-1]
+    out = client.predict({"text": IMAGE_QUESTION, "files": []}, api_name="/ask")
+    assert list(out[DEBUG_JSON]) == ["turn 1"], texts(out[CHAT])[-2:]
+    turn = last_turn(out)
+    check_answer(turn, IMAGE_QUESTION)
+    answer = [m for m in out[CHAT] if m["role"] == "assistant" and not m.get("metadata")]
+    assert answer and turn["answer"] in answer[-1]["content"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def question_session(client):
+    """The question cases share one conversation on QUESTION_IMAGE, one ordinary turn in."""
+    from gradio_client import handle_file
+    client.predict(handle_file(str(QUESTION_IMAGE)), api_name="/set_image")
+    client.predict(api_name="/new_conversation")
+    out = client.predict({"text": "How many shapes are there?", "files": []}, api_name="/ask")
+    assert list(out[DEBUG_JSON]) == ["turn 1"]
+    return {"turns": 1}
+
+
+@pytest.mark.parametrize("case", QUESTION_CASES, ids=[c["id"] for c in QUESTION_CASES])
+def test_ui_questions(case, client, question_session):
+    question = question_text(case)
+    out = client.predict({"text": question, "files": []}, api_name="/ask")
+    if case["outcome"] == "answer":
+        question_session["turns"] += 1
+    turns = [f"turn {n}" for n in range(1, question_session["turns"] + 1)]
+    assert list(out[DEBUG_JSON]) == turns, texts(out[CHAT])[-2:]       # none added by an error, none lost
+    if case["outcome"] == "error":
+        assert texts(out[CHAT])[-1].startswith("This question cannot be asked: "), texts(out[CHAT])[-1]
+        assert case["error"].lower() in texts(out[CHAT])[-1].lower()
+        # The timings table arrives intact (the failed turn's column goes away cleanly).
+        headers = out[TIMINGS]["headers"]
+        assert headers[0] == "metric" and headers[-len(turns):] == turns, headers
+        assert all(len(row) == len(headers) for row in out[TIMINGS]["data"])
+    else:
+        check_answer(last_turn(out), case.get("cleaned", question.strip()))
+
+
+@pytest.mark.parametrize("name", ["bomb.png", "truncated.jpg", "wide-10000x10.png"])
+def test_ui_images_attached_to_a_question(name, client):
+    """The other way in: an image attached to the message (the textbox's clip) takes the same
+    checks; the question is not asked about a picture that could not be used."""
+    from gradio_client import handle_file
+    case = next(c for c in IMAGE_CASES if c["file"] == name)
+    out = client.predict({"text": IMAGE_QUESTION, "files": [handle_file(str(image_file(case)))]}, api_name="/ask")
+    shown = texts(out[CHAT])
+    assert case["error"].lower() in shown[-1].lower(), shown[-1]
+    assert not out[DEBUG_JSON]
+
+
+def test_ui_keeps_serving_after_the_corpus(client, server):
+    """After every hostile case: the same session, and a new one, still get answers."""
+    from gradio_client import Client, handle_file
+    assert server.alive()
+    for c in (client, Client(server.url, verbose=False)):
+        out = c.predict(handle_file(str(REPO / "assets" / "street-scene.png")), api_name="/set_image")
+        assert "encoded and ready" in texts(out[CHAT])[-1]
+        out = c.predict({"text": "What colour is the car?", "files": []}, api_name="/ask")
+        check_answer(last_turn(out), "What colour is the car?")
+    log = server.log.read_text()
+    assert "Traceback" not in log, log[-3000:]      # every hostile case was handled, none crashed
