@@ -125,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (service managers, `kill`) stops like Ctrl+C, so the exit clean-up runs: the
     # private file folder (uploads, traces) is removed instead of left on the disk.
     signal.signal(signal.SIGTERM, _interrupt)
-    demo.block_thread()
+    try:
+        while demo.is_running:      # demo.block_thread(), minus its slow close
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        log.info("stopping ...")
+    finally:
+        demo.close()    # ends open connections (browser heartbeats) first, so it exits at once
     log.info("stopped")
     return 0
 

@@ -74,16 +74,16 @@ def test_half_a_login_refuses_to_start(monkeypatch, caplog):
     assert errors == ["set both CORGI_USERNAME and CORGI_PASSWORD for a login, or neither"]
 
 
-def test_launch_arguments(monkeypatch, tmp_path):
+def test_launch_arguments(monkeypatch, tmp_path, caplog):
     """What `python -m chatbot` hands to Gradio: host, login, upload cap, served paths, no
-    monitoring, no share link, its own file folder."""
+    monitoring, no share link, its own file folder; and --host when told otherwise."""
+    import logging
     import gradio as gr
     import gradio_client  # noqa: F401  (imported before the launcher points GRADIO_TEMP_DIR elsewhere)
 
     import chatbot.__main__ as launcher
     calls = []
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
     handlers = {}
     monkeypatch.setattr(launcher.signal, "signal", lambda signum, handler: handlers.__setitem__(signum, handler))
     for name in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE"):    # restored afterwards, even if unset now
@@ -104,6 +104,14 @@ def test_launch_arguments(monkeypatch, tmp_path):
         handlers[launcher.signal.SIGTERM](launcher.signal.SIGTERM, None)
     folder = os.environ["GRADIO_TEMP_DIR"]
     assert Path(folder).name.startswith("corgi-chat-files-") and (os.stat(folder).st_mode & 0o077) == 0
+
+    # Told otherwise: it serves where it is told, and warns when that is open without a login.
+    monkeypatch.delenv("CORGI_USERNAME")
+    monkeypatch.delenv("CORGI_PASSWORD")
+    caplog.set_level(logging.INFO)
+    assert launcher.main(["--config", str(config), "--host", "0.0.0.0"]) == 0
+    assert calls[-1]["server_name"] == "0.0.0.0" and calls[-1]["auth"] is None
+    assert any(r.levelno == logging.WARNING and "without a login" in r.getMessage() for r in caplog.records)
     shutil.rmtree(folder, ignore_errors=True)
 
 

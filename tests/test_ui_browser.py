@@ -82,6 +82,9 @@ def test_a_conversation_in_the_browser(server, browser):
     from playwright.sync_api import expect
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.set_default_timeout(WAIT_MS)
+    # expect() has its own 5 s default, which set_default_timeout does not change; a Stop
+    # followed by the first grammar compile can take longer on a loaded 2-core machine.
+    expect.set_options(timeout=WAIT_MS)
     page.goto(server.url)
     chat = page.locator("#chat")
 

@@ -12,6 +12,7 @@ an empty KV cache and re-encodes the image: the naive pipeline, kept for equalit
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ class Engine:
         self.vision = VisionEncoder(loaded, int(config.cache.vision_cache_mb * MB), enabled=self.cache_enabled)
         self.kv_budget = int(config.cache.kv_cache_mb * MB)
         self._conversations: weakref.WeakSet[Conversation] = weakref.WeakSet()
+        # The UI closes sessions from other threads (tab close, idle time-out) while a turn
+        # may be scanning the set for the KV budget.
+        self._conversations_lock = threading.Lock()
         self._num_layers = loaded.model.config.get_text_config().num_hidden_layers
         self._grammars = None     # GrammarCache, built on first use (compiles the tokenizer once)
         # model.compile: decode steps over static KV buffers (CUDA: compiled + CUDA graphs;
@@ -100,7 +104,8 @@ class Engine:
         conv = Conversation(image=image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                             grid_thw=grid, resized=(grid[2] * self.lm.patch_size, grid[1] * self.lm.patch_size),
                             rope_delta=int(delta[0]), head_len=len(ids), token_ids=ids)
-        self._conversations.add(conv)
+        with self._conversations_lock:
+            self._conversations.add(conv)
         return conv
 
     def image_grid(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
@@ -221,7 +226,8 @@ class Engine:
 
     def _enforce_kv_budget(self, keep: Conversation) -> None:
         """Evict the least recently used conversations' K/V (never `keep`'s) above the budget."""
-        live = sorted(self._conversations, key=lambda c: c.last_used)
+        with self._conversations_lock:
+            live = sorted(self._conversations, key=lambda c: c.last_used)
         total = sum(c.kv_bytes for c in live)
         for conv in live:
             if total <= self.kv_budget:
@@ -232,11 +238,13 @@ class Engine:
             conv.drop_kv()
 
     def kv_bytes_total(self) -> int:
-        return sum(c.kv_bytes for c in self._conversations)
+        with self._conversations_lock:
+            return sum(c.kv_bytes for c in self._conversations)
 
     def end_conversation(self, conv: Conversation) -> None:
         conv.drop_kv()
-        self._conversations.discard(conv)
+        with self._conversations_lock:
+            self._conversations.discard(conv)
 
     # ---- batched region captions (phase 3) --------------------------------------------
     def generate_batch(self, images: list[Image.Image], heads: list[tuple[str, str]],
