@@ -181,6 +181,8 @@ class Engine:
                 # The static buffers computed K/V for `fed` tokens: hand them to the conversation.
                 bucket.append_to(conv.kv, start, start + fed)
                 conv.kv_len = start + fed
+            # Memory bookkeeping once per phase, not per decoded token.
+            if conv.kv is not None:
                 conv.kv_bytes = kv.cache_nbytes(conv.kv)
                 self._enforce_kv_budget(keep=conv)
 
@@ -220,8 +222,9 @@ class Engine:
             conv.drop_kv()
             raise
         conv.kv_len = stop
-        conv.kv_bytes = kv.cache_nbytes(conv.kv)
-        self._enforce_kv_budget(keep=conv)
+        if count_prompt:      # a prefill; decode steps settle the budget when the phase ends
+            conv.kv_bytes = kv.cache_nbytes(conv.kv)
+            self._enforce_kv_budget(keep=conv)
         return logits
 
     def _enforce_kv_budget(self, keep: Conversation) -> None:
