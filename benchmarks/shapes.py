@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from corgi.engine.loading import FAMILIES, LoadedModel, SpecialTokens
+from corgi.families import BY_MODEL_TYPE as FAMILIES
+from corgi.engine.loading import LoadedModel, SpecialTokens
 
 # From the checkpoints' config.json (see /work/shared/notes/qwen-vl-in-transformers.md).
 _QWEN25_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, hidden_act="silu",

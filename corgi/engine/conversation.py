@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from PIL import Image
 from transformers import DynamicCache
 
+from . import state
+
 _ids = itertools.count(1)
+# Hybrid models: linear-attention snapshots kept per conversation (each ~18-48 MiB for the
+# real 0.8B-9B shapes). The pipeline takes one at every prefill (turn and phase starts), so
+# three cover the current turn's start and its phases; older boundaries rebuild from tokens.
+MAX_SNAPSHOTS = 3
 
 
 @dataclass(eq=False)   # identity semantics: conversations live in a WeakSet
@@ -27,22 +33,58 @@ class Conversation:
     rope_delta: int                    # text position = sequence index + rope_delta
     head_len: int                      # tokens of system + image message
     token_ids: list[int] = field(default_factory=list)
+    hybrid: bool = False               # linear-attention layers: see engine/state.py
     kv: DynamicCache | None = None     # covers token_ids[:kv_len]
     kv_len: int = 0
-    kv_bytes: int = 0
+    kv_bytes: int = 0                  # the cache and its snapshots
+    snapshots: list[state.Snapshot] = field(default_factory=list)   # hybrid only, by length
     last_used: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))
 
     def drop_kv(self) -> None:
         self.kv, self.kv_len, self.kv_bytes = None, 0, 0
+        self.snapshots.clear()
 
     def truncate(self, length: int) -> None:
         """Forget every token from `length` on (Stop, Regenerate, a failed turn)."""
         length = max(length, 0)
         del self.token_ids[length:]
-        if self.kv is not None and self.kv_len > length:
-            if length < self.head_len:
+        self.rewind_kv(length)
+
+    def rewind_kv(self, length: int, dirty: bool = False) -> None:
+        """Make the cache cover at most token_ids[:length]: attention layers are cut; linear
+        layers go back to the latest snapshot at or before `length` (or everything is dropped
+        and rebuilt from the tokens). The image's positions need a prefill from token 0, so
+        nothing is kept inside the conversation head. dirty: a forward failed part-way, so
+        some layers hold state past kv_len."""
+        if self.kv is None or (self.kv_len <= length and not dirty):
+            return
+        length = min(length, self.kv_len)
+        if length < self.head_len:
+            self.drop_kv()
+            return
+        if self.hybrid:
+            usable = [s for s in self.snapshots if self.head_len <= s.length <= length]
+            if not usable:
                 self.drop_kv()
-            else:
-                self.kv.crop(length - self.kv_len)   # 5.23: a negative count of tokens to remove
-                self.kv_len = length
+                return
+            snapshot = usable[-1]
+            state.restore(self.kv, snapshot)
+            self.snapshots = [s for s in self.snapshots if s.length <= snapshot.length]
+            length = snapshot.length
+        else:
+            state.cut_attention(self.kv, length)
+        self.kv_len = length
+        self.kv_bytes = self.nbytes()
+
+    def mark_boundary(self) -> None:
+        """Hybrid models: remember the linear layers' state at kv_len (a phase or turn start)."""
+        if not self.hybrid or self.kv is None or self.kv_len < self.head_len:
+            return
+        if self.snapshots and self.snapshots[-1].length == self.kv_len:
+            return
+        self.snapshots.append(state.take_snapshot(self.kv, self.kv_len))
+        del self.snapshots[:-MAX_SNAPSHOTS]
+
+    def nbytes(self) -> int:
+        return state.cache_nbytes(self.kv) + sum(s.nbytes for s in self.snapshots)

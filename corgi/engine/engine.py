@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..config import Config
 from ..types import CacheStats
-from . import decode, kv
+from . import decode, state
 from .conversation import Conversation
 from .loading import LoadedModel, load_model
 from .vision import EncoderOutput, VisionEncoder
@@ -49,7 +49,6 @@ class Engine:
         # The UI closes sessions from other threads (tab close, idle time-out) while a turn
         # may be scanning the set for the KV budget.
         self._conversations_lock = threading.Lock()
-        self._num_layers = loaded.model.config.get_text_config().num_hidden_layers
         self._grammars = None     # GrammarCache, built on first use (compiles the tokenizer once)
         # model.compile: decode steps over static KV buffers (CUDA: compiled + CUDA graphs;
         # CPU: the same step, eager, which is how the tests check it against the HF path).
@@ -103,7 +102,8 @@ class Engine:
         _, delta = self._image_positions(torch.tensor([ids]), [grid])
         conv = Conversation(image=image, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                             grid_thw=grid, resized=(grid[2] * self.lm.patch_size, grid[1] * self.lm.patch_size),
-                            rope_delta=int(delta[0]), head_len=len(ids), token_ids=ids)
+                            rope_delta=int(delta[0]), head_len=len(ids), token_ids=ids,
+                            hybrid=self.lm.family.hybrid)
         with self._conversations_lock:
             self._conversations.add(conv)
         return conv
@@ -123,7 +123,7 @@ class Engine:
     def prefill(self, conv: Conversation, stats: CacheStats | None = None) -> torch.Tensor:
         """Compute K/V for every token not yet cached; logits [1, V] after the last token."""
         stats = stats if stats is not None else CacheStats()
-        return self._advance(conv, stats, count_prompt=True)
+        return self._advance(conv, stats)
 
     def generate(self, conv: Conversation, max_new_tokens: int, sampling: Sampling | None = None,
                  constraint=None, stats: CacheStats | None = None, min_new_tokens: int = 0) -> Iterator[int]:
@@ -133,57 +133,37 @@ class Engine:
         Closing the generator stops the model at once; the caller truncates what it must."""
         sampling = sampling or Sampling()
         stats = stats if stats is not None else CacheStats()
-        generator = torch.Generator().manual_seed(sampling.seed)
-        stop_ids = self.lm.special.stop_ids
         if not self.cache_enabled:
             conv.drop_kv()       # the naive pipeline: every phase reads the whole prompt again
-        logits = self._advance(conv, stats, count_prompt=True)          # [1, V]
+        logits = self._advance(conv, stats)                                # [1, V]
         start = conv.kv_len
         bucket = self.static.bucket(1, start + max_new_tokens) if self.static else None
         if bucket is not None:
-            position = torch.tensor([start + conv.rope_delta], device=self.lm.device)
-            bucket.load(conv.kv, start, position, valid=None)
-        # On CUDA the next step is launched before the host reads this token, so the CPU work
-        # per token (grammar, detokenising, the caller) overlaps the GPU's forward pass.
-        ahead = bucket is not None and self.lm.device.type == "cuda"
-        fetch = _TokenFetch(1, self.lm.device)
-        stop_tensor = torch.tensor(stop_ids, device=self.lm.device)
-        fed = 0
+            bucket.load(conv.kv, start, torch.tensor([start + conv.rope_delta], device=self.lm.device), valid=None)
+            stepper = decode.StaticStepper(bucket)
+        else:
+            stepper = decode.EagerStepper(self.lm.model, conv.kv,
+                                          torch.tensor([start + conv.rope_delta], device=self.lm.device))
+        row = decode.Row(self._row_constraints(constraint, min_new_tokens))
         try:
-            for i in range(max_new_tokens):
-                last = i == max_new_tokens - 1
-                if constraint is not None:
-                    constraint.mask(logits)
-                if i < min_new_tokens:
-                    logits = logits.index_fill(1, stop_tensor, float("-inf"))
-                token_t = decode.sample(logits, sampling.temperature, sampling.top_p, generator)   # [1]
-                fetch.start(token_t)
-                if ahead and not last:
-                    logits = bucket.step(token_t)
-                    fed += 1
-                token = fetch.wait()[0]
+            for _, token in decode.decode_rows(logits, [row], stepper, max_new_tokens,
+                                               self._sampler(sampling), self.lm.special.stop_ids,
+                                               self.lm.special.end_of_text, overlap=self._overlap(bucket)):
                 conv.token_ids.append(token)
-                finished = token in stop_ids
-                if constraint is not None and not finished:
-                    if not constraint.accept(token):   # cannot happen after mask(); never silently
-                        raise RuntimeError(f"grammar refused token {token} that its own mask allowed")
-                    finished = constraint.is_finished()
                 yield token
-                if finished or last:
-                    return
-                if bucket is None:
-                    logits = self._advance(conv, stats, count_prompt=False)
-                elif not ahead:
-                    logits = bucket.step(token_t)
-                    fed += 1
         finally:
-            if bucket is not None and fed:
-                # The static buffers computed K/V for `fed` tokens: hand them to the conversation.
-                bucket.append_to(conv.kv, start, start + fed)
-                conv.kv_len = start + fed
+            if stepper.broken:
+                conv.kv_len = start + stepper.fed      # a step failed part-way: cut what it wrote
+                conv.rewind_kv(conv.kv_len, dirty=True)
+            elif bucket is not None and stepper.fed:
+                # The static buffers computed the state of `fed` tokens: hand it to the conversation.
+                bucket.append_to(conv.kv, start, start + stepper.fed)
+                conv.kv_len = start + stepper.fed
+            else:
+                conv.kv_len = start + stepper.fed
             # Memory bookkeeping once per phase, not per decoded token.
             if conv.kv is not None:
-                conv.kv_bytes = kv.cache_nbytes(conv.kv)
+                conv.kv_bytes = conv.nbytes()
                 self._enforce_kv_budget(keep=conv)
 
     def warmup_shapes(self) -> list[tuple[int, int]]:
@@ -191,8 +171,24 @@ class Engine:
         region-caption batches."""
         return [(1, c) for c in (1536, 2048, 3072, 4096, 6144, 8192)] + [(b, 512) for b in (1, 2, 4, 8)]
 
-    def _advance(self, conv: Conversation, stats: CacheStats, count_prompt: bool) -> torch.Tensor:
+    def _sampler(self, sampling: Sampling) -> decode.Sampler:
+        return decode.Sampler(sampling.temperature, sampling.top_p, sampling.seed, self.lm.device)
+
+    def _row_constraints(self, constraint, min_new_tokens: int) -> list:
+        constraints = [constraint] if constraint is not None else []
+        if min_new_tokens > 0:
+            constraints.append(decode.MinLength(min_new_tokens, self.lm.special.stop_ids))
+        return constraints
+
+    def _overlap(self, bucket) -> bool:
+        # On CUDA the next step is launched before the host reads this token, so the CPU work
+        # per token (grammar, detokenising, the caller) overlaps the GPU's forward pass.
+        return bucket is not None and self.lm.device.type == "cuda"
+
+    def _advance(self, conv: Conversation, stats: CacheStats) -> torch.Tensor:
+        """Prefill every token of the conversation the cache does not cover yet."""
         conv.last_used = time.monotonic()
+        conv.mark_boundary()                   # hybrid: the linear state here, to come back to
         start, stop = conv.kv_len, len(conv.token_ids)
         assert stop > start, "nothing to compute"
         ids = torch.tensor([conv.token_ids[start:stop]], device=self.lm.device)   # [1, T]
@@ -206,32 +202,31 @@ class Engine:
             stats.vision_misses += self.vision.misses - misses
             positions, _ = self._image_positions(ids, [features.grid_thw])
             images = EncoderOutput([features])
-            conv.kv = kv.new_cache(self._num_layers)
+            conv.kv = state.new_cache(self.lm.text_config, self.lm.family.hybrid)
         else:
             positions = decode.text_positions(start, stop, conv.rope_delta, 1, self.lm.device)
-        if count_prompt:
-            stats.prompt_tokens += stop
-            stats.prefix_tokens_reused += start
-            stats.prefill_tokens_computed += stop - start
+        stats.prompt_tokens += stop
+        stats.prefix_tokens_reused += start
+        stats.prefill_tokens_computed += stop - start
         try:
             logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
         except BaseException:
             # A forward that failed part-way (out of memory, a kernel error, an interrupt) has
-            # written K/V into some layers and not others: the cache matches no prefix of the
-            # tokens any more. Drop it; the next step rebuilds it from the tokens.
-            conv.drop_kv()
+            # written state into some layers and not others: go back to where it started (or
+            # drop everything); the next prefill rebuilds from the tokens.
+            conv.rewind_kv(start, dirty=True) if start else conv.drop_kv()
             raise
         conv.kv_len = stop
-        if count_prompt:      # a prefill; decode steps settle the budget when the phase ends
-            conv.kv_bytes = kv.cache_nbytes(conv.kv)
-            self._enforce_kv_budget(keep=conv)
+        conv.kv_bytes = conv.nbytes()
+        self._enforce_kv_budget(keep=conv)
         return logits
 
     def _enforce_kv_budget(self, keep: Conversation) -> None:
-        """Evict the least recently used conversations' K/V (never `keep`'s) above the budget."""
+        """Evict the least recently used conversations' state (never `keep`'s) while the
+        conversations plus the static decode buffers exceed the budget."""
         with self._conversations_lock:
             live = sorted(self._conversations, key=lambda c: c.last_used)
-        total = sum(c.kv_bytes for c in live)
+        total = sum(c.kv_bytes for c in live) + self.static_bytes()
         for conv in live:
             if total <= self.kv_budget:
                 break
@@ -241,8 +236,24 @@ class Engine:
             conv.drop_kv()
 
     def kv_bytes_total(self) -> int:
+        """Bytes of every conversation's cache and snapshots (not the static buffers)."""
         with self._conversations_lock:
             return sum(c.kv_bytes for c in self._conversations)
+
+    def snapshot_bytes_total(self) -> int:
+        with self._conversations_lock:
+            return sum(sum(s.nbytes for s in c.snapshots) for c in self._conversations)
+
+    def static_bytes(self) -> int:
+        """Bytes of the compiled decoder's static buffers (allocated once per bucket)."""
+        if self.static is None:
+            return 0
+        total = 0
+        for bucket in self.static.buckets.values():
+            for value in vars(bucket).values():
+                tensors = value if isinstance(value, (list, tuple)) else [value]
+                total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        return total
 
     def end_conversation(self, conv: Conversation) -> None:
         conv.drop_kv()
@@ -255,10 +266,9 @@ class Engine:
                        sampling: Sampling | None = None, stats: CacheStats | None = None,
                        min_new_tokens: int = 0) -> Iterator[tuple[int, int]]:
         """Each row is head[0] + image + head[1], rows left-padded into one batch. One vision
-        tower call for all images, one prefill, then batched decode. Yields (row, token);
-        a row stops at its end-of-message token."""
+        tower call for all images, one prefill, then the same decode loop over B rows.
+        Yields (row, token); a row stops at its end-of-message token."""
         sampling = sampling or Sampling()
-        generator = torch.Generator().manual_seed(sampling.seed)
         lm, device = self.lm, self.lm.device
         min_pixels = min(self.config.image.min_pixels, max_pixels)
         stats = stats if stats is not None else CacheStats()
@@ -278,44 +288,19 @@ class Engine:
             mask[b, width - len(row):] = 1
         positions, deltas = self._image_positions(ids, [f.grid_thw for f in features], mask)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = kv.new_cache(self._num_layers)
+        cache = state.new_cache(lm.text_config, lm.family.hybrid)
         logits = decode.forward(lm.model, ids, positions, cache, attention_mask=mask,
                                 images=EncoderOutput(features))              # [B, V]
         next_pos = torch.tensor([len(r) for r in rows], device=device) + deltas.view(-1).to(device)  # [B]
         bucket = self.static.bucket(batch, width + max_new_tokens) if self.static else None
         if bucket is not None:
             bucket.load(cache, width, next_pos, valid=mask)
-        stop_ids = torch.tensor(lm.special.stop_ids, device=device)
-        ahead = bucket is not None and device.type == "cuda"
-        fetch = _TokenFetch(batch, device)
-        done = [False] * batch
-        done_t = None                                    # [B] bool on the device, once a row ends
-        for i in range(max_new_tokens):
-            last = i == max_new_tokens - 1
-            if i < min_new_tokens:
-                logits = logits.index_fill(1, stop_ids, float("-inf"))
-            tokens = decode.sample(logits, sampling.temperature, sampling.top_p, generator)   # [B]
-            if done_t is not None:
-                tokens = torch.where(done_t, torch.full_like(tokens, pad), tokens)
-            fetch.start(tokens)
-            if ahead and not last:
-                logits = bucket.step(tokens)
-            values = fetch.wait()
-            for b in range(batch):
-                if not done[b]:
-                    yield b, values[b]
-                    if values[b] in lm.special.stop_ids:
-                        done[b] = True
-                        done_t = torch.tensor(done, device=device)
-            if all(done) or last:
-                return
-            if bucket is None:
-                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-                step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)                       # [3, B, 1]
-                logits = decode.forward(lm.model, tokens.view(-1, 1), step_pos, cache, attention_mask=mask)
-                next_pos = next_pos + 1
-            elif not ahead:
-                logits = bucket.step(tokens)
+            stepper = decode.StaticStepper(bucket)
+        else:
+            stepper = decode.EagerStepper(lm.model, cache, next_pos, attention_mask=mask)
+        decode_rows = [decode.Row(self._row_constraints(None, min_new_tokens)) for _ in range(batch)]
+        yield from decode.decode_rows(logits, decode_rows, stepper, max_new_tokens, self._sampler(sampling),
+                                      lm.special.stop_ids, pad, overlap=self._overlap(bucket))
 
     # ---- helpers ---------------------------------------------------------------------
     def _image_block(self, before: str, n_image_tokens: int, after: str) -> list[int]:
@@ -335,22 +320,3 @@ class Engine:
             ids, mm_token_type_ids=token_types, image_grid_thw=torch.tensor(grids),
             attention_mask=mask.cpu() if mask is not None else None)
         return positions.to(self.lm.device), deltas
-
-
-class _TokenFetch:
-    """Sampled ids -> host, waiting only for the sampling, not for work queued after it."""
-
-    def __init__(self, n: int, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.host = torch.empty(n, dtype=torch.long, pin_memory=self.cuda)
-        self.event = torch.cuda.Event() if self.cuda else None
-
-    def start(self, tokens: torch.Tensor) -> None:
-        self.host[:tokens.shape[0]].copy_(tokens, non_blocking=self.cuda)
-        if self.cuda:
-            self.event.record()
-
-    def wait(self) -> list[int]:
-        if self.cuda:
-            self.event.synchronize()
-        return self.host.tolist()

@@ -12,25 +12,13 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..config import ImageConfig, ModelConfig
+from ..families import Family
 
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says why in one line."""
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str            # "qwen2-vl" | "qwen2.5-vl" | "qwen3-vl"
-    model_class: str     # transformers class name
-    box_style: str       # "pixels" (resized-input pixels) | "rel1000"
-
-
-FAMILIES = {
-    "qwen2_vl": Family("qwen2-vl", "Qwen2VLForConditionalGeneration", "rel1000"),
-    "qwen2_5_vl": Family("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "pixels"),
-    "qwen3_vl": Family("qwen3-vl", "Qwen3VLForConditionalGeneration", "rel1000"),
-}
 
 
 @dataclass(frozen=True)
@@ -60,10 +48,17 @@ class LoadedModel:
     dtype: torch.dtype
     patch_size: int
     merge_size: int
+    # Every added token of the tokenizer (<|im_end|>, <tool_call>, <think>, ...): untrusted
+    # text must never encode to one of them (prompts escape these literals).
+    added_tokens: tuple[str, ...] = ()
 
     @property
     def vocab_size(self) -> int:
         return self.model.lm_head.out_features
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,10 +105,10 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {model_cfg.id!r}: {first}") from None
-    family = FAMILIES.get(hf_config.model_type)
-    if family is None:
-        raise ModelLoadError(f"model {model_cfg.id!r} is a {hf_config.model_type!r}; CoRGI supports "
-                             f"{', '.join(sorted(FAMILIES))}")
+    try:
+        family = families.family_for_model_type(hf_config.model_type, model_cfg.id)
+    except families.UnknownFamily as exc:
+        raise ModelLoadError(str(exc)) from None
 
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
@@ -157,13 +152,19 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
         return int(ids[0])
 
     special = SpecialTokens(
-        im_start=token_id("<|im_start|>"), im_end=token_id("<|im_end|>"),
-        end_of_text=token_id("<|endoftext|>"), vision_start=token_id("<|vision_start|>"),
-        vision_end=token_id("<|vision_end|>"), image_pad=token_id("<|image_pad|>"))
+        im_start=token_id(families.IM_START), im_end=token_id(families.IM_END),
+        end_of_text=token_id(families.END_OF_TEXT), vision_start=token_id(families.VISION_START),
+        vision_end=token_id(families.VISION_END), image_pad=token_id(families.IMAGE_PAD))
     if special.image_pad != hf_config.image_token_id:
         raise ModelLoadError(f"tokenizer and model disagree on the image token id "
                              f"({special.image_pad} vs {hf_config.image_token_id})")
+    patch, merge = int(image_processor.patch_size), int(image_processor.merge_size)
+    if (patch, merge) != (family.patch_size, family.merge_size):
+        logging.getLogger(__name__).warning(
+            "%s: image processor patch %d / merge %d differ from the %s family's %d / %d; using the processor's",
+            model_cfg.id, patch, merge, family.name, family.patch_size, family.merge_size)
+    added = tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values()}))
     logging.getLogger(__name__).info("loaded %s (%s) on %s as %s", model_cfg.id, family.name, device, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, family=family,
                        model_id=model_cfg.id, path=path, special=special, device=device, dtype=dtype,
-                       patch_size=int(image_processor.patch_size), merge_size=int(image_processor.merge_size))
+                       patch_size=patch, merge_size=merge, added_tokens=added)
