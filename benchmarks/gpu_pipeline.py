@@ -96,7 +96,7 @@ def region_boxes(n: int) -> list[Box]:
 def engine_turn(engine: Engine, conv, question: str, work: dict, image: Image.Image) -> dict:
     """One CoRGI turn through the engine, in the pipeline's order; seconds per phase + TTFT."""
     lm = engine.lm
-    convention = boxes.pixel_convention(*conv.resized) if lm.family.box_style == "pixels" else boxes.REL1000
+    convention = boxes.convention_for(lm.family.box_style, conv.resized)
     out = {}
     t0 = time.perf_counter()
     engine.append(conv, prompts.reasoning_prompt(question, 6, convention))

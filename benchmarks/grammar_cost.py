@@ -93,7 +93,7 @@ def run(args) -> dict:
     settings = config.pipeline
     engine = Engine(lm, config)
     conv = engine.start_conversation(load_image(args.image, 10**8), prompts.conversation_head())
-    convention = boxes.pixel_convention(*conv.resized) if lm.family.box_style == "pixels" else boxes.REL1000
+    convention = boxes.convention_for(lm.family.box_style, conv.resized)
     engine.append(conv, prompts.reasoning_prompt(QUESTION, settings.max_steps, convention))
     engine.prefill(conv)
     base, last = len(conv.token_ids), conv.token_ids[-1]

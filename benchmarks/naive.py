@@ -76,7 +76,7 @@ def naive_turn(lm: LoadedModel, image: Image.Image, question: str, *, reasoning_
     def phase1():
         pixel_values, grid, n_pad = _image_inputs(lm, image, min_pixels, max_pixels)
         resized = (int(grid[0, 2]) * lm.patch_size, int(grid[0, 1]) * lm.patch_size)
-        convention = (boxes.pixel_convention(*resized) if lm.family.box_style == "pixels" else boxes.REL1000)
+        convention = boxes.convention_for(lm.family.box_style, resized)
         ids = _image_block(lm, head_before, n_pad, head_after)
         ids += _encode(lm, prompts.reasoning_prompt(question, max_steps, convention))
         return ids, convention, _generate(lm, ids, pixel_values, grid, reasoning_tokens)

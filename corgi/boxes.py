@@ -45,6 +45,16 @@ def pixel_convention(resized_width: int, resized_height: int) -> BoxConvention:
     return BoxConvention("pixels", resized_width, resized_height)
 
 
+def convention_for(box_style: str, resized: tuple[int, int]) -> BoxConvention:
+    """The convention of a family's box style (families.Family.box_style) for an image the
+    model sees at `resized` = (width, height) pixels."""
+    if box_style == "pixels":
+        return pixel_convention(*resized)
+    if box_style == "rel1000":
+        return REL1000
+    raise ValueError(f"unknown box style {box_style!r}")
+
+
 def to_canonical(coords: Sequence[float], convention: BoxConvention) -> tuple[Box | None, str | None]:
     """Model coordinates -> canonical Box, repairing what can be repaired.
 

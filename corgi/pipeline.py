@@ -48,17 +48,25 @@ def grounded_steps(steps: list[Step], max_regions: int | None) -> list[Step]:
 
 
 class TextStream:
-    """Incremental detokenizer: token ids in, new complete text out (no half UTF-8 characters)."""
+    """Incremental detokenizer: token ids in, new complete text out (no half UTF-8 characters).
+
+    Decodes only a short window (the tokens since the last emitted text, plus the ones
+    before them for context), not the whole phase per token: the offsets scheme of TGI/vLLM."""
 
     def __init__(self, engine: Engine, skip_special: bool = False):
         self.engine, self.ids, self.text, self.skip_special = engine, [], "", skip_special
+        self._prefix = self._read = 0      # ids[_prefix:_read] decode to text already emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.engine.decode_text(self.ids, skip_special=self.skip_special)
-        if text.endswith("\ufffd"):
+        decode = self.engine.decode_text
+        emitted = decode(self.ids[self._prefix:self._read], skip_special=self.skip_special)
+        window = decode(self.ids[self._prefix:], skip_special=self.skip_special)
+        if window.endswith("\ufffd") or len(window) <= len(emitted):
             return ""
-        delta, self.text = text[len(self.text):], text
+        delta = window[len(emitted):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
         return delta
 
 
@@ -78,9 +86,7 @@ class ChatSession:
 
     @property
     def convention(self) -> boxes.BoxConvention:
-        if self.engine.lm.family.box_style == "pixels":
-            return boxes.pixel_convention(*self.conv.resized)
-        return boxes.REL1000
+        return boxes.convention_for(self.engine.lm.family.box_style, self.conv.resized)
 
     def warm_up(self) -> CacheStats:
         """Encode the image and prefill the conversation head now, before the first question."""

@@ -68,7 +68,8 @@ def test_kv_budget_evicts_and_rebuilds_transparently(street_image, receipt_image
     run_turn(a, QUESTIONS[0])
     run_turn(b, QUESTIONS[0])
     assert a.conv.kv is None, "the least recently used conversation is evicted"
-    assert engine.kv_bytes_total() <= 0.05 * 1024 * 1024 or b.conv.kv is not None
+    assert b.conv.kv is not None, "the conversation in use is never evicted"
+    assert engine.kv_bytes_total() == b.conv.kv_bytes > 0
     result, _ = run_turn(a, QUESTIONS[1])                      # comes back: rebuilt from tokens
     assert result.cache.vision_hits == 1 and result.cache.vision_misses == 0   # features still cached
     solo, _ = conversation(make_engine(model, cache__enabled=False), street_image, QUESTIONS[:2])

@@ -56,6 +56,9 @@ class Engine:
         if config.model.compile and config.model.quantization != "none":
             # The static step reads plain weight tensors; quantized layers keep the HF path.
             logging.getLogger(__name__).warning("model.compile is ignored with quantization")
+        elif config.model.compile and not loaded.family.static_decode:
+            logging.getLogger(__name__).warning("model.compile: the compiled step does not cover %s "
+                                                "(MoE text MLP); decoding on the eager path", loaded.family.name)
         elif config.model.compile:
             from .static_decode import StaticDecoder
             cuda = loaded.device.type == "cuda"
