@@ -86,6 +86,7 @@ class Snapshot:
                    for conv, rec, _ in self.layers.values() for t in conv + rec if t is not None)
 
 
+@torch.inference_mode()    # the cache's tensors are inference tensors
 def take_snapshot(cache: DynamicCache, length: int) -> Snapshot:
     layers = {}
     for i, layer in enumerate(cache.layers):
@@ -100,6 +101,7 @@ def take_snapshot(cache: DynamicCache, length: int) -> Snapshot:
     return Snapshot(length, layers)
 
 
+@torch.inference_mode()
 def restore(cache: DynamicCache, snapshot: Snapshot) -> None:
     """Put the linear layers back to `snapshot` (copied in: the snapshot stays reusable) and
     cut the attention layers to its length."""
