@@ -220,19 +220,41 @@ def _native(box, convention: BoxConvention) -> list[int]:
             min(round(box[3] * convention.y_range), convention.y_range)]
 
 
-def reasoning_script(engine: Engine, convention: BoxConvention, n_tokens: int, n_regions: int) -> list[int]:
-    """<think>filler</think>\\n{"steps": [...]} of exactly n_tokens, with n_regions object steps."""
+def _reasoning_parts(convention: BoxConvention, n_regions: int, boxes=None) -> tuple[str, str]:
+    boxes = region_boxes(n_regions) if boxes is None else [tuple(b) for b in boxes]
     steps = [{"statement": f"Look at region {i + 1}.", "kind": "object",   # naive.py uses the same statement
-              "bbox_2d": _native(b, convention)} for i, b in enumerate(region_boxes(n_regions))]
-    tail = prompts.THINK_CLOSE + "\n" + json.dumps({"steps": steps})
-    return _exact(engine, prompts.THINK_OPEN, tail, n_tokens)
+              "bbox_2d": _native(b, convention)} for i, b in enumerate(boxes)]
+    return prompts.THINK_OPEN, prompts.THINK_CLOSE + "\n" + json.dumps({"steps": steps})
+
+
+def reasoning_script(engine: Engine, convention: BoxConvention, n_tokens: int, n_regions: int,
+                     boxes=None) -> list[int]:
+    """<think>filler</think>\\n{"steps": [...]} of exactly n_tokens, with n_regions object steps
+    (at `boxes`, fractions (x1, y1, x2, y2) of the image; default region_boxes(n_regions))."""
+    head, tail = _reasoning_parts(convention, n_regions, boxes)
+    return _exact(engine, head, tail, n_tokens)
+
+
+def reasoning_script_min_tokens(engine: Engine, convention: BoxConvention, n_regions: int, boxes=None) -> int:
+    """The fewest tokens a reasoning script with these regions can have (no filler)."""
+    head, tail = _reasoning_parts(convention, n_regions, boxes)
+    return len(engine.encode_text(head)) + len(engine.encode_text(tail))
+
+
+def synthesis_script_min_tokens(engine: Engine, convention: BoxConvention) -> int:
+    head, tail = _synthesis_parts(convention)
+    return len(engine.encode_text(head)) + len(engine.encode_text(tail))
+
+
+def _synthesis_parts(convention: BoxConvention) -> tuple[str, str]:
+    # key_evidence left empty: the fixed part stays short (the filler makes up the budget)
+    return '{"answer": "red", "explanation": "', '", "key_evidence": []}'
 
 
 def synthesis_script(engine: Engine, convention: BoxConvention, n_tokens: int) -> list[int]:
     """{"answer": ..., "explanation": "filler", "key_evidence": [...]} of exactly n_tokens."""
-    box = _native(region_boxes(1)[0], convention)
-    tail = '", "key_evidence": [{"description": "car", "bbox_2d": ' + json.dumps(box) + "}]}"
-    return _exact(engine, '{"answer": "red", "explanation": "', tail, n_tokens)
+    head, tail = _synthesis_parts(convention)
+    return _exact(engine, head, tail, n_tokens)
 
 
 def run_script(parse_args, run, print_report, argv=None) -> dict:

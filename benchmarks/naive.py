@@ -46,8 +46,9 @@ def _image_block(lm: LoadedModel, before: str, n_pad: int, after: str) -> list[i
 
 
 @torch.inference_mode()
-def _generate(lm: LoadedModel, ids: list[int], pixel_values, grid, n_tokens: int) -> list[int]:
-    """One fresh generate(): full prefill (vision tower included), then exactly n_tokens."""
+def _generate(lm: LoadedModel, ids: list[int], pixel_values, grid, n_tokens: int, **generate_kwargs) -> list[int]:
+    """One fresh generate(): full prefill (vision tower included), then exactly n_tokens.
+    generate_kwargs go to model.generate() as they are (e.g. stopping_criteria)."""
     input_ids = torch.tensor([ids], device=lm.device)
     out = lm.model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -56,7 +57,7 @@ def _generate(lm: LoadedModel, ids: list[int], pixel_values, grid, n_tokens: int
         pixel_values=pixel_values, image_grid_thw=grid,
         max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
         temperature=None, top_p=None, top_k=None,
-        eos_token_id=list(lm.special.stop_ids), pad_token_id=lm.special.end_of_text)
+        eos_token_id=list(lm.special.stop_ids), pad_token_id=lm.special.end_of_text, **generate_kwargs)
     new = out[0, input_ids.shape[1]:].tolist()
     assert len(new) == n_tokens, f"asked for {n_tokens} tokens, got {len(new)}"
     return new
@@ -136,7 +137,8 @@ def setup(args):
     if args.shape:
         from .shapes import loaded_random_model
         config = load_config(None, {"model.device": args.device, **_pipeline(args)})
-        lm = loaded_random_model(args.shape, args.device, torch.bfloat16,
+        dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+        lm = loaded_random_model(args.shape, args.device, dtype,
                                  min_pixels=config.image.min_pixels, max_pixels=config.image.max_pixels)
     else:
         from corgi.engine.loading import load_model
