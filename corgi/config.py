@@ -53,6 +53,9 @@ class PipelineConfig:
     evidence_max_new_tokens: int = 48
     synthesis_max_new_tokens: int = 256
     max_thinking_chars: int = 600
+    # Phase 1+2 thinks (<think>...</think>) before its steps. false: an empty think block
+    # (structured output) or the family's no-thinking prompt form (Qwen3.5 opens <think> itself).
+    thinking: bool = True
     structured_output: bool = True       # grammar-constrained phases 1+2 and 4
     temperature: float = 0.0             # 0 = greedy
     top_p: float = 1.0

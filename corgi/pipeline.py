@@ -83,6 +83,9 @@ class ChatSession:
             raise InputError(f"this image cannot be used: {exc}") from None
         self.turns: list[TurnResult] = []
         self._turn_starts: list[int] = []
+        # Untrusted text must not encode to any added token of this tokenizer (<|im_end|>, <think>, ...).
+        self.added_tokens = engine.lm.added_tokens
+        self.thinks_by_default = engine.lm.family.thinks_by_default
 
     @property
     def convention(self) -> boxes.BoxConvention:
@@ -127,7 +130,12 @@ class ChatSession:
         turn_t0 = time.perf_counter()
 
         # Phase 1+2: reasoning steps with boxes, continuing the conversation.
-        prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention)
+        prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention, added_tokens=self.added_tokens)
+        if not cfg.thinking:
+            if cfg.structured_output:
+                cfg = replace(cfg, max_thinking_chars=0)       # the grammar writes <think></think>
+            elif self.thinks_by_default:
+                prompt += prompts.NO_THINK
         constraint = engine.constraint("reasoning", cfg, convention) if cfg.structured_output else None
         text = yield from self._assistant_message(Phase.REASONING, prompt, cfg.reasoning_max_new_tokens,
                                                   sampling, constraint, stats, timings, prompt_texts)
@@ -146,13 +154,14 @@ class ChatSession:
         if n_grounded > len(grounded):
             warnings.append(f"{n_grounded} grounded steps; only the first {cfg.max_regions} regions were examined")
         head_before, head_after = prompts.crop_head()
-        prompt_texts["evidence"] = "\n---\n".join(
-            prompts.crop_instruction(s.kind, s.statement) for s in grounded)
+        instructions = [prompts.crop_instruction(s.kind, s.statement, added_tokens=self.added_tokens)
+                        for s in grounded]
+        prompt_texts["evidence"] = "\n---\n".join(instructions)
         yield PhaseStarted(Phase.EVIDENCE, prompt_texts["evidence"])
         evidence: list[Evidence] = []
         if grounded:
             crops = [boxes.crop(self.image, s.bbox, cfg.crop_padding) for s in grounded]
-            heads = [(head_before, head_after + prompts.crop_instruction(s.kind, s.statement)) for s in grounded]
+            heads = [(head_before, head_after + instruction) for instruction in instructions]
             streams = [TextStream(engine, skip_special=True) for _ in grounded]
             finished = [False] * len(grounded)
             stop_ids = engine.lm.special.stop_ids
@@ -174,7 +183,9 @@ class ChatSession:
         yield PhaseFinished(Phase.EVIDENCE, timings["evidence"], raw["evidence"])
 
         # Phase 4: synthesis from the steps (already in context) and the evidence.
-        prompt = prompts.synthesis_prompt(question, evidence, convention)
+        prompt = prompts.synthesis_prompt(question, evidence, convention, added_tokens=self.added_tokens)
+        if self.thinks_by_default:
+            prompt += prompts.NO_THINK      # the answer directly: its thinking was phase 1+2
         constraint = engine.constraint("synthesis", cfg, convention) if cfg.structured_output else None
         text = yield from self._assistant_message(Phase.SYNTHESIS, prompt, cfg.synthesis_max_new_tokens,
                                                   sampling, constraint, stats, timings, prompt_texts)

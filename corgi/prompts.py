@@ -8,30 +8,87 @@ every phase and every follow-up turn; each phase only appends.
 
 Phase 3 is separate: each region crop is its own short sequence (CROP_*), decoded as a batch.
 
-Output formats the parser (`parsing.py`) and the grammar (`engine/grammar.py`) agree on:
-  phase 1+2:  <think>free text</think>\n{"steps": [{"statement": str, "kind": "object"|"text"|"reasoning", "bbox_2d": [x1, y1, x2, y2] | null}, ...]}
-  phase 4:    {"answer": str, "explanation": str, "key_evidence": [{"description": str, "bbox_2d": [x1, y1, x2, y2] | null}, ...]}
+The output formats the prompts ask for are those of `formats.py` (the grammar enforces them,
+`parsing.py` reads them).
+
+Untrusted text (the question, step statements, region captions) goes through `plain()`: pass
+the loaded tokenizer's added tokens (`added_tokens_of(tokenizer)`) as `added_tokens=` so that none
+of them, e.g. "<|im_end|>", "<tool_call>" or "</think>", can be forged from a question.
 """
 from __future__ import annotations
 
+import functools
+import json
+import re
+from typing import Collection
+
 from .boxes import BoxConvention
+from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, KEY_EVIDENCE, KIND, KIND_OBJECT,
+                      KIND_REASONING, KIND_TEXT, MAX_KEY_EVIDENCE, STATEMENT, STEPS, THINK_CLOSE,
+                      THINK_OPEN)
 from .types import Evidence, StepKind
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 END_OF_MESSAGE = IM_END + "\n"
+# Appended after "<|im_start|>assistant\n" for a model that opens <think> itself (Qwen3.5): the
+# empty think block its chat template writes with enable_thinking=False, so it answers directly.
+NO_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+# What Qwen's chat templates write after "assistant\n" when thinking is off (enable_thinking=False):
+# models that think by default (families.Family.thinks_by_default) then answer directly.
+NO_THINK = THINK_OPEN + "\n\n" + THINK_CLOSE + "\n\n"
 
 SYSTEM = ("You are CoRGI, a careful visual reasoner. You answer questions about an image by "
           "reasoning in short steps, grounding every step that depends on the image in a box, "
           "and answering only from the evidence you checked.")
 
+ZWNJ = "\u200c"     # zero-width non-joiner: breaks a token's literal, not what a reader sees
 
-def plain(text: str) -> str:
-    """Untrusted text (questions, captions, statements) as plain text: a literal like
-    "<|im_end|>" would otherwise be tokenised as the control token and could end the message
-    early or forge a turn. A zero-width non-joiner breaks the literal, not the meaning."""
-    return text.replace("<|", "<\u200c|").replace("|>", "|\u200c>")
+
+def added_tokens_of(tokenizer) -> tuple[str, ...]:
+    """Every added token of a transformers tokenizer (special or not): the strings that
+    tokenise as one control id wherever they appear in text."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    names = {getattr(t, "content", t) for t in decoder.values()}
+    if not names and hasattr(tokenizer, "get_added_vocab"):
+        names = set(tokenizer.get_added_vocab())
+    return tuple(sorted(n for n in names if isinstance(n, str) and n))
+
+
+@functools.lru_cache(maxsize=16)
+def _token_starts(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
+    """Matches (empty) at every position where one of `tokens` begins, overlaps included."""
+    breakable = sorted((t for t in tokens if len(t) > 1), key=len, reverse=True)
+    if not breakable:
+        return None
+    return re.compile("(?=" + "|".join(map(re.escape, breakable)) + ")")
+
+
+def plain(text: str, added_tokens: Collection[str] = ()) -> str:
+    """Untrusted text (questions, captions, statements) as plain text.
+
+    A literal like "<|im_end|>" would otherwise be tokenised as the control token and could end
+    the message early or forge a turn. A zero-width non-joiner goes after the first character of
+    every occurrence of every token in `added_tokens` (the loaded tokenizer's, see
+    `added_tokens_of()`), and, whatever the tokenizer, inside every "<|" and "|>". The text reads
+    the same; since no token contains the joiner, no token can be left or formed by the
+    insertions. (Tokens of one character cannot be broken and are left alone.)
+    """
+    text = text.replace("<|", "<" + ZWNJ + "|").replace("|>", "|" + ZWNJ + ">")
+    if not added_tokens:
+        return text
+    starts = _token_starts(tuple(sorted(set(added_tokens))))
+    if starts is None:
+        return text
+    points = sorted({m.start() + 1 for m in starts.finditer(text)})
+    if not points:
+        return text
+    pieces, last = [], 0
+    for point in points:
+        pieces.append(text[last:point])
+        last = point
+    pieces.append(text[last:])
+    return ZWNJ.join(pieces)
 
 
 def conversation_head() -> tuple[str, str]:
@@ -41,33 +98,45 @@ def conversation_head() -> tuple[str, str]:
     return before, after
 
 
-def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention) -> str:
+def _q(word: str) -> str:
+    return json.dumps(word)
+
+
+_BOX_SHAPE = "[x1, y1, x2, y2]"
+_STEPS_EXAMPLE = (f'{{{_q(STEPS)}: [{{{_q(STATEMENT)}: "...", {_q(KIND)}: {_q(KIND_OBJECT)}, '
+                  f"{_q(BBOX)}: {_BOX_SHAPE}}}]}}")
+_ANSWER_EXAMPLE = (f'{{{_q(ANSWER)}: "...", {_q(EXPLANATION)}: "2-3 sentences", {_q(KEY_EVIDENCE)}: '
+                   f'[{{{_q(DESCRIPTION)}: "...", {_q(BBOX)}: {_BOX_SHAPE}}}]}}')
+
+
+def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention, *,
+                     added_tokens: Collection[str] = ()) -> str:
     return (
-        f"{IM_START}user\nQuestion: {plain(question)}\n\n"
+        f"{IM_START}user\nQuestion: {plain(question, added_tokens)}\n\n"
         f"Think briefly inside {THINK_OPEN}...{THINK_CLOSE}. Then write at most {max_steps} "
-        "reasoning steps as one JSON object: "
-        '{"steps": [{"statement": "...", "kind": "object", "bbox_2d": [x1, y1, x2, y2]}]}. '
-        'kind is "object" when the step looks at something in the image, "text" when it reads '
-        'text in the image, and "reasoning" when it needs no region (then "bbox_2d": null). '
+        f"reasoning steps as one JSON object: {_STEPS_EXAMPLE}. "
+        f"{KIND} is {_q(KIND_OBJECT)} when the step looks at something in the image, {_q(KIND_TEXT)} "
+        f"when it reads text in the image, and {_q(KIND_REASONING)} when it needs no region "
+        f"(then {_q(BBOX)}: null). "
         f"Boxes use {convention.describe()}, top-left origin."
         f"{IM_END}\n{IM_START}assistant\n"
     )
 
 
-def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxConvention) -> str:
+def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxConvention, *,
+                     added_tokens: Collection[str] = ()) -> str:
     if evidence:
-        lines = [f"Region {i} (step {e.step_index}, {_evidence_label(e.kind)}): {plain(e.text.strip()) or '(nothing found)'}"
+        lines = [f"Region {i} (step {e.step_index}, {_evidence_label(e.kind)}): "
+                 f"{plain(e.text.strip(), added_tokens) or '(nothing found)'}"
                  for i, e in enumerate(evidence, 1)]
         evidence_text = "Evidence from the regions you marked:\n" + "\n".join(lines)
     else:
         evidence_text = "No region evidence is available; answer from the image and your steps."
     return (
         f"{IM_START}user\n{evidence_text}\n\n"
-        f"Now answer the question: {plain(question)}\n"
-        "Reply with one JSON object: "
-        '{"answer": "...", "explanation": "2-3 sentences", "key_evidence": '
-        '[{"description": "...", "bbox_2d": [x1, y1, x2, y2]}]} '
-        f"with at most 3 key evidence items; boxes use {convention.describe()}."
+        f"Now answer the question: {plain(question, added_tokens)}\n"
+        f"Reply with one JSON object: {_ANSWER_EXAMPLE} "
+        f"with at most {MAX_KEY_EVIDENCE} key evidence items; boxes use {convention.describe()}."
         f"{IM_END}\n{IM_START}assistant\n"
     )
 
@@ -84,9 +153,9 @@ def crop_head() -> tuple[str, str]:
     return before, VISION_END
 
 
-def crop_instruction(kind: StepKind, statement: str) -> str:
+def crop_instruction(kind: StepKind, statement: str, *, added_tokens: Collection[str] = ()) -> str:
     if kind == StepKind.TEXT:
         task = "Transcribe all text in this region exactly. Reply with the text only."
     else:
         task = "Describe the main object in this region in one sentence."
-    return f"{task}\nContext: {plain(statement)}{IM_END}\n{IM_START}assistant\n"
+    return f"{task}\nContext: {plain(statement, added_tokens)}{IM_END}\n{IM_START}assistant\n"

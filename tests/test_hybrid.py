@@ -1,0 +1,139 @@
+"""Warm conversations on a hybrid model (Qwen3.5: Gated DeltaNet + attention), greedy.
+
+The linear layers' state cannot be cut back, so Stop, Regenerate, a failed phase and
+eviction go back to a snapshot taken at a phase or turn boundary (engine/state.py) and
+recompute what follows. Every test compares against the naive pipeline (no caches).
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import HYBRID_MODELS, make_engine, run_turn
+from corgi import prompts
+from corgi.engine import state
+from corgi.pipeline import ChatSession
+from corgi.types import TextDelta
+
+MODEL = HYBRID_MODELS[0]
+QUESTIONS = ["What does the sign say?", "What colour is the car?", "Is it daytime?"]
+
+
+def engine_of(**overrides):
+    """Shorter phases than the other families' tests: the tiny twin's 248k-row lm_head and
+    the torch fallback of the delta rule make each Qwen3.5 token dearer on the CPU."""
+    budgets = dict(pipeline__reasoning_max_new_tokens=70, pipeline__synthesis_max_new_tokens=45,
+                   pipeline__max_thinking_chars=30)
+    return engine_of(**dict(budgets, **overrides))
+
+
+def conversation(engine, image, questions):
+    session = ChatSession(engine, image)
+    for q in questions:
+        run_turn(session, q)
+    return session
+
+
+@pytest.fixture(scope="module")
+def reference(street_image):
+    """The naive pipeline's tokens for QUESTIONS[:2] (no KV, no snapshots)."""
+    return conversation(engine_of(cache__enabled=False), street_image, QUESTIONS[:2]).conv.token_ids
+
+
+def test_the_cache_is_hybrid_and_snapshots_count_in_memory(street_image):
+    engine = engine_of()
+    session = conversation(engine, street_image, QUESTIONS[:1])
+    conv = session.conv
+    kinds = {type(layer).__name__ for layer in conv.kv.layers}
+    assert any(state.is_linear(layer) for layer in conv.kv.layers) and "GrowingLayer" in kinds
+    assert conv.snapshots, "every prefill marks a boundary"
+    snapshot_bytes = sum(s.nbytes for s in conv.snapshots)
+    assert snapshot_bytes > 0 and engine.snapshot_bytes_total() == snapshot_bytes
+    assert conv.kv_bytes == state.cache_nbytes(conv.kv) + snapshot_bytes == engine.kv_bytes_total()
+
+
+def test_stopped_then_continued_equals_never_stopped(street_image, reference):
+    session = ChatSession(engine_of(), street_image)
+    run_turn(session, QUESTIONS[0])
+    length = len(session.conv.token_ids)
+    stream = session.ask(QUESTIONS[1])
+    for event in stream:
+        if isinstance(event, TextDelta):
+            break
+    stream.close()                                   # the UI's Stop
+    assert len(session.conv.token_ids) == length
+    assert session.conv.kv is not None, "restored from a snapshot, not dropped"
+    assert session.conv.kv_len <= length
+    run_turn(session, QUESTIONS[1])
+    assert session.conv.token_ids == reference
+
+
+def test_regenerate_goes_back_to_the_turn_start(street_image, reference):
+    session = conversation(engine_of(), street_image, QUESTIONS[:2])
+    session.undo_last_turn()
+    assert session.conv.kv is not None and session.conv.kv_len <= len(session.conv.token_ids)
+    run_turn(session, QUESTIONS[1])
+    assert session.conv.token_ids == reference
+
+
+def test_evicted_and_rebuilt_equals_solo(street_image, receipt_image, reference):
+    engine = engine_of(cache__kv_cache_mb=0.01)      # room for one conversation at most
+    a, b = ChatSession(engine, street_image), ChatSession(engine, receipt_image)
+    run_turn(a, QUESTIONS[0])
+    run_turn(b, QUESTIONS[0])
+    assert a.conv.kv is None and not a.conv.snapshots, "evicted: state and snapshots"
+    run_turn(a, QUESTIONS[1])
+    assert a.conv.token_ids == reference
+
+
+def test_interleaved_conversations_equal_solo(street_image, reference):
+    wide = street_image.crop((0, 300, 640, 400)).resize((900, 140))     # another rope delta
+    engine = engine_of()
+    a, b = ChatSession(engine, street_image), ChatSession(engine, wide)
+    for q in QUESTIONS[:2]:
+        run_turn(a, q)
+        run_turn(b, q)
+    assert a.conv.token_ids == reference
+    solo_b = conversation(engine_of(cache__enabled=False), wide, QUESTIONS[:2])
+    assert b.conv.token_ids == solo_b.conv.token_ids
+
+
+def test_batched_captions_equal_one_by_one(street_image):
+    """Left padding must not leak into the recurrent state of the padded rows."""
+    from corgi import boxes
+    from corgi.types import Box, StepKind
+    engine = engine_of()
+    regions = [(Box(0.6, 0.1, 0.8, 0.35), StepKind.TEXT, "The sign says STOP."),
+               (Box(0.05, 0.15, 0.4, 0.65), StepKind.OBJECT, "A red house with a door."),
+               (Box(0.8, 0.0, 1.0, 0.25), StepKind.OBJECT, "The sun.")]
+    crops = [boxes.crop(street_image, box, 0.25) for box, _, _ in regions]
+    before, after = prompts.crop_head()
+    heads = [(before, after + prompts.crop_instruction(kind, text)) for _, kind, text in regions]
+    assert len({engine.image_grid(c, 3136, 448 * 448) for c in crops}) > 1     # really padded
+
+    def run(indices):
+        rows = {i: [] for i in indices}
+        for row, token in engine.generate_batch([crops[i] for i in indices], [heads[i] for i in indices],
+                                                10, 448 * 448):
+            rows[indices[row]].append(token)
+        return rows
+
+    batched = run([0, 1, 2])
+    for i in range(len(regions)):
+        assert batched[i] == run([i])[i], f"region {i} differs between batch and single"
+
+
+def test_static_step_equals_eager_through_the_pipeline(street_image, reference):
+    """model.compile: the hybrid static step (conv shift + recurrent update over static
+    buffers; CUDA graphs on GPUs, eager here) gives the naive pipeline's tokens."""
+    engine = engine_of(model__compile=True)
+    session = conversation(engine, street_image, QUESTIONS[:2])
+    assert type(engine.static.stack).__name__ == "HybridTextStack"
+    assert engine.static_bytes() > 0
+    assert session.conv.token_ids == reference
+
+
+def test_thinking_off_gives_an_empty_think_block(street_image):
+    engine = engine_of(pipeline__thinking=False)
+    result, _ = run_turn(ChatSession(engine, street_image), QUESTIONS[0])
+    assert result.raw["reasoning"].startswith("<think></think>")
+    assert result.steps
