@@ -23,7 +23,7 @@ def engine_of(**overrides):
     the torch fallback of the delta rule make each Qwen3.5 token dearer on the CPU."""
     budgets = dict(pipeline__reasoning_max_new_tokens=70, pipeline__synthesis_max_new_tokens=45,
                    pipeline__max_thinking_chars=30)
-    return engine_of(**dict(budgets, **overrides))
+    return make_engine(MODEL, **dict(budgets, **overrides))
 
 
 def conversation(engine, image, questions):
