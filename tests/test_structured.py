@@ -7,7 +7,7 @@ import random
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import TINY_MODELS, fast_config, run_turn
+from conftest import TINY_MODELS, fast_config, loaded_model, run_turn
 from corgi.engine.engine import Engine
 from corgi.engine.loading import load_model
 from corgi.pipeline import ChatSession
@@ -37,6 +37,9 @@ def test_constrained_turns_always_structured(family, tmp_path):
     model_ids = [f"tiny-{family}"]
     for seed in (1, 2):   # other random models, loaded from a local folder like a real checkpoint
         model_ids.append(str(build_tiny_checkpoint(family, tmp_path / f"seed{seed}", seed=seed)))
+    # One load per model: a case is a new engine (its own caches) on a loaded model, so the
+    # tokenizer and its grammar vocabulary (~2 s at 151k tokens) are built once per model.
+    loaded = {}
     cases = 0
     for case in range(20):
         model_id = model_ids[case % len(model_ids)]
@@ -44,7 +47,9 @@ def test_constrained_turns_always_structured(family, tmp_path):
                      "pipeline__evidence_max_new_tokens": 4, "pipeline__seed": case,
                      "pipeline__temperature": 0.0 if case % 2 == 0 else 1.0}
         config = fast_config(model_id, **overrides)
-        engine = Engine(load_model(config.model, config.image), config)
+        if model_id not in loaded:
+            loaded[model_id] = load_model(config.model, config.image)
+        engine = Engine(loaded[model_id], config)
         session = ChatSession(engine, random_image(rng))
         result, _ = run_turn(session, QUESTIONS[case % len(QUESTIONS)])
 
@@ -70,7 +75,7 @@ def test_without_constraint_bad_output_degrades_gracefully(model, street_image):
     phase 3, the raw text as the answer, and warnings that say so."""
     config = fast_config(model, pipeline__structured_output=False, pipeline__reasoning_max_new_tokens=40,
                          pipeline__synthesis_max_new_tokens=30)
-    engine = Engine(load_model(config.model, config.image), config)
+    engine = Engine(loaded_model(model), config)
     result, events = run_turn(ChatSession(engine, street_image), "What does the sign say?")
     assert result.evidence == [] and not any(s.bbox for s in result.steps)
     assert any("no reasoning steps" in w for w in result.warnings)

@@ -89,7 +89,7 @@ class Engine:
         compiled grammar is cached per (schema, tokenizer)."""
         from .grammar import GrammarCache
         if self._grammars is None:
-            self._grammars = GrammarCache(self.lm.tokenizer, self.lm.vocab_size)
+            self._grammars = GrammarCache.for_tokenizer(self.lm.tokenizer, self.lm.vocab_size)
         if phase == "reasoning":
             return self._grammars.reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars)
         return self._grammars.synthesis_decoder(convention)
