@@ -102,7 +102,7 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
     path = _resolve_path(model_cfg.id)
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:    # OSError, ValueError, huggingface_hub's strict-dataclass validation errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {model_cfg.id!r}: {first}") from None
     try:
