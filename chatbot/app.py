@@ -18,6 +18,7 @@ parsed turns JSON, trace file); /ask adds the emptied textbox.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,12 +27,14 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 import torch
+from gradio import processing_utils
 
 from corgi.config import Config, PipelineConfig
 from corgi.engine.engine import Engine
@@ -103,6 +106,39 @@ def stream_diff(old: Any, new: Any) -> list:
 gr.utils.diff = stream_diff      # Blocks.handle_streaming_diffs looks it up at each update
 
 
+def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """gradio.processing_utils.save_pil_to_cache, minus its rewrite in place.
+
+    Gradio 6.31 names the file by a hash of its bytes, then `write_bytes` it again on every
+    postprocess: each streamed update that carries the boxes image or the region crops truncates
+    and rewrites the very file a browser may be downloading, which then gets a cut-off image (and
+    the server logs "Too little data for declared Content-Length"). The content is in the name,
+    so an existing file is already right: touch it (delete_cache ages files by ctime) and keep it;
+    a new one is written under a temporary name and renamed into place."""
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    if path.exists():
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return str(path)
+    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
+    return str(path)
+
+
+# Gradio's image, gallery and annotated-image components look it up on the module at each call.
+processing_utils.save_pil_to_cache = save_pil_to_cache
+
+
 def pipeline_settings(base: PipelineConfig, values: tuple) -> PipelineConfig:
     """The accordion's values on a copy of the configured PipelineConfig (None: keep the default)."""
     changes = {}
@@ -129,10 +165,36 @@ def upload_path(upload: Any) -> tuple[str, str] | None:
     return str(upload), os.path.basename(str(upload))
 
 
+def idle_expiry(store: SessionStore) -> Callable[[Any], None]:
+    """gr.State's delete_callback: free a session that was idle for ui.idle_timeout_s.
+
+    Gradio keeps this callback in the page config (Block.get_config lists every constructor
+    argument) and deep-copies that config on every `GET /` and `GET /config` (gradio/routes.py:
+    `get_page_config`, `utils.safe_deepcopy(source_config)`). A bound method would be copied with
+    its owner, and CorgiApp reaches the engine and every weight tensor; its locks then make the
+    copy fail, and safe_deepcopy retries level by level, copying the model again each time:
+    seconds and hundreds of MiB per page load on a real checkpoint. A plain function is
+    copied as itself (`copy` treats functions as atomic), and this one reaches the store only
+    through a weak reference, so nothing reachable from the page config leads to the model."""
+    store_ref = weakref.ref(store)
+
+    def expire(session: Any) -> None:
+        if isinstance(session, UserSession):
+            log.info("freeing an idle session")
+            live = store_ref()
+            if live is not None:
+                live.close(session.key)
+            session.close()
+
+    return expire
+
+
 class CorgiApp:
     def __init__(self, engine: Engine, config: Config):
         self.engine, self.config = engine, config
         self.store = SessionStore(config.ui.max_sessions)
+        # Never a bound method of self in the Blocks config: see idle_expiry.
+        self.expire = idle_expiry(self.store)
         # Gradio's queue already runs one model event at a time; this lock covers the moment
         # after a Stop when the queue has moved on but the cancelled turn is still unwinding.
         self.model_lock = threading.Lock()
@@ -145,6 +207,8 @@ class CorgiApp:
     def build(self) -> gr.Blocks:
         pipe, ui = self.config.pipeline, self.config.ui
         with gr.Blocks(title="CoRGI Chat", delete_cache=(1800, 3600)) as demo:
+            # Everything handed to a component here ends up in the page config, which Gradio
+            # deep-copies per page load: plain values and model-free callbacks only.
             state = gr.State(None, time_to_live=ui.idle_timeout_s, delete_callback=self.expire)
             gr.Markdown(f"## CoRGI Chat\nGrounded visual reasoning: the model writes steps, marks the "
                         f"regions they depend on (S1, S2 ...), reads those regions, then answers. "
@@ -365,16 +429,12 @@ class CorgiApp:
         """Cache memory in bytes against its configured budget, and the live session count."""
         engine = self.engine
         with self.model_lock:     # a consistent snapshot, between two model steps
+            # kv_bytes includes the hybrid models' linear-state snapshots (also shown alone);
+            # the budget covers kv_bytes + static_bytes (the compiled decoder's buffers).
             return {"kv_bytes": engine.kv_bytes_total(), "kv_budget_bytes": engine.kv_budget,
+                    "snapshot_bytes": engine.snapshot_bytes_total(), "static_bytes": engine.static_bytes(),
                     "vision_bytes": engine.vision.cached_bytes, "vision_budget_bytes": engine.vision.cache_bytes,
                     "sessions": len(self.store)}
-
-    def expire(self, session: Any) -> None:
-        """gr.State's delete_callback: the session was idle for ui.idle_timeout_s."""
-        if isinstance(session, UserSession):
-            log.info("freeing an idle session")
-            self.store.close(session.key)
-            session.close()
 
     # ---- the work ------------------------------------------------------------------------
     def _load_image(self, session: UserSession, path: str, name: str) -> Iterator[tuple]:

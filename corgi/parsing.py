@@ -1,9 +1,15 @@
-"""Model text -> typed results (formats in `prompts.py`), tolerant of whatever comes back.
+"""Model text -> typed results (formats in `formats.py`), tolerant of whatever comes back.
 
 Small models drift: they drop think tags, wrap JSON in markdown fences, use single quotes,
 leave trailing commas, hit the token limit mid-object, or add prose after the JSON. Both
 parsers share one extraction helper (`extract_json`) and never raise on a string input;
 problems become short warnings instead.
+
+Why a reader of our own (checked against this module's tests): jiter's partial mode
+(`pydantic_core.from_json(allow_partial=True)`) reads strict JSON only, needs the value to end
+the text and keeps half-written objects; json-repair keeps half-written steps on a cut, parses
+from the first bracket even when that is prose, reports no repaired/truncated flags, and takes
+seconds (or raises) on the hostile inputs that cost this reader milliseconds.
 """
 from __future__ import annotations
 
@@ -13,18 +19,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from .boxes import BoxConvention, to_canonical
-from .prompts import THINK_CLOSE, THINK_OPEN
+from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, KEY_EVIDENCE, KIND, MAX_KEY_EVIDENCE,
+                      STATEMENT, STEP_KINDS, STEPS, THINK_CLOSE, THINK_OPEN)
 from .types import Box, KeyEvidence, ReasoningResult, Step, StepKind, SynthesisResult
 
-MAX_KEY_EVIDENCE = 3
+__all__ = ["Found", "Work", "extract_json", "parse_reasoning", "parse_synthesis", "MAX_KEY_EVIDENCE"]
 
 # ---- JSON extraction ---------------------------------------------------------------
 
-# Bounds that keep hostile input cheap: nesting deeper than this is not our format, and
-# the tolerant reader gives up after this many tokens across all candidate starts.
+# Bounds that keep hostile input cheap: nesting deeper than this is not our format, and a
+# search gives up after at most this many candidate starts or once its `Work` budget is spent.
 _MAX_DEPTH = 32
 _MAX_CANDIDATES = 200
 _MIN_TOKEN_BUDGET = 10_000
+_MIN_CHAR_BUDGET = 100_000
 
 _OPENER = re.compile(r"[\[{]")
 # Strings use the unrolled-loop form (no nested quantifiers over the same characters), so
@@ -40,6 +48,34 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _LITERALS: dict[str, Any] = {"true": True, "false": False, "null": None, "none": None}
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}
 _DECODER = json.JSONDecoder(strict=False)   # strict=False: raw newlines inside strings are fine
+
+
+class Work:
+    """What extraction did over one text, and the budget that bounds it.
+
+    Counted: searches (`extract_json` calls), candidate starts tried, tokens the tolerant
+    reader read, and characters examined (by the strict decoder up to where it stopped, by the
+    reader from each candidate start to its last token; a strict attempt that hit the recursion
+    limit counts the whole rest of the text). A search tries no further candidate once
+    `tokens` or `chars` is over budget, so `chars` stays below `max_chars` + 2 * len(text) and the
+    cost of any input is linear in its length. One Work may serve every search over a text.
+    """
+
+    def __init__(self, text_length: int) -> None:
+        self.max_tokens = _MIN_TOKEN_BUDGET + 2 * text_length   # a full pass plus retries
+        self.max_chars = _MIN_CHAR_BUDGET + 4 * text_length
+        self.searches = 0
+        self.candidates = 0
+        self.tokens = 0
+        self.chars = 0
+
+    @property
+    def spent(self) -> bool:
+        return self.tokens >= self.max_tokens or self.chars >= self.max_chars
+
+    def __repr__(self) -> str:
+        return (f"Work(searches={self.searches}, candidates={self.candidates}, tokens={self.tokens}"
+                f"/{self.max_tokens}, chars={self.chars}/{self.max_chars})")
 
 
 class _NotJson(Exception):
@@ -62,46 +98,49 @@ class Found:
     truncated: bool     # the text ended inside the value; only complete parts were kept
 
 
-def extract_json(text: str, accept: Callable[[Any], bool]) -> Found | None:
-    """The first JSON object or array in `text` that `accept` likes, or None.
+def extract_json(text: str, accept: Callable[[Any], bool], *, start: int = 0,
+                 work: Work | None = None) -> Found | None:
+    """The first JSON object or array in `text[start:]` that `accept` likes, or None.
 
     Each `{` or `[` is a candidate start. Strict JSON is tried first (fast, C); otherwise a
     tolerant reader repairs quotes, commas, Python literals and unquoted keys, and closes
-    a value the text ended inside (see `_Reader`).
+    a value the text ended inside (see `_Reader`). `work` (default: a fresh one for this text)
+    counts and bounds the effort; positions in the result are indices into `text`.
     """
-    # Every token is at least one character, so this covers one full pass plus retries.
-    budget = _Budget(_MIN_TOKEN_BUDGET + 2 * len(text))
-    pos = 0
+    if work is None:
+        work = Work(len(text) - start)
+    work.searches += 1
+    pos = start
     for _ in range(_MAX_CANDIDATES):
         match = _OPENER.search(text, pos)
-        if match is None or budget.tokens <= 0:
+        if match is None or work.spent:
             return None
-        start = match.start()
-        found = _decode_at(text, start, budget)
+        work.candidates += 1
+        found = _decode_at(text, match.start(), work)
         if found is not None and accept(found.value):
             return found
         # A complete value that is not wanted (e.g. "[10, 20]" in prose) is skipped whole;
         # otherwise an inner bracket may still start the real thing.
-        pos = found.end if found is not None and not found.truncated else start + 1
+        pos = found.end if found is not None and not found.truncated else match.start() + 1
     return None
 
 
-@dataclass
-class _Budget:
-    tokens: int     # shared by all candidate starts of one search
-
-
-def _decode_at(text: str, start: int, budget: _Budget) -> Found | None:
+def _decode_at(text: str, start: int, work: Work) -> Found | None:
     try:
         value, end = _DECODER.raw_decode(text, start)
+        work.chars += end - start
         return Found(value, start, end, repaired=False, truncated=False)
+    except json.JSONDecodeError as exc:
+        work.chars += exc.pos - start + 1
     except (ValueError, RecursionError):
-        pass
-    reader = _Reader(text, start, budget)
+        work.chars += len(text) - start
+    reader = _Reader(text, start, work)
     try:
         value, complete = reader.value(0)
     except _NotJson:
         return None
+    finally:
+        work.chars += reader.seen - start
     if value is _MISSING:
         return None
     return Found(value, start, reader.end if complete else len(text),
@@ -118,19 +157,21 @@ class _Reader:
     fields cannot be trusted. Methods return (value, complete).
     """
 
-    def __init__(self, text: str, start: int, budget: _Budget) -> None:
+    def __init__(self, text: str, start: int, work: Work) -> None:
         self._text = text
         self._tokens: Iterator[re.Match[str]] = _TOKEN.finditer(text, start)
         self._peeked: re.Match[str] | None = None
-        self._budget = budget
-        self.end = start
+        self._work = work
+        self.end = start            # just past the last token taken
+        self.seen = start           # just past the last token read (taken or peeked)
 
     def _peek(self) -> re.Match[str] | None:
         if self._peeked is None:
-            self._budget.tokens -= 1
-            if self._budget.tokens < 0:
+            if self._work.tokens >= self._work.max_tokens:
                 raise _NotJson
+            self._work.tokens += 1
             self._peeked = next(self._tokens, None)
+            self.seen = self._peeked.end() if self._peeked is not None else len(self._text)
         return self._peeked
 
     def _take(self) -> re.Match[str] | None:
@@ -295,13 +336,14 @@ def _display_text(text: str) -> str:
     return text.strip()
 
 
-def _find(text: str, accept: Callable[[Any], bool]) -> tuple[str | None, Found | None, str]:
+def _find(text: str, accept: Callable[[Any], bool],
+          work: Work) -> tuple[str | None, Found | None, str]:
     """Split off thinking and find the JSON; returns (thinking, found, searched text)."""
     thinking, body = _split_think(text)
-    found = extract_json(body, accept)
+    found = extract_json(body, accept, work=work)
     if found is None and thinking is not None:
         # Some models put the JSON inside the think block; take it from there.
-        found = extract_json(text, accept)
+        found = extract_json(text, accept, work=work)
         if found is not None:
             return thinking, found, text
     return thinking, found, body
@@ -338,7 +380,7 @@ def _as_text(value: Any) -> str | None:
 
 # ---- boxes ---------------------------------------------------------------------------
 
-_BOX_KEYS = ("bbox_2d", "bbox", "box", "box_2d", "bbox2d", "bounding_box", "coordinates")
+_BOX_KEYS = (BBOX, "bbox", "box", "box_2d", "bbox2d", "bounding_box", "coordinates")
 _NUMBER_IN_TEXT = re.compile(r"-?\d+(?:\.\d+)?")
 # Qwen2-VL grounding: <|object_ref_start|>cat<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>
 _BOX_TOKENS = re.compile(r"<\|box_start\|>([^<]{0,200})<\|box_end\|>")
@@ -398,8 +440,9 @@ def _token_box(statement: str) -> tuple[str, list[str] | None]:
 
 # ---- phase 1+2: reasoning steps ----------------------------------------------------
 
-_STATEMENT_KEYS = ("statement", "step", "description", "content", "text")
-_KIND_KEYS = ("kind", "type", "category")
+_STATEMENT_KEYS = (STATEMENT, "step", "description", "content", "text")
+_KIND_KEYS = (KIND, "type", "category")
+_STEPS_WORD = STEPS.rstrip("s")      # a key containing "step" holds the steps ("Steps", "reasoning_steps")
 
 
 def _looks_like_steps(value: Any) -> bool:
@@ -410,12 +453,12 @@ def _looks_like_steps(value: Any) -> bool:
 
 
 def _is_step(value: Any) -> bool:
-    return isinstance(value, dict) and "statement" in _lower_keys(value)
+    return isinstance(value, dict) and STATEMENT in _lower_keys(value)
 
 
 def _steps_list(value: dict[Any, Any]) -> list[Any] | None:
     for key, item in value.items():
-        if "step" in str(key).lower() and isinstance(item, list):
+        if _STEPS_WORD in str(key).lower() and isinstance(item, list):
             return item
     return None
 
@@ -425,6 +468,8 @@ def _kind(raw: Any) -> StepKind | None:
     word = str(raw).strip().lower() if raw is not None else ""
     if not word:
         return None
+    if word in STEP_KINDS:
+        return StepKind(word)
     if any(w in word for w in ("ocr", "text", "read", "transcri")):
         return StepKind.TEXT
     if any(w in word for w in ("reason", "logic", "infer", "think", "none")):
@@ -434,16 +479,19 @@ def _kind(raw: Any) -> StepKind | None:
     return None
 
 
-def parse_reasoning(text: str, convention: BoxConvention, max_steps: int) -> ReasoningResult:
+def parse_reasoning(text: str, convention: BoxConvention, max_steps: int, *,
+                    work: Work | None = None) -> ReasoningResult:
     """Phase 1+2 output -> thinking and numbered steps.
 
     Every OBJECT/TEXT step has a box; a step whose box is missing or unreadable becomes
     REASONING, and REASONING steps carry no box. `ok` is False only when no step was read.
-    A `max_steps` below 1 means no cap.
+    A `max_steps` below 1 means no cap. `work`: pass a `Work` to see (or bound) the effort;
+    by default one is made for the text, shared by all its searches.
     """
     text = _clean(text)
+    work = work if work is not None else Work(len(text))
     warnings: list[str] = []
-    thinking, found, searched = _find(text, _looks_like_steps)
+    thinking, found, searched = _find(text, _looks_like_steps, work)
     if found is None:
         if thinking is None:
             thinking = _display_text(text)
@@ -453,7 +501,7 @@ def parse_reasoning(text: str, convention: BoxConvention, max_steps: int) -> Rea
     if thinking is None:
         # No think tags: whatever came before the JSON is the model's thinking.
         thinking = _display_text(searched[:found.start])
-    entries = _entries(found, searched, warnings)
+    entries = _entries(found, searched, warnings, work)
     if found.repaired and not found.truncated:
         warnings.append("The steps JSON was malformed and has been repaired.")
     if found.truncated:
@@ -473,7 +521,7 @@ def parse_reasoning(text: str, convention: BoxConvention, max_steps: int) -> Rea
     return ReasoningResult(thinking=thinking, steps=steps, ok=True, warnings=warnings)
 
 
-def _entries(found: Found, searched: str, warnings: list[str]) -> list[Any]:
+def _entries(found: Found, searched: str, warnings: list[str], work: Work) -> list[Any]:
     value = found.value
     if isinstance(value, list):
         return value
@@ -484,19 +532,17 @@ def _entries(found: Found, searched: str, warnings: list[str]) -> list[Any]:
     # the text ends inside is half-written, so it is left out like one inside a list.
     warnings.append("The steps were not wrapped in a list; read them one by one.")
     entries: list[Any] = []
-    pos = 0
     current: Found | None = found
     while current is not None and not current.truncated:
         entries.append(current.value)
-        pos += current.end
-        current = extract_json(searched[pos:], _is_step)
+        current = extract_json(searched, _is_step, start=current.end, work=work)
     return entries
 
 
 def _step(raw: Any, position: int, index: int, convention: BoxConvention,
           warnings: list[str]) -> Step | None:
     if isinstance(raw, str):
-        raw = {"statement": raw}     # a bare sentence is a step without kind or box
+        raw = {STATEMENT: raw}       # a bare sentence is a step without kind or box
     if not isinstance(raw, dict):
         warnings.append(f"Dropped step entry {position}: it is not an object.")
         return None
@@ -533,23 +579,27 @@ def _step(raw: Any, position: int, index: int, convention: BoxConvention,
 
 # ---- phase 4: synthesis --------------------------------------------------------------
 
-_SYNTHESIS_KEYS = ("answer", "final_answer", "explanation", "key_evidence")
-_EVIDENCE_TEXT_KEYS = ("description", "text", "evidence", "statement", "content")
+_ANSWER_KEYS = (ANSWER, "final_answer")
+_EXPLANATION_KEYS = (EXPLANATION, "rationale", "reasoning")
+_SYNTHESIS_KEYS = (*_ANSWER_KEYS, EXPLANATION, KEY_EVIDENCE)
+_EVIDENCE_TEXT_KEYS = (DESCRIPTION, "text", "evidence", "statement", "content")
 
 
 def _looks_like_synthesis(value: Any) -> bool:
     return isinstance(value, dict) and any(k in _lower_keys(value) for k in _SYNTHESIS_KEYS)
 
 
-def parse_synthesis(text: str, convention: BoxConvention) -> SynthesisResult:
-    """Phase 4 output -> answer, explanation and at most 3 key evidence items.
+def parse_synthesis(text: str, convention: BoxConvention, *, work: Work | None = None) -> SynthesisResult:
+    """Phase 4 output -> answer, explanation and at most MAX_KEY_EVIDENCE key evidence items.
 
     When no JSON can be read, or it has no answer, `ok` is False and `answer` holds the
-    model's text (think blocks, fences and special tokens removed).
+    model's text (think blocks, fences and special tokens removed). `work`: as in
+    `parse_reasoning`.
     """
     text = _clean(text)
+    work = work if work is not None else Work(len(text))
     warnings: list[str] = []
-    _, found, _ = _find(text, _looks_like_synthesis)
+    _, found, _ = _find(text, _looks_like_synthesis, work)
     if found is None:
         warnings.append("No answer JSON found in the model's output; showing its raw text.")
         return SynthesisResult(answer=_display_text(text), explanation="", key_evidence=[],
@@ -560,9 +610,9 @@ def parse_synthesis(text: str, convention: BoxConvention) -> SynthesisResult:
         warnings.append("The answer was cut off; kept what was written before the cut.")
 
     entry = _lower_keys(found.value)
-    answer = _as_text(_first(entry, ("answer", "final_answer"))) or ""
-    explanation = _as_text(_first(entry, ("explanation", "rationale", "reasoning"))) or ""
-    key_evidence = _key_evidence(entry.get("key_evidence"), convention, warnings)
+    answer = _as_text(_first(entry, _ANSWER_KEYS)) or ""
+    explanation = _as_text(_first(entry, _EXPLANATION_KEYS)) or ""
+    key_evidence = _key_evidence(entry.get(KEY_EVIDENCE), convention, warnings)
     ok = bool(answer)
     if not ok:
         warnings.append("The answer JSON has no answer; showing the model's raw text.")
@@ -578,7 +628,7 @@ def _key_evidence(raw: Any, convention: BoxConvention, warnings: list[str]) -> l
     result: list[KeyEvidence] = []
     for position, item in enumerate(items, 1):
         if isinstance(item, str):
-            item = {"description": item}
+            item = {DESCRIPTION: item}
         if not isinstance(item, dict):
             warnings.append(f"Dropped key evidence entry {position}: it is not an object.")
             continue

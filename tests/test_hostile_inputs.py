@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_load import serve, texts
+from server import texts
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = REPO / "tests" / "hostile"
@@ -156,16 +156,16 @@ def test_ui_launcher_refuses_bad_configs_with_one_line(case, caplog, monkeypatch
 # ---- the UI -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = serve(tmp_path_factory.mktemp("hostile-ui"), FAST_CONFIG)
+def server(launch):
+    # Its own server: its log must show no traceback after the whole corpus.
+    server = launch(FAST_CONFIG, shared=False)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    from gradio_client import Client
-    client = Client(server.url, verbose=False)     # one browser session for the whole corpus
+    client = server.client()     # one browser session for the whole corpus
     yield client
     client.close()
 
@@ -249,5 +249,5 @@ def test_ui_keeps_serving_after_the_corpus(client, server):
         assert "encoded and ready" in texts(out[CHAT])[-1]
         out = c.predict({"text": "What colour is the car?", "files": []}, api_name="/ask")
         check_answer(last_turn(out), "What colour is the car?")
-    log = server.log.read_text()
+    log = server.log_text()
     assert "Traceback" not in log, log[-3000:]      # every hostile case was handled, none crashed

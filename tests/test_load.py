@@ -10,24 +10,17 @@ Four sessions, each on its own image, ask two questions each, all at the same ti
   * memory returns when the sessions end: New conversation frees a session's KV, and closing a
     client (a closed tab: Gradio's heartbeat ends, demo.unload runs) frees the rest.
 
-Also home to `serve`, which the other hardening tests reuse to launch the app.
+The server is launched by conftest.py's `launch` fixture (tests/server.py), like every server test's.
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "assets"
+from server import ASSETS, REPO, texts
+
 HOSTILE = REPO / "tests" / "hostile"
 
 # Small token budgets (a turn takes a fraction of a second on a CPU) and caches too small for
@@ -43,64 +36,6 @@ ui: {max_upload_mb: 0.1, idle_timeout_s: 600}
 
 # Outputs of the turn endpoints (see chatbot/app.py).
 CHAT, DEBUG_JSON = 0, 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
-        self.url, self.proc, self.log = url, proc, log
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def serve(folder: Path, config_text: str, env: dict | None = None, args: tuple = (),
-          timeout: float = 120.0) -> Server:
-    """Run `python -m chatbot --config <config_text>` on a free 127.0.0.1 port; return once it
-    answers HTTP (401 counts: a login is required)."""
-    config = folder / "app.yaml"
-    config.write_text(config_text)
-    port = free_port()
-    full_env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    full_env.setdefault("CORGI_CACHE", str(REPO / ".cache" / "corgi"))
-    for key in ("CORGI_USERNAME", "CORGI_PASSWORD", "GRADIO_TEMP_DIR", "GRADIO_ALLOWED_PATHS"):
-        full_env.pop(key, None)
-    full_env.update(env or {})
-    log = folder / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "chatbot", "--config", str(config), "--port", str(port),
-                                 *args], cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:       # "Running on local URL" comes before it answers
-        if not server.alive():
-            raise AssertionError(f"the server exited ({proc.returncode}):\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(server.url + "/", timeout=2):
-                return server
-        except urllib.error.HTTPError:
-            return server
-        except OSError:
-            time.sleep(0.25)
-    server.stop()
-    raise AssertionError(f"the server did not answer within {timeout} s:\n{log.read_text()}")
-
-
-def texts(chat) -> list[str]:
-    return [part.get("text", "") for m in chat for part in m["content"]]
 
 
 def turn_record(debug_json: dict, n: int) -> dict:
@@ -126,16 +61,16 @@ def image_path(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # A short heartbeat, so a closed client counts as a closed tab within a second.
-    server = serve(tmp_path_factory.mktemp("load"), LOAD_CONFIG, env={"GRADIO_HEARTBEAT_INTERVAL": "0.5"})
+def server(launch):
+    # A short heartbeat, so a closed client counts as a closed tab within a second. Its own
+    # server: the memory figures must be this test's alone.
+    server = launch(LOAD_CONFIG, env={"GRADIO_HEARTBEAT_INTERVAL": "0.5"}, shared=False)
     yield server
     server.stop()
 
 
 def client_for(server):
-    from gradio_client import Client
-    return Client(server.url, verbose=False)     # one Client = one browser session
+    return server.client()     # one Client = one browser session
 
 
 def run_session(client, image: str, questions: list[str]) -> list[dict]:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
 from corgi.boxes import REL1000, pixel_convention
-from corgi.parsing import extract_json, parse_reasoning, parse_synthesis
+from corgi.parsing import _MAX_CANDIDATES, Work, extract_json, parse_reasoning, parse_synthesis
 from corgi.types import StepKind
 
 O, T, R = "object", "text", "reasoning"
@@ -276,25 +275,55 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("text", HOSTILE, ids=[f"hostile{i}" for i in range(len(HOSTILE))])
-def test_hostile_inputs_are_fast(text):
-    start = time.perf_counter()
-    result = reason(text, max_steps=8)
-    answer = parse_synthesis(text, REL1000)
-    assert time.perf_counter() - start < 2.0
+# Without the character budget each of these costs ~200 candidate starts x the whole text.
+EXPENSIVE = [
+    "[" * 240 + "1," * 50_000,                      # strict JSON scans far, the reader stops at depth 33
+    ("[1," * 10 + "[") * 3_000,
+    '{"statement": "s"}\n' * 5_000,                # JSON lines: one search per line
+]
+
+
+def _checked_work(parse, text: str) -> Work:
+    work = Work(len(text))
+    parse(text, work)
+    assert work.searches >= 1
+    assert work.candidates <= work.searches * _MAX_CANDIDATES
+    assert work.tokens <= work.max_tokens
+    assert work.chars <= work.max_chars + 2 * len(text), work
+    assert work.max_tokens <= 10_000 + 2 * len(text) and work.max_chars <= 100_000 + 4 * len(text)
+    return work
+
+
+@pytest.mark.parametrize("text", HOSTILE + EXPENSIVE, ids=[f"hostile{i}" for i in range(len(HOSTILE + EXPENSIVE))])
+def test_hostile_inputs_cost_linear_work(text):
+    """Speed without a clock: the work counted by the parser stays linear in the input."""
+    results = []
+    _checked_work(lambda t, w: results.append(parse_reasoning(t, REL1000, 8, work=w)), text)
+    _checked_work(lambda t, w: results.append(parse_synthesis(t, REL1000, work=w)), text)
+    result, answer = results
     assert len(result.steps) <= 8
     assert isinstance(answer.answer, str)
     assert all(len(w) <= 300 for w in result.warnings + answer.warnings)
 
 
+def test_json_lines_are_read_in_one_pass():
+    text = '{"statement": "s", "kind": "reasoning"}\n' * 2_000
+    work = _checked_work(lambda t, w: parse_reasoning(t, REL1000, 8, work=w), text)
+    assert work.searches == 2_001 and work.candidates == 2_000
+    assert work.chars == len(text) - 2_000        # every step decoded once, newlines skipped
+
+
 def test_large_valid_output_parses_completely():
     steps = [{"statement": f"Step {i} " + "word " * 20, "kind": "reasoning"} for i in range(500)]
-    text = "<think>" + "hmm " * 10_000 + "</think>" + json.dumps({"steps": steps}).replace('"', "'")
+    body = json.dumps({"steps": steps}).replace('"', "'")
+    text = "<think>" + "hmm " * 10_000 + "</think>" + body
     assert len(text) > 100_000
-    start = time.perf_counter()
-    result = reason(text, max_steps=1000)
-    assert time.perf_counter() - start < 2.0
+    work = Work(len(text))
+    result = parse_reasoning(text, REL1000, max_steps=1000, work=work)
     assert len(result.steps) == 500 and result.steps[-1].statement.startswith("Step 499")
+    # one candidate, read once by the tolerant reader (strict JSON fails at the first quote)
+    assert work.searches == 1 and work.candidates == 1
+    assert work.chars <= len(body) + 2
 
 
 def test_non_string_input_does_not_raise():

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_load import REPO, serve, texts
+from server import REPO
 
 USER, PASSWORD = "corgi-tester", "s3cret-Pa55"
 CONFIG = """\
@@ -118,8 +118,9 @@ def test_launch_arguments(monkeypatch, tmp_path, caplog):
 # ---- a launched server with a login -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = serve(tmp_path_factory.mktemp("safe"), CONFIG, env={"CORGI_USERNAME": USER, "CORGI_PASSWORD": PASSWORD})
+def server(launch):
+    # Its own server: the last test stops it.
+    server = launch(CONFIG, env={"CORGI_USERNAME": USER, "CORGI_PASSWORD": PASSWORD}, shared=False)
     yield server
     server.stop()
 
@@ -127,8 +128,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def session(server):
     """A logged-in client that has asked one question; file paths as the server sees them."""
-    from gradio_client import Client, handle_file
-    client = Client(server.url, auth=(USER, PASSWORD), verbose=False, download_files=False)
+    from gradio_client import handle_file
+    client = server.client(auth=(USER, PASSWORD), download_files=False)
     client.predict(handle_file(str(REPO / "assets" / "shapes.png")), api_name="/set_image")
     out = client.predict({"text": "How many shapes are there?", "files": []}, api_name="/ask")
     yield client, out
@@ -196,7 +197,7 @@ def test_logged_in_user_gets_the_app_and_only_its_files(server, session):
                  f"{private}/../../etc/passwd", f"{private}/%2e%2e/%2e%2e/etc/passwd", "https://example.com/"):
         response = httpx.get(f"{server.url}/gradio_api/file={path}", cookies=cookies)
         assert response.status_code in (403, 404), (path, response.status_code)
-    assert PASSWORD not in server.log.read_text()                  # the login is never logged
+    assert PASSWORD not in server.log_text()                  # the login is never logged
     # No monitoring dashboard (Gradio enables /monitoring by default).
     for path in ("/monitoring", "/gradio_api/monitoring/summary", "/monitoring/summary"):
         assert httpx.get(server.url + path, cookies=cookies).status_code in (403, 404), path
@@ -222,7 +223,7 @@ def test_stopping_the_server_removes_its_files(server, session):
     private = Path(out[6]["value"]["path"]).parent.parent
     assert private.is_dir()
     server.stop()                                              # SIGTERM
-    assert server.proc.returncode == 0, server.log.read_text()[-2000:]
+    assert server.proc.returncode == 0, server.log_text()[-2000:]
     assert not private.exists()
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from corgi.engine import tiny
+from corgi.engine.twin_tokenizer import added_tokens, chat_template
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,11 @@ def test_folder_and_config(built, loaded, family):
     assert tiny.is_complete_checkpoint(folder)
 
     model, tok, ip = loaded[family]
-    expected = {"qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration", "qwen3-vl": "Qwen3VLForConditionalGeneration"}
-    assert type(model).__name__ == expected[family]
-    assert type(tok).__name__ == "Qwen2Tokenizer"
+    b = tiny._BUILDS[family]
+    assert type(model).__name__ == b.model_class
+    # what AutoTokenizer picks for the config's model_type (Qwen3.5: transformers' Qwen3_5Tokenizer, which
+    # rebuilds the BPE without tokenizer.json's ignore_merges; see engine/twin_tokenizer.py)
+    assert type(tok).__name__ == ("Qwen3_5Tokenizer" if b.tokenizer == "qwen3.5" else "Qwen2Tokenizer")
     assert type(ip).__name__ == "Qwen2VLImageProcessorPil"
     cfg = model.config
     tc, vc = cfg.text_config, cfg.vision_config
@@ -78,35 +81,55 @@ def test_folder_and_config(built, loaded, family):
     assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
     assert cfg.eos_token_id == tc.eos_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.pad_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
-    assert tc.vocab_size >= len(tok) and tc.vocab_size % 64 == 0
-    assert vc.out_hidden_size == tc.hidden_size
+    assert tc.vocab_size == b.vocab_size == (248320 if b.tokenizer == "qwen3.5" else 151936)  # real rows
+    assert len(tok) <= tc.vocab_size
+    # the real checkpoints' ids (Qwen2/2.5/3-VL: 151655, 151656, 151652, 151653; Qwen3.5 from 248044)
+    real = {content: i for i, content, _ in added_tokens(b.tokenizer)}
+    if b.tokenizer != "qwen3.5":
+        assert (real["<|image_pad|>"], real["<|video_pad|>"], real["<|vision_start|>"]) == (151655, 151656, 151652)
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id) == \
+        (real["<|image_pad|>"], real["<|video_pad|>"], real["<|vision_start|>"], real["<|vision_end|>"])
+    assert (tc.bos_token_id, tc.eos_token_id, tok.pad_token_id) == \
+        (real["<|endoftext|>"], real["<|im_end|>"], real["<|endoftext|>"])
+    out_width = vc.hidden_size if family == "qwen2-vl" else vc.out_hidden_size   # Qwen2-VL: merger output
+    assert out_width == tc.hidden_size
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    assert sum(tc.rope_parameters["mrope_section"]) == head_dim // 2
+    rotary = int(head_dim * tc.rope_parameters.get("partial_rotary_factor", 1.0))
+    assert sum(tc.rope_parameters["mrope_section"]) == rotary // 2
     assert cfg.tie_word_embeddings and model.lm_head.weight is model.model.language_model.embed_tokens.weight
     assert model.dtype == torch.float32
     assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
-    assert vc.patch_size == ip.patch_size == {"qwen2.5-vl": 14, "qwen3-vl": 16}[family]
+    assert vc.patch_size == ip.patch_size == b.patch == (14 if family in ("qwen2-vl", "qwen2.5-vl") else 16)
     assert vc.spatial_merge_size == ip.merge_size == 2
-    if family == "qwen3-vl":
+    if family.startswith("qwen3.5"):
+        assert tc.rope_parameters["mrope_interleaved"] is True
+        assert not getattr(vc, "deepstack_visual_indexes", None)
+    elif family.startswith("qwen3-vl"):
         assert tc.rope_parameters["mrope_interleaved"] is True
         assert vc.deepstack_visual_indexes and max(vc.deepstack_visual_indexes) < vc.depth
         assert len(vc.deepstack_visual_indexes) <= tc.num_hidden_layers
         side = int(vc.num_position_embeddings ** 0.5)
         assert side * side == vc.num_position_embeddings
-    else:
+    elif family == "qwen2.5-vl":
         assert max(vc.fullatt_block_indexes) < vc.depth
+    else:                                   # the Qwen2-VL tower: embed_dim wide, mlp_ratio, quick_gelu
+        assert vc.embed_dim % vc.num_heads == 0 and vc.mlp_ratio == 4 and vc.hidden_act == "quick_gelu"
     assert model.generation_config.eos_token_id[0] == tok.eos_token_id
 
 
 def test_sizes_and_names():
     assert set(tiny.SIZES) == {"tiny", "small"}
-    for name in ("tiny-qwen2.5-vl", "tiny-qwen3-vl", "small-qwen2.5-vl", "small-qwen3-vl"):
+    assert tiny.FAMILIES[:3] == ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+    assert tiny.TINY_NAMES == tuple(f"{s}-{f}" for s in tiny.SIZES for f in tiny.FAMILIES)
+    for name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl", "small-qwen2-vl", "small-qwen2.5-vl",
+                 "small-qwen3-vl"):
         assert tiny.is_tiny_name(name)
     assert tiny.parse_tiny_name("small-qwen3-vl") == ("qwen3-vl", "small")
-    for name in ("Qwen/Qwen2.5-VL-3B-Instruct", "tiny-qwen2-vl", "", None, "tiny"):
+    assert tiny.parse_tiny_name("tiny-qwen2-vl") == ("qwen2-vl", "tiny")
+    for name in ("Qwen/Qwen2.5-VL-3B-Instruct", "tiny-qwen9-vl", "", None, "tiny"):
         assert not tiny.is_tiny_name(name)
     with pytest.raises(ValueError):
-        tiny.build_tiny_checkpoint("qwen2-vl", Path("/nonexistent/x"))
+        tiny.build_tiny_checkpoint("qwen9-vl", Path("/nonexistent/x"))
     with pytest.raises(ValueError):
         tiny.build_tiny_checkpoint("qwen3-vl", Path("/nonexistent/x"), size="huge")
 
@@ -154,7 +177,11 @@ def test_build_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_tokenizer(loaded, family):
     _, tok, _ = loaded[family]
-    assert 1900 <= len(tok) <= 2100
+    kind = tiny._BUILDS[family].tokenizer
+    ranks = 248044 if kind == "qwen3.5" else 151643
+    assert len(tok) == ranks + len(added_tokens(kind))            # Qwen2/2.5-VL 151665, Qwen3-VL 151669
+    decoder = tok.added_tokens_decoder
+    assert [(i, decoder[i].content, decoder[i].special) for i in sorted(decoder)] == added_tokens(kind)
     rng = np.random.RandomState(7)
     samples = [
         'Hello, world! {"steps": [{"statement": "a red car", "kind": "object", "bbox_2d": [12, 34, 56, 78]}]}',
@@ -176,7 +203,7 @@ def test_tokenizer(loaded, family):
     assert tok.encode("") == []
     assert tok.decode(tok.encode("x<|im_end|>y"), skip_special_tokens=True) == "xy"
     think = tok.encode("<think>")
-    assert (len(think) == 1) == (family == "qwen3-vl")          # as in the real tokenizers
+    assert (len(think) == 1) == (kind in ("qwen3-vl", "qwen3.5"))   # as in the real tokenizers
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -185,8 +212,12 @@ def test_chat_template(loaded, family):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     body = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n<|im_start|>assistant\n"
-    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" if family == "qwen2.5-vl" else ""
-    assert text == system + body
+    # Qwen2-VL's and Qwen2.5-VL's templates add a default system message; Qwen3-VL's and Qwen3.5's do not;
+    # Qwen3.5's opens the think block itself
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" if family in ("qwen2-vl", "qwen2.5-vl") else ""
+    opened = "<think>\n" if tiny._BUILDS[family].tokenizer == "qwen3.5" else ""
+    assert text == system + body + opened
+    assert tok.chat_template == chat_template(tiny._BUILDS[family].tokenizer)
     sys_msg = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert tok.apply_chat_template(sys_msg, tokenize=False) == \
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
@@ -205,6 +236,10 @@ def test_image_processor(built, loaded, family):
     t, h, w = out["image_grid_thw"][0].tolist()
     assert t == 1 and h % 2 == 0 and w % 2 == 0
     assert out["pixel_values"].shape == (h * w, 3 * 2 * patch * patch)
+    clip = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+    mean, std, min_pixels = clip + (3136,) if patch == 14 else ([0.5] * 3, [0.5] * 3, 65536)
+    assert (list(ip.image_mean), list(ip.image_std), ip.temporal_patch_size) == (mean, std, 2)
+    assert ip.size["shortest_edge"] == min_pixels          # min_pixels is stored as size.shortest_edge
     small = Qwen2VLImageProcessorPil.from_pretrained(built[family], min_pixels=4 * (2 * patch) ** 2,
                                                       max_pixels=16 * (2 * patch) ** 2)
     assert int(small(images=_image(500, 300), return_tensors="pt")["image_grid_thw"].prod()) // 4 <= 16
@@ -278,7 +313,7 @@ def test_ensure_tiny_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("CORGI_CACHE", str(tmp_path / "env"))
     assert tiny.tiny_checkpoint_folder("tiny-qwen3-vl").is_relative_to(tmp_path / "env")
     with pytest.raises(ValueError):
-        tiny.ensure_tiny_checkpoint("tiny-qwen2-vl", cache_dir=tmp_path)
+        tiny.ensure_tiny_checkpoint("tiny-qwen9-vl", cache_dir=tmp_path)
 
 
 def test_ensure_races(tmp_path):
@@ -310,3 +345,18 @@ def test_ensure_races(tmp_path):
     assert tiny.is_complete_checkpoint(folder)
     leftovers = [p.name for p in folder.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_checkpoint_holds_the_twin_tokenizer(built, family, tmp_path):
+    """The folder's tokenizer files are exactly the family's real (twin) tokenizer."""
+    from corgi.engine.twin_tokenizer import build_tokenizer
+    kind = tiny._BUILDS[family].tokenizer
+    build_tokenizer(kind).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (built[family] / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    if kind == "qwen3.5":
+        # tokenizer.json as written keeps tiktoken's whole-piece rule (one id for 加拿大); AutoTokenizer on
+        # this folder picks Qwen3_5Tokenizer by model_type, whose rebuilt BPE drops it (three ids)
+        from transformers import TokenizersBackend
+        assert TokenizersBackend.from_pretrained(built[family]).encode("加拿大") == [108918]

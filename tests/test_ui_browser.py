@@ -9,11 +9,10 @@ import re
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from test_ui_client import ASSETS, REPO, start_server, stop_server
+from server import ASSETS, REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -25,11 +24,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ui-browser")
-    url, proc = start_server(folder)
-    yield SimpleNamespace(url=url, log=folder / "server.log")
-    stop_server(proc)
+def server(ui_server):
+    return ui_server          # the UI tests' shared server (conftest.py)
 
 
 @pytest.fixture
@@ -137,5 +133,7 @@ def test_a_conversation_in_the_browser(server, browser):
     expect(chat.get_by_text("Describe the house.")).to_have_count(0)
 
     # Closing the tab frees its session at once (demo.unload), not only after the idle time-out.
+    closed = "a tab was closed: its session is freed"
+    before = server.log_text().count(closed)      # a shared server: other tests closed sessions too
     page.close()
-    wait_for(lambda: "a tab was closed: its session is freed" in server.log.read_text(), timeout=30)
+    wait_for(lambda: server.log_text().count(closed) > before, timeout=30)

@@ -1,95 +1,44 @@
-"""The web UI through its API, as a client sees it: a real server (subprocess, tiny model) driven
-by gradio_client over the named endpoints /set_image, /ask, /regenerate, /stop, /new_conversation.
-
-Also home to `start_server`, which the browser test reuses.
+"""The web UI through its API, as a client sees it: a real server (subprocess, tiny model, the
+shared `ui_server` of conftest.py) driven by gradio_client over the named endpoints /set_image,
+/ask, /regenerate, /stop, /new_conversation. Also: every tiny family serves a turn through its own
+server, a heavier checkpoint serves one too, and the page config Gradio deep-copies on every page
+load reaches no model.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "assets"
-
-# Small budgets keep a turn under a second or two on a CPU; the grammar bounds the rest.
-TEST_CONFIG = """\
-model: {id: tiny-qwen2.5-vl}
-image: {min_pixels: 3136, max_pixels: 50176}
-pipeline: {max_steps: 3, max_regions: 3, reasoning_max_new_tokens: 96, evidence_max_new_tokens: 8,
-           synthesis_max_new_tokens: 64, max_thinking_chars: 40}
-ui: {max_upload_mb: 0.1, idle_timeout_s: 600}
-"""
+from conftest import TINY_MODELS
+from server import ASSETS, texts
 
 # Outputs of every endpoint, in order (the session State is not sent to clients); /ask adds the textbox.
 CHAT, BOXES, GALLERY, TIMINGS, DEBUG_TEXT, DEBUG_JSON, TRACE = range(7)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(folder: Path, timeout: float = 120.0):
-    """Run `python -m chatbot` on a free port; return (url, process) once it answers HTTP."""
-    config = folder / "ui-test.yaml"
-    config.write_text(TEST_CONFIG)
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    env.setdefault("CORGI_CACHE", str(REPO / ".cache" / "corgi"))
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "chatbot", "--config", str(config), "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    # "Running on local URL" is printed before the server answers: poll until it does.
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited ({proc.returncode}):\n{(folder / 'server.log').read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/", timeout=2) as response:
-                if response.status == 200:
-                    return url, proc
-        except OSError:
-            time.sleep(0.25)
-    stop_server(proc)
-    raise AssertionError(f"the server did not answer within {timeout} s:\n{(folder / 'server.log').read_text()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+HEAVY_MODEL = "small-qwen2.5-vl"      # many times the tiny twin's weights: what a page load must not copy
+# Its turn with the least work that is still a whole turn (one step, one region, a small image).
+HEAVY_CONFIG = """\
+image: {min_pixels: 3136, max_pixels: 12544}
+pipeline: {max_steps: 1, max_regions: 1, reasoning_max_new_tokens: 24, evidence_max_new_tokens: 4,
+           synthesis_max_new_tokens: 16, max_thinking_chars: 10}
+ui: {max_upload_mb: 0.1, idle_timeout_s: 600}
+"""
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    url, proc = start_server(tmp_path_factory.mktemp("ui-client"))
-    yield url
-    stop_server(proc)
+def server(ui_server):
+    return ui_server
 
 
 @pytest.fixture
 def client(server):
-    from gradio_client import Client
-    return Client(server, verbose=False)     # one Client = one browser session
-
-
-def texts(chat) -> list[str]:
-    return [part.get("text", "") for m in chat for part in m["content"]]
+    return server.client()     # one Client = one browser session
 
 
 def titles(chat) -> list[tuple[str, str]]:
@@ -117,7 +66,10 @@ def stream_ask(client, question, *settings):
 def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     out = set_image(client)
     assert any("**street-scene.png**" in t and "encoded and ready" in t for t in texts(out[CHAT]))
-    assert column(out[TIMINGS], "image")["vision misses"] == 1          # encoded once, on upload
+    # Encoded once, on upload (or found in the vision cache, which sessions share by content: the
+    # server is shared, and another test may have sent this picture first).
+    image = column(out[TIMINGS], "image")
+    assert image["vision misses"] + image["vision hits"] == 1, image
     assert out[BOXES]                                                    # the side panel shows it
 
     updates, final = stream_ask(client, "What colour is the car?")
@@ -302,3 +254,177 @@ def test_pipeline_settings_validate_and_copy():
         pipeline_settings(base, (0, 3, 64, 8, 32))
     with pytest.raises(InputError, match="whole number"):
         pipeline_settings(base, ("many", 3, 64, 8, 32))
+
+
+# ---- page loads never copy the model ---------------------------------------------------------------
+
+def model_objects() -> tuple[type, ...]:
+    """What must never be reachable from the page config: the model and everything holding it."""
+    import torch
+
+    from chatbot.app import CorgiApp
+    from chatbot.sessions import SessionStore, UserSession
+    from corgi.engine.engine import Engine
+    from corgi.engine.loading import LoadedModel
+    from corgi.pipeline import ChatSession
+    return (torch.Tensor, torch.nn.Module, Engine, LoadedModel, ChatSession, CorgiApp, SessionStore, UserSession)
+
+
+def reachable(root, forbidden: tuple[type, ...]) -> list[str]:
+    """Paths from `root` to objects of the forbidden types, through containers, attributes,
+    bound methods (their owner), closures, default arguments and partials: stricter than
+    deepcopy, which copies a function as itself. Weak references and modules are not followed."""
+    import functools
+    import types
+    import weakref
+    found, seen, stack = [], set(), [(root, "config")]
+    while stack:
+        obj, path = stack.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), type,
+                                               types.ModuleType, weakref.ref)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, forbidden):
+            found.append(f"{path}: {type(obj).__name__}")
+            continue
+        if isinstance(obj, dict):
+            children = [(v, f"{path}[{k!r}]") for k, v in obj.items()] + [(k, f"{path} key") for k in obj]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            children = [(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        elif isinstance(obj, types.MethodType):
+            children = [(obj.__self__, f"{path}.__self__"), (obj.__func__, f"{path}.__func__")]
+        elif isinstance(obj, types.FunctionType):
+            children = [(cell.cell_contents, f"{path}.<{name}>")
+                        for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ())]
+            children += [(obj.__defaults__, f"{path}.__defaults__"), (obj.__kwdefaults__, f"{path}.__kwdefaults__")]
+        elif isinstance(obj, functools.partial):
+            children = [(obj.func, f"{path}.func"), (obj.args, f"{path}.args"), (obj.keywords, f"{path}.keywords")]
+        else:
+            children = [(v, f"{path}.{k}") for k, v in (getattr(obj, "__dict__", None) or {}).items()]
+            children += [(getattr(obj, s), f"{path}.{s}") for s in getattr(type(obj), "__slots__", ())
+                         if isinstance(s, str) and hasattr(obj, s)]
+        stack.extend(children)
+    return found
+
+
+def test_the_page_config_gradio_copies_per_page_load_reaches_no_model():
+    """Gradio deep-copies the page config on every GET / and GET /config (routes.py:
+    utils.safe_deepcopy(blocks.config)), and the State blocks' config (delete_callback included)
+    for deep links. Built on a real engine, that copy must succeed in one go (safe_deepcopy
+    otherwise retries piece by piece, copying whatever it reached each time) and copy no tensor,
+    no model, no engine, no session."""
+    import gradio as gr
+
+    from chatbot.app import CorgiApp
+    from conftest import fast_config, make_engine
+    model = TINY_MODELS[0]
+    app = CorgiApp(make_engine(model), fast_config(model))
+    demo = app.build()
+    app.store.get("a-tab")           # a live session in the store: the callback must not reach it either
+    states = [b for b in demo.blocks.values() if isinstance(b, gr.State)]
+    assert states
+    configs = {"Blocks.config": demo.config, "Blocks.get_config_file()": demo.get_config_file()}
+    configs.update({f"State {s._id} config": demo.default_config.config_for_block(s._id, [], s) for s in states})
+    forbidden = model_objects()
+    for name, config in configs.items():
+        memo: dict = {}
+        copy.deepcopy(config, memo)           # raises if anything in it cannot be copied
+        copied = sorted({type(v).__name__ for v in memo.values() if isinstance(v, forbidden)})
+        assert not copied, f"copying {name} copies {copied}"
+        assert not reachable(config, forbidden), (name, reachable(config, forbidden)[:5])
+    for state in states:                      # the callbacks themselves, and the initial values
+        assert not reachable([state.delete_callback, state.value], forbidden)
+
+
+def test_idle_expiry_does_not_keep_the_app_alive():
+    """The State's callback holds the session store weakly: it frees sessions while the app
+    lives and does nothing (no error) after."""
+    import gc
+
+    from chatbot.app import idle_expiry
+    from chatbot.sessions import SessionStore
+    store = SessionStore(4)
+    expire = idle_expiry(store)
+    session = store.get("idle")
+    expire(session)
+    assert session.closed and len(store) == 0
+    orphan = store.get("later")
+    del store
+    gc.collect()
+    expire(orphan)
+    assert orphan.closed
+
+
+def test_an_image_sent_again_is_not_rewritten_while_it_downloads(tmp_path, monkeypatch):
+    """Gradio rewrote a content-named image file in place on every postprocess, so a browser
+    fetching the boxes image while a turn streamed got a cut-off file. The app's replacement
+    keeps an existing file as it is and writes new ones under a temporary name."""
+    import chatbot.app  # noqa: F401  (installs the replacement)
+    from gradio import processing_utils
+    image = Image.new("RGB", (40, 30), "red")
+    first = processing_utils.save_pil_to_cache(image, str(tmp_path), format="png")
+    with open(first, "rb") as download:                  # a browser, half-way through the file
+        head = download.read(16)
+
+        def written(*args, **kwargs):
+            raise AssertionError("the cached image was written again")
+        monkeypatch.setattr(Path, "write_bytes", written)
+        monkeypatch.setattr(os, "fdopen", written)
+        again = processing_utils.save_pil_to_cache(image, str(tmp_path), format="png")
+        monkeypatch.undo()
+        assert again == first
+        assert head + download.read() == Path(first).read_bytes()
+    other = processing_utils.save_pil_to_cache(Image.new("RGB", (40, 30), "blue"), str(tmp_path), format="png")
+    assert Path(other).parent != Path(first).parent and Image.open(other).getpixel((0, 0)) == (0, 0, 255)
+    assert [p.name for p in Path(first).parent.iterdir()] == ["image.png"]     # no staging file left
+
+
+# ---- every family, and a heavier checkpoint, through a launched server ------------------------------
+
+def one_turn(server, question="What colour is the car?") -> tuple:
+    """set_image + one /ask through gradio_client; the final outputs of both."""
+    client = server.client()
+    try:
+        loaded = set_image(client)
+        _, final = stream_ask(client, question)
+    finally:
+        client.close()
+    return loaded, final
+
+
+def check_served_turn(server, model: str) -> None:
+    page = httpx.get(server.url + "/", timeout=60)
+    assert page.status_code == 200 and f"Model: `{model}`" in page.text
+    config = httpx.get(server.url + "/config", timeout=60)
+    assert config.status_code == 200 and config.json()["components"]
+    loaded, final = one_turn(server)
+    assert any("encoded and ready" in t for t in texts(loaded[CHAT])), texts(loaded[CHAT])[-1:]
+    assert list(final[DEBUG_JSON]) == ["turn 1"], texts(final[CHAT])[-2:]
+    assert all(status == "done" for _, status in titles(final[CHAT]))
+    answer = [m for m in final[CHAT] if m["role"] == "assistant" and not m.get("metadata")]
+    assert answer and answer[-1]["content"][0]["text"].strip()
+    trace = json.loads(Path(final[TRACE]["value"]).read_text(encoding="utf-8"))
+    assert trace["model"]["id"] == model
+    assert server.alive()
+    assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_every_family_serves_a_turn(model, launch):
+    """Each tiny twin: a launched UI (one server per model for the run; the first one is the
+    shared ui_server), the page and its config, one turn through gradio_client."""
+    check_served_turn(launch(model=model), model)
+
+
+def test_a_heavier_checkpoint_launches_and_serves_page_loads_and_a_turn(launch):
+    """A heavier checkpoint: with a callback that dragged the engine into the page config, every
+    page load copied the weights (and Gradio's 3 s start-up check of the page could fail)."""
+    server = launch(HEAVY_CONFIG, model=HEAVY_MODEL, shared=False)
+    try:
+        for _ in range(3):                     # page loads, as browsers (and reloads) make them
+            for path in ("/", "/config"):
+                assert httpx.get(server.url + path, timeout=120).status_code == 200, path
+        check_served_turn(server, HEAVY_MODEL)
+        assert "shareable link must be created" not in server.log_text()
+    finally:
+        server.stop()

@@ -14,12 +14,22 @@ layer, an additive mask [B, 1, 1, C], and the write column. The layer function i
 torch.compile'd graph reused by every layer (weights are arguments), and the whole step is
 captured once per bucket as a CUDA graph; after warm-up a conversation never compiles
 again. On CPU (tests) the same step runs eagerly.
+
+Qwen3.5 / Qwen3.6 dense (hybrid text stack, `HybridTextStack` / `HybridBucket`): Gated DeltaNet
+layers keep a conv state [B, conv_dim, K] (model dtype) and a recurrent state [B, Hv, dk, dv]
+(float32) per bucket row; only the full-attention layers (every 4th) have K/V buffers. There are
+two layer functions (engine/linear_attention.py), each compiled once and shared by every layer of
+its kind. `load` copies an HF prefill's cache (DynamicCache(config=...)) in; `append_to` hands the
+attention columns and row 0's linear states back.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .linear_attention import gated_attention_layer_step, linear_layer_step, zc_rms_norm
+
+LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
 CAPACITY_BUCKETS = (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
@@ -118,9 +128,71 @@ class TextStack:
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B] -> cos, sin [B, D], computed in float32 like HF, then cast."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :].float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+        return rope_cos_sin(self.inv_freq, self.rope_scale, positions, dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B] -> cos, sin [B, 2*len(inv_freq)]: text M-RoPE (the same position on all three
+    axes) is plain 1-D RoPE, so the mrope sections and their interleaving drop out."""
+    freqs = positions[:, None].float() * inv_freq[None, :].float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def is_hybrid(model) -> bool:
+    """Qwen3.5 / Qwen3.6: a text stack with Gated DeltaNet ("linear_attention") layers."""
+    return LINEAR in (getattr(model.config.get_text_config(), "layer_types", None) or ())
+
+
+def supported(model) -> bool:
+    """Whether the static step covers this text stack: dense MLPs (gate/up/down) only; the MoE
+    families (Qwen3-VL-MoE, Qwen3.5-MoE) keep the HF decode path."""
+    return all(hasattr(layer.mlp, "gate_proj") for layer in model.model.language_model.layers)
+
+
+class HybridTextStack:
+    """Qwen3.5 dense text decoder weights as plain tensors, per layer, for the two layer kinds."""
+
+    def __init__(self, model):
+        lm = model.model.language_model
+        cfg = model.config.get_text_config()
+        if not supported(model):
+            raise ValueError("the static decode step covers dense MLPs only (this text stack is MoE)")
+        self.eps = cfg.rms_norm_eps
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_k, self.n_v = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.d_k, self.d_v = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.conv_dim = 2 * self.n_k * self.d_k + self.n_v * self.d_v
+        self.kernel = cfg.linear_conv_kernel_dim
+        self.kinds = list(cfg.layer_types)[:cfg.num_hidden_layers]
+        self.embed = lm.embed_tokens.weight
+        self.norm = lm.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.inv_freq = lm.rotary_emb.inv_freq                      # [rot/2]: partial rotary
+        self.rope_scale = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
+        self.layers = []
+        for layer, kind in zip(lm.layers, self.kinds):
+            mlp = layer.mlp
+            wgu, _ = fuse_linears([mlp.gate_proj, mlp.up_proj])
+            ln1, ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            if kind == LINEAR:
+                la = layer.linear_attn
+                w_in, _ = fuse_linears([la.in_proj_qkv, la.in_proj_z, la.in_proj_b, la.in_proj_a])
+                conv_w = la.conv1d.weight.detach().squeeze(1)       # [conv_dim, K], a view
+                self.layers.append((ln1, w_in, conv_w, la.A_log, la.dt_bias, la.norm.weight,
+                                    la.out_proj.weight, ln2, wgu, mlp.down_proj.weight))
+            elif kind == FULL:
+                attn = layer.self_attn
+                wqkv, bqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+                self.layers.append((ln1, wqkv, bqkv, attn.o_proj.weight, attn.q_norm.weight,
+                                    attn.k_norm.weight, ln2, wgu, mlp.down_proj.weight))
+            else:
+                raise ValueError(f"layer kind {kind!r} is not covered by the static decode step")
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, self.rope_scale, positions, dtype)
 
 
 class Bucket:
@@ -131,6 +203,9 @@ class Bucket:
         shape = (batch, stack.n_kv, capacity, stack.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in stack.layers]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in stack.layers]
+        self._init_io(batch, capacity, device, dtype)
+
+    def _init_io(self, batch: int, capacity: int, device, dtype) -> None:
         self.mask = torch.full((batch, 1, 1, capacity), float("-inf"), device=device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)      # graph inputs
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
@@ -178,6 +253,9 @@ class Bucket:
         for i, layer in enumerate(cache.layers):
             self.k[i][:rows, :, :length].copy_(layer.keys[..., :length, :])
             self.v[i][:rows, :, :length].copy_(layer.values[..., :length, :])
+        self._load_io(rows, length, positions, valid)
+
+    def _load_io(self, rows: int, length: int, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
         self.mask.fill_(float("-inf"))
         if valid is None:
             self.mask[:rows, ..., :length] = 0.0
@@ -206,25 +284,108 @@ class Bucket:
             layer.update(self.k[i][:1, :, start:stop], self.v[i][:1, :, start:stop])
 
 
-_COMPILED = None
+class HybridBucket(Bucket):
+    """Bucket for the Qwen3.5 hybrid stack: per row, conv + recurrent states for the linear
+    layers, K/V columns for the full-attention layers. `layer_fn` maps layer kind -> function.
+    Same capture / step protocol as Bucket; `load` and `append_to` also move the linear states."""
+
+    def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn):
+        self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
+        kv = (batch, stack.n_kv, capacity, stack.head_dim)
+        full = [kind == FULL for kind in stack.kinds]
+        self.k = [torch.zeros(kv, device=device, dtype=dtype) if f else None for f in full]
+        self.v = [torch.zeros(kv, device=device, dtype=dtype) if f else None for f in full]
+        self.conv = [None if f else torch.zeros((batch, stack.conv_dim, stack.kernel), device=device, dtype=dtype)
+                     for f in full]
+        self.rec = [None if f else torch.zeros((batch, stack.n_v, stack.d_k, stack.d_v), device=device,
+                                               dtype=torch.float32) for f in full]
+        self._init_io(batch, capacity, device, dtype)
+
+    def _step(self) -> torch.Tensor:
+        s = self.stack
+        linear_fn, attention_fn = self.layer_fn[LINEAR], self.layer_fn[FULL]
+        self.mask.index_fill_(-1, self.write, 0.0)     # the new token sees itself
+        h = F.embedding(self.tokens, s.embed)          # [B, H]
+        cos, sin = s.rope(self.positions, self.dtype)  # [B, rot]
+        for i, (kind, weights) in enumerate(zip(s.kinds, s.layers)):
+            if kind == LINEAR:
+                h = linear_fn(h, *weights, self.conv[i], self.rec[i], s.eps, s.n_k, s.n_v, s.d_k, s.d_v)
+            else:
+                h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
+                                 s.eps, s.n_heads, s.n_kv)
+        h = zc_rms_norm(h, s.norm, s.eps)
+        logits = F.linear(h, s.lm_head).float()        # [B, V]
+        self.positions.add_(1)
+        self.write.add_(1)
+        return logits
+
+    @torch.inference_mode()
+    def load(self, cache, length: int, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Copy a prefilled HF cache (DynamicCache(config=...): LinearAttentionLayer for the linear
+        layers; rows = this bucket's first rows) into the buffers. Rows past `rows` get zero states.
+        positions / valid as in Bucket.load (valid only masks the attention layers: the linear
+        layers' states already ignore left padding when the prefill was given the mask)."""
+        rows = positions.shape[0]
+        for i, layer in enumerate(cache.layers):
+            if self.stack.kinds[i] == LINEAR:
+                self.conv[i][:rows].copy_(layer.conv_states[0][..., -self.stack.kernel:])
+                self.rec[i][:rows].copy_(layer.recurrent_states[0])
+                self.conv[i][rows:].zero_()
+                self.rec[i][rows:].zero_()
+            else:
+                self.k[i][:rows, :, :length].copy_(layer.keys[..., :length, :])
+                self.v[i][:rows, :, :length].copy_(layer.values[..., :length, :])
+        self._load_io(rows, length, positions, valid)
+
+    @torch.inference_mode()
+    def append_to(self, cache, start: int, stop: int, row: int = 0) -> None:
+        """Hand the decoded tokens back to a one-row HF cache: attention columns start..stop-1 and
+        the linear layers' conv/recurrent states of `row` (copied into the cache's own tensors).
+        A linear state exists only for the newest token, so `stop` must be the write column
+        (every token fed since `load`)."""
+        written = int(self.write)
+        if stop != written:
+            raise ValueError(f"linear states cover {written} columns, not {stop}: hand back every fed token")
+        for i, layer in enumerate(cache.layers):
+            if self.stack.kinds[i] == LINEAR:
+                conv, rec = layer.conv_states[0], layer.recurrent_states[0]
+                if conv.shape[0] != 1:
+                    raise ValueError("append_to hands one row back to a one-row cache")
+                conv.copy_(self.conv[i][row:row + 1])
+                rec.copy_(self.rec[i][row:row + 1])
+            else:
+                layer.update(self.k[i][row:row + 1, :, start:stop], self.v[i][row:row + 1, :, start:stop])
+
+    def state_nbytes(self) -> int:
+        """Bytes of the linear states of one row (what a snapshot of one conversation costs)."""
+        return sum(t[0].numel() * t.element_size() for t in self.conv + self.rec if t is not None)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """One compiled function per layer kind for the process, so engines share its per-shape
+    compilations."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
 
 
 def _compiled_layer_step():
-    """One compiled function for the process, so engines share its per-shape compilations."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(layer_step, fullgraph=True, dynamic=False)
-    return _COMPILED
+    return _compiled(layer_step)
 
 
 class StaticDecoder:
     """Buckets by (batch, capacity), created on first use or at warm-up."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype, use_graphs: bool, compile_layers: bool):
-        self.stack = TextStack(model)
+        self.hybrid = is_hybrid(model)
+        self.stack = HybridTextStack(model) if self.hybrid else TextStack(model)
+        self.bucket_class = HybridBucket if self.hybrid else Bucket
         self.device, self.dtype = device, dtype
         self.use_graphs = use_graphs and device.type == "cuda"
-        self.layer_fn = layer_step
+        self.layer_fn = {LINEAR: linear_layer_step, FULL: gated_attention_layer_step} if self.hybrid else layer_step
         if compile_layers:
             import torch._dynamo
             # One specialisation per bucket shape; the default limit (8) would silently fall
@@ -232,7 +393,10 @@ class StaticDecoder:
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-            self.layer_fn = _compiled_layer_step()
+            if self.hybrid:
+                self.layer_fn = {kind: _compiled(fn) for kind, fn in self.layer_fn.items()}
+            else:
+                self.layer_fn = _compiled_layer_step()
         self.buckets: dict[tuple[int, int], Bucket] = {}
 
     @staticmethod
@@ -247,7 +411,7 @@ class StaticDecoder:
             return None          # too long or too wide: the caller decodes eagerly
         if shape not in self.buckets:
             with torch.inference_mode():    # buffers are written only under inference mode
-                bucket = Bucket(self.stack, *shape, self.device, self.dtype, self.layer_fn)
+                bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn)
                 if self.use_graphs:
                     bucket.capture()
             self.buckets[shape] = bucket
