@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import HYBRID_MODELS, MOE_MODELS, TINY_MODELS, make_engine, run_turn
+from conftest import HYBRID_MODELS, TINY_MODELS, make_engine, run_turn
 from corgi import prompts
 from corgi.pipeline import ChatSession
 
@@ -21,7 +21,7 @@ def conversation(engine, image, questions):
     return session, results
 
 
-@pytest.mark.parametrize("model", TINY_MODELS + HYBRID_MODELS + MOE_MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS + HYBRID_MODELS)
 def test_caches_on_and_off_give_identical_tokens(model, street_image):
     warm, warm_results = conversation(make_engine(model), street_image, QUESTIONS)
     cold, cold_results = conversation(make_engine(model, cache__enabled=False), street_image, QUESTIONS)
