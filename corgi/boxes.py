@@ -27,10 +27,6 @@ class BoxConvention:
     x_range: int
     y_range: int
 
-    def to_native(self, box: Box) -> list[int]:
-        return [round(box.x1 * self.x_range), round(box.y1 * self.y_range),
-                round(box.x2 * self.x_range), round(box.y2 * self.y_range)]
-
     def describe(self) -> str:
         if self.name == "pixels":
             return (f"integer pixel coordinates of the image as you see it, "

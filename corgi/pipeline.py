@@ -124,7 +124,7 @@ class ChatSession:
 
     # ---- the phases ---------------------------------------------------------------------
     def _turn(self, question: str, cfg: PipelineConfig) -> Iterator[Event]:
-        engine, conv, convention = self.engine, self.conv, self.convention
+        engine, convention = self.engine, self.convention
         stats, timings, raw, prompt_texts, warnings = CacheStats(), {}, {}, {}, []
         sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed + len(self.turns))
         turn_t0 = time.perf_counter()

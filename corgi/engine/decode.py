@@ -103,7 +103,7 @@ class MinLength:
 @dataclass
 class Row:
     """One sequence being decoded: its constraints and whether it has stopped."""
-    constraints: list = field(default_factory=list)
+    constraints: list[Constraint] = field(default_factory=list)
     done: bool = False
 
 

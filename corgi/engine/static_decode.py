@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear_attention import gated_attention_layer_step, linear_layer_step, zc_rms_norm
+from .linear_attention import (fused_delta_rule_available, gated_attention_layer_step, linear_layer_step,
+                               zc_rms_norm)
 
 LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
@@ -289,8 +290,10 @@ class HybridBucket(Bucket):
     layers, K/V columns for the full-attention layers. `layer_fn` maps layer kind -> function.
     Same capture / step protocol as Bucket; `load` and `append_to` also move the linear states."""
 
-    def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn):
+    def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn,
+                 fused: bool = False):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
+        self.fused = fused            # the delta rule as one Triton kernel (CUDA)
         kv = (batch, stack.n_kv, capacity, stack.head_dim)
         full = [kind == FULL for kind in stack.kinds]
         self.k = [torch.zeros(kv, device=device, dtype=dtype) if f else None for f in full]
@@ -309,7 +312,8 @@ class HybridBucket(Bucket):
         cos, sin = s.rope(self.positions, self.dtype)  # [B, rot]
         for i, (kind, weights) in enumerate(zip(s.kinds, s.layers)):
             if kind == LINEAR:
-                h = linear_fn(h, *weights, self.conv[i], self.rec[i], s.eps, s.n_k, s.n_v, s.d_k, s.d_v)
+                h = linear_fn(h, *weights, self.conv[i], self.rec[i], s.eps, s.n_k, s.n_v, s.d_k, s.d_v,
+                              fused=self.fused)
             else:
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
                                  s.eps, s.n_heads, s.n_kv)
@@ -356,9 +360,16 @@ class HybridBucket(Bucket):
             else:
                 layer.update(self.k[i][row:row + 1, :, start:stop], self.v[i][row:row + 1, :, start:stop])
 
-    def state_nbytes(self) -> int:
-        """Bytes of the linear states of one row (what a snapshot of one conversation costs)."""
-        return sum(t[0].numel() * t.element_size() for t in self.conv + self.rec if t is not None)
+
+def _use_fused_delta_rule(choice: str, device: torch.device, stack: "HybridTextStack") -> bool:
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"delta_rule must be auto, triton or torch, not {choice!r}")
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0                                  # noqa: E731
+    fits = pow2(stack.d_k) and pow2(stack.d_v) and stack.d_v % 16 == 0 and stack.n_v % stack.n_k == 0
+    usable = device.type == "cuda" and fused_delta_rule_available() and fits
+    if choice == "triton" and not usable:
+        raise ValueError("the Triton delta-rule kernel needs CUDA, Triton and power-of-two head dims")
+    return usable if choice == "auto" else choice == "triton"
 
 
 _COMPILED: dict = {}
@@ -379,10 +390,14 @@ def _compiled_layer_step():
 class StaticDecoder:
     """Buckets by (batch, capacity), created on first use or at warm-up."""
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, use_graphs: bool, compile_layers: bool):
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, use_graphs: bool, compile_layers: bool,
+                 delta_rule: str = "auto"):
+        """delta_rule (hybrid stacks): "triton" (one kernel per layer), "torch" (plain ops), or
+        "auto": Triton on CUDA when it imports and the head dims suit it."""
         self.hybrid = is_hybrid(model)
         self.stack = HybridTextStack(model) if self.hybrid else TextStack(model)
         self.bucket_class = HybridBucket if self.hybrid else Bucket
+        self.fused_delta_rule = self.hybrid and _use_fused_delta_rule(delta_rule, device, self.stack)
         self.device, self.dtype = device, dtype
         self.use_graphs = use_graphs and device.type == "cuda"
         self.layer_fn = {LINEAR: linear_layer_step, FULL: gated_attention_layer_step} if self.hybrid else layer_step
@@ -411,7 +426,8 @@ class StaticDecoder:
             return None          # too long or too wide: the caller decodes eagerly
         if shape not in self.buckets:
             with torch.inference_mode():    # buffers are written only under inference mode
-                bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn)
+                extra = {"fused": self.fused_delta_rule} if self.hybrid else {}
+                bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn, **extra)
                 if self.use_graphs:
                     bucket.capture()
             self.buckets[shape] = bucket

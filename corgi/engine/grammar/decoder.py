@@ -310,10 +310,6 @@ class ConstrainedDecoder:
     def num_tokens(self) -> int:
         return len(self._lengths)
 
-    @property
-    def output_bytes(self) -> bytes:
-        return bytes(self._bytes)
-
     def text(self) -> str:
         """The accepted text, without a trailing incomplete UTF-8 character (see completion_text)."""
         return bytes(self._bytes[:len(self._bytes) - incomplete_tail(self._bytes)]).decode("utf-8")

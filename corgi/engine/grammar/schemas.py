@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from ...boxes import BoxConvention
 from ...formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, GROUNDED_KINDS, KEY_EVIDENCE, KIND,
-                        KIND_REASONING, MAX_EXPLANATION_CHARS, MAX_KEY_EVIDENCE, MAX_STRING_CHARS,
+                        MAX_EXPLANATION_CHARS, MAX_KEY_EVIDENCE, MAX_STRING_CHARS,
                         STATEMENT, STEP_KINDS, STEPS, THINK_CLOSE, THINK_OPEN)
 
 MAX_EVIDENCE_ITEMS = MAX_KEY_EVIDENCE

@@ -1,0 +1,228 @@
+"""One decode step of a real-shape random model, its arms side by side on one GPU.
+
+    python3 benchmarks/gpu_decode_step.py --shape qwen3.5-4b [--profile] [--out FILE]
+    python3 benchmarks/gpu_decode_step.py --shape qwen3-vl-30b-a3b        # MoE: eager HF arms
+
+Dense and hybrid shapes: the engine's static step (compiled layers, one CUDA graph per bucket)
+at batch 1 with `--context` cached tokens, for each delta-rule arm of a hybrid stack ("torch":
+plain ops compiled by inductor; "triton": corgi/engine/delta_rule_kernel.py), against the floor
+(bytes a step must read over the copy bandwidth measured in the same run, as gpu_pipeline.py).
+Before timing, the Triton kernel is checked against the torch ops in float32, and the two arms'
+logits from the same state are compared.
+
+MoE shapes (the static step covers dense MLPs only): HF's own forward, one token at a time over a
+DynamicCache prefilled with `--context` tokens, for each experts implementation transformers 5.23
+offers (grouped_mm is its default), against the floor of the bytes a batch-1 step reads (the
+routed experts only: top_k of num_experts).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks import common, shapes  # noqa: E402
+from benchmarks.gpu_pipeline import bandwidth_gbps, decode_step_bytes  # noqa: E402
+from corgi.engine.static_decode import StaticDecoder, supported  # noqa: E402
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def events_ms(fn, repeats: int) -> float:
+    """GPU time of fn() per call, over `repeats` back-to-back calls (after one warm call)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / repeats
+
+
+# ---- the Triton delta rule against the torch ops ---------------------------------------------
+
+@torch.inference_mode()
+def check_kernel(n_k: int, n_v: int, d_k: int, d_v: int, rows: int = 2) -> dict:
+    from corgi.engine.delta_rule_kernel import delta_rule_token
+    from corgi.engine.linear_attention import delta_rule_step
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)          # noqa: E731
+    q, k, v = rnd(rows, n_k, d_k), rnd(rows, n_k, d_k), rnd(rows, n_v, d_v)
+    g = -torch.rand(rows, n_v, device="cuda", generator=gen)                 # log decay <= 0
+    beta = torch.rand(rows, n_v, device="cuda", generator=gen)
+    state = rnd(rows, n_v, d_k, d_v) * 0.1
+    s_torch, s_triton = state.clone(), state.clone()
+    out_torch = delta_rule_step(q, k, v, g, beta, s_torch)
+    out_triton = delta_rule_token(q, k, v, g, beta, s_triton)
+    return {"out_max_abs_diff": (out_torch - out_triton).abs().max().item(),
+            "state_max_abs_diff": (s_torch - s_triton).abs().max().item(),
+            "out_max_abs": out_torch.abs().max().item()}
+
+
+# ---- the static step ------------------------------------------------------------------------
+
+def place(bucket, context: int) -> None:
+    bucket.write.fill_(context)
+    bucket.positions.fill_(context)
+
+
+@torch.inference_mode()
+def static_arm(lm, delta_rule: str, context: int, capacity: int, replays: int, profile: bool) -> tuple[dict, object]:
+    t0 = time.perf_counter()
+    decoder = StaticDecoder(lm.model, lm.device, lm.dtype, use_graphs=True, compile_layers=True,
+                            delta_rule=delta_rule)
+    bucket = decoder.bucket(1, capacity)
+    sync()
+    out = {"delta_rule": delta_rule if decoder.hybrid else None, "fused_delta_rule": decoder.fused_delta_rule,
+           "compile_and_capture_s": time.perf_counter() - t0}
+    if decoder.hybrid:                      # a non-zero state (the time does not depend on it)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for rec in bucket.rec:
+            if rec is not None:
+                rec.normal_(0, 0.01, generator=gen)
+
+    def replay():
+        place(bucket, context)
+        bucket.graph.replay()
+    times = [events_ms(replay, replays) for _ in range(5)]
+    out["graph_replay_ms"] = statistics.median(times)
+    out["graph_replay_ms_runs"] = times
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        place(bucket, context)
+        bucket._step()
+        sync()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                place(bucket, context)
+                bucket._step()
+            sync()
+        out["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
+                                                   max_name_column_width=80)
+    return out, bucket
+
+
+@torch.inference_mode()
+def compare_buckets(a, b, context: int) -> dict:
+    """The same state in both buckets, one step each: how far apart are the logits?"""
+    for name in ("k", "v", "conv", "rec"):
+        for x, y in zip(getattr(a, name, []), getattr(b, name, [])):
+            if x is not None:
+                y.copy_(x)
+    logits = []
+    for bucket in (a, b):
+        place(bucket, context)
+        bucket.tokens.fill_(1000)
+        bucket.graph.replay()
+        logits.append(bucket.logits[0].clone())
+    diff = (logits[0] - logits[1]).abs()
+    return {"logits_max_abs_diff": diff.max().item(), "logits_max_abs": logits[0].abs().max().item(),
+            "same_argmax": bool(logits[0].argmax() == logits[1].argmax())}
+
+
+# ---- MoE: HF's forward per token -------------------------------------------------------------
+
+def moe_step_bytes(model, context: int) -> dict:
+    tc = model.config.get_text_config()
+    dense = decode_step_bytes(model, context)
+    experts = sum(p.numel() * p.element_size() for n, p in model.model.language_model.named_parameters()
+                  if ".experts." in n)
+    routed = experts * tc.num_experts_per_tok / tc.num_experts
+    total = dense["total"] - experts + routed
+    return dict(dense, experts_all=experts, experts_routed=int(routed), total=int(total))
+
+
+@torch.inference_mode()
+def moe_arm(lm, implementation: str, context: int, tokens: int) -> dict:
+    from transformers import DynamicCache
+    model = lm.model
+    model.set_experts_implementation(implementation)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    ids = torch.randint(0, 150000, (1, context), device="cuda", generator=gen)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    times = []
+    for i in range(tokens + 3):
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        sync()
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"experts_implementation": implementation, "ms_per_token": statistics.median(times),
+            "tokens": tokens}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="qwen3.5-4b", choices=sorted(shapes.REAL_SHAPES))
+    ap.add_argument("--context", type=int, default=1426, help="cached tokens (W1's phase 1+2 midpoint)")
+    ap.add_argument("--capacity", type=int, default=2048, help="static bucket columns")
+    ap.add_argument("--replays", type=int, default=100)
+    ap.add_argument("--arms", default="torch,triton", help="hybrid delta-rule arms")
+    ap.add_argument("--moe-arms", default="grouped_mm,batched_mm,eager")
+    ap.add_argument("--moe-tokens", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    result = {"shape": args.shape, "context": args.context, "env": common.environment("cuda")}
+    t0 = time.perf_counter()
+    lm = shapes.loaded_random_model(args.shape, "cuda", torch.bfloat16, layers_override=args.layers)
+    result["build_s"] = time.perf_counter() - t0
+    result["bandwidth_gbps"] = bw = bandwidth_gbps()
+    print(f"{args.shape}: built in {result['build_s']:.1f} s; copy bandwidth {bw:.0f} GB/s", flush=True)
+
+    if supported(lm.model):
+        step_bytes = decode_step_bytes(lm.model, args.context)
+        floor_ms = step_bytes["total"] / (bw * 1e9) * 1e3
+        result.update(step_bytes=step_bytes, floor_ms=floor_ms)
+        arms = args.arms.split(",") if getattr(lm.family, "hybrid", False) else ["auto"]
+        if "triton" in arms:
+            tc = lm.model.config.get_text_config()
+            result["kernel_check_float32"] = check_kernel(tc.linear_num_key_heads, tc.linear_num_value_heads,
+                                                          tc.linear_key_head_dim, tc.linear_value_head_dim)
+            print("kernel vs torch ops (float32):", result["kernel_check_float32"], flush=True)
+        result["arms"], buckets = [], []
+        for arm in arms:
+            out, bucket = static_arm(lm, arm, args.context, args.capacity, args.replays, args.profile)
+            out["x_floor"] = out["graph_replay_ms"] / floor_ms
+            result["arms"].append(out)
+            buckets.append(bucket)
+            print(f"  static step, delta rule {arm}: {out['graph_replay_ms']:.3f} ms "
+                  f"({out['x_floor']:.2f}x floor {floor_ms:.3f} ms); compile+capture "
+                  f"{out['compile_and_capture_s']:.1f} s", flush=True)
+            if "profile" in out:
+                print(out["profile"], flush=True)
+        if len(buckets) == 2:
+            result["arms_logits_bf16"] = compare_buckets(buckets[0], buckets[1], args.context)
+            print("  same state, one step, both arms (bf16):", result["arms_logits_bf16"], flush=True)
+    else:
+        step_bytes = moe_step_bytes(lm.model, args.context)
+        floor_ms = step_bytes["total"] / (bw * 1e9) * 1e3
+        result.update(step_bytes=step_bytes, floor_ms=floor_ms, arms=[])
+        for impl in args.moe_arms.split(","):
+            out = moe_arm(lm, impl, args.context, args.moe_tokens)
+            out["x_floor"] = out["ms_per_token"] / floor_ms
+            result["arms"].append(out)
+            print(f"  HF forward per token, experts {impl}: {out['ms_per_token']:.2f} ms "
+                  f"({out['x_floor']:.1f}x floor {floor_ms:.3f} ms)", flush=True)
+    if args.out:
+        common.write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
