@@ -20,6 +20,7 @@ class Phase(str, Enum):
     REASONING = "reasoning"   # phase 1+2: steps with boxes
     EVIDENCE = "evidence"     # phase 3: region captions / OCR
     SYNTHESIS = "synthesis"   # phase 4: answer
+    PLAIN = "plain"           # optional: the question answered plainly, for comparison
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Box:
     y1: float
     x2: float
     y2: float
+    image: int = 0             # which of the conversation's images (0-based) the box is on
 
     def to_list(self, ndigits: int = 4) -> list[float]:
         return [round(v, ndigits) for v in (self.x1, self.y1, self.x2, self.y2)]
@@ -50,7 +52,8 @@ class Step:
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "statement": self.statement, "kind": self.kind.value,
-                "bbox": self.bbox.to_list() if self.bbox else None}
+                "bbox": self.bbox.to_list() if self.bbox else None,
+                "image": self.bbox.image if self.bbox else None}
 
 
 @dataclass
@@ -120,10 +123,14 @@ class TurnResult:
     prompts: dict[str, str] = field(default_factory=dict)   # exact prompt text per phase
     cache: CacheStats = field(default_factory=CacheStats)
     warnings: list[str] = field(default_factory=list)
+    images: list[int] = field(default_factory=lambda: [0])   # the conversation images this turn is about
+    plain_answer: str | None = None    # the plain one-phase answer, when asked for
 
     def to_json(self) -> dict[str, Any]:
         return {
             "question": self.question,
+            "images": list(self.images),
+            "plain_answer": self.plain_answer,
             "answer": self.answer,
             "explanation": self.explanation,
             "steps": [s.to_json() for s in self.steps],
@@ -159,6 +166,12 @@ class PhaseFinished:
 
 
 @dataclass
+class StepStreamed:
+    """Phase 1+2, while it streams: a step whose JSON object just closed (its box, if any, final)."""
+    step: Step
+
+
+@dataclass
 class StepsParsed:
     result: ReasoningResult
 
@@ -180,5 +193,5 @@ class TurnFinished:
     result: TurnResult
 
 
-Event = Union[PhaseStarted, TextDelta, PhaseFinished, StepsParsed, EvidenceReady,
+Event = Union[PhaseStarted, TextDelta, PhaseFinished, StepStreamed, StepsParsed, EvidenceReady,
               AnswerReady, TurnFinished]
