@@ -110,8 +110,8 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     assert trace["model"] == {"id": "tiny-qwen2.5-vl", "family": "qwen2.5-vl", "dtype": "float32", "device": "cpu"}
     assert [t["question"] for t in trace["turns"]] == ["What colour is the car?", "And what about the house?"]
     assert trace["turns"][1]["cache"]["vision_misses"] == 0
-    assert set(trace["turns"][0]) == {"question", "answer", "explanation", "steps", "evidence", "key_evidence",
-                                      "timings", "raw", "cache", "warnings"}
+    assert set(trace["turns"][0]) == {"question", "images", "answer", "explanation", "steps", "evidence",
+                                      "key_evidence", "plain_answer", "timings", "raw", "cache", "warnings"}
     # Regions: one gallery item per piece of evidence of the last turn.
     assert len(final[GALLERY] or []) == len(trace["turns"][1]["evidence"])
 
