@@ -6,7 +6,6 @@ go through the same `from_pretrained` calls as a real checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +13,8 @@ import torch
 from .. import families
 from ..config import ImageConfig, ModelConfig
 from ..families import Family
+from .model_source import ModelLoadError, model_source  # noqa: F401  (ModelLoadError: re-exported)
 
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says why in one line."""
 
 
 @dataclass(frozen=True)
@@ -82,14 +79,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def _resolve_path(model_id: str) -> str:
     """Tiny names are built (once) into the cache; folders are used as they are; anything
     else shaped like "org/name" is a hub id for from_pretrained."""
-    from .tiny import ensure_tiny_checkpoint, is_tiny_name
-    if is_tiny_name(model_id):
+    from .tiny import ensure_tiny_checkpoint
+    if model_source(model_id) == "tiny":
         return str(ensure_tiny_checkpoint(model_id))
-    if os.path.isdir(model_id):
-        return model_id
-    looks_like_hub_id = model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise ModelLoadError(f"model folder not found: {model_id}")
     return model_id
 
 
