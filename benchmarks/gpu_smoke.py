@@ -33,14 +33,20 @@ def turns(engine, image, questions):
     return session, out
 
 
+ARMS = (("tiny-qwen2.5-vl", "float32"), ("tiny-qwen3-vl", "float32"), ("tiny-qwen3.5", "float32"),
+        ("tiny-qwen2.5-vl", "bfloat16"))
+
+
 def main() -> int:
+    """Arms by model name as arguments (default: all); the hybrid twin's static step runs the
+    Triton delta-rule kernel on CUDA (static_decode: delta_rule "auto")."""
+    wanted = sys.argv[1:]
     print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))
     image = load_image(ROOT / "assets" / "street-scene.png", 10**8)
     questions = ["What does the sign say?", "And the car?"]
     failures = 0
-    for model, dtype in (("tiny-qwen2.5-vl", "float32"), ("tiny-qwen3-vl", "float32"),
-                         ("tiny-qwen2.5-vl", "bfloat16")):
-        if True:
+    for model, dtype in ARMS:
+        if not wanted or model in wanted:
             over = {"model.id": model, "model.dtype": dtype, "model.device": "cuda", "model.warmup": False}
             eager_cfg = load_config(None, dict(over, **{"model.compile": False}))
             static_cfg = load_config(None, dict(over, **{"model.compile": True}))
@@ -58,7 +64,8 @@ def main() -> int:
             agree = sum(a == b for a, b in zip(static.conv.token_ids, eager.conv.token_ids)) / n
             print(f"{model} {dtype}: identical={same} agreement={agree:.4f} tokens={n} "
                   f"eager={t1 - t0:.2f}s static(first)={t2 - t1:.2f}s static(warm)={t3 - t2:.2f}s "
-                  f"buckets={sorted(static_engine.static.buckets)} graphs={static_engine.static.use_graphs}")
+                  f"buckets={sorted(static_engine.static.buckets)} graphs={static_engine.static.use_graphs} "
+                  f"fused_delta_rule={static_engine.static.fused_delta_rule}")
             if dtype == "float32" and not same:
                 failures += 1
     print("FAILURES", failures)
