@@ -23,7 +23,7 @@ from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, KEY_EVIDENCE, KIND
                       STATEMENT, STEP_KINDS, STEPS, THINK_CLOSE, THINK_OPEN)
 from .types import Box, KeyEvidence, ReasoningResult, Step, StepKind, SynthesisResult
 
-__all__ = ["Found", "Work", "extract_json", "parse_reasoning", "parse_synthesis", "MAX_KEY_EVIDENCE"]
+__all__ = ["Found", "Work", "StepStream", "extract_json", "parse_reasoning", "parse_synthesis", "MAX_KEY_EVIDENCE"]
 
 # ---- JSON extraction ---------------------------------------------------------------
 
@@ -646,3 +646,40 @@ def _key_evidence(raw: Any, convention: BoxConvention, warnings: list[str]) -> l
         warnings.append(f"The model gave {len(result)} key evidence items; kept the first {MAX_KEY_EVIDENCE}.")
         result = result[:MAX_KEY_EVIDENCE]
     return result
+
+
+# ---- phase 1+2 while it streams --------------------------------------------------------
+
+class StepStream:
+    """Steps of a phase 1+2 reply as they are written: feed text deltas, get each step the
+    moment its JSON object closes.
+
+    It re-reads the text so far with `parse_reasoning` itself, only when a delta has a "}"
+    (a step object can only close there), so a streamed step is exactly what the final parse
+    makes of it: same reader, same box conversion, same numbering. jiter's partial mode was
+    the alternative; it reads strict JSON only and keeps half-written objects, and then the
+    streamed steps and the final ones could differ. Nothing is emitted inside an open think
+    block (braces there are not the steps), and if a later parse disagrees with the steps
+    already emitted (the model's text changed what the first JSON is), streaming stops and
+    the final `StepsParsed` is the word that counts."""
+
+    def __init__(self, convention: BoxConvention, max_steps: int) -> None:
+        self.convention, self.max_steps = convention, max_steps
+        self.text = ""
+        self.steps: list[Step] = []
+        self._stopped = False
+
+    def feed(self, delta: str) -> list[Step]:
+        self.text += delta
+        if self._stopped or "}" not in delta or self._inside_think():
+            return []
+        steps = parse_reasoning(self.text, self.convention, self.max_steps).steps
+        if steps[:len(self.steps)] != self.steps:
+            self._stopped = True
+            return []
+        fresh = steps[len(self.steps):]
+        self.steps += fresh
+        return fresh
+
+    def _inside_think(self) -> bool:
+        return self.text.lstrip().startswith(THINK_OPEN) and THINK_CLOSE not in self.text

@@ -21,7 +21,8 @@ from . import boxes, parsing, prompts
 from .config import PipelineConfig
 from .engine.engine import Engine, Sampling
 from .types import (AnswerReady, CacheStats, Event, Evidence, EvidenceReady, Phase, PhaseFinished,
-                    PhaseStarted, Step, StepKind, StepsParsed, TextDelta, TurnFinished, TurnResult)
+                    PhaseStarted, Step, StepKind, StepsParsed, StepStreamed, TextDelta, TurnFinished,
+                    TurnResult)
 
 
 class InputError(ValueError):
@@ -137,8 +138,10 @@ class ChatSession:
             elif self.thinks_by_default:
                 prompt += prompts.NO_THINK
         constraint = engine.constraint("reasoning", cfg, convention) if cfg.structured_output else None
+        step_stream = parsing.StepStream(convention, cfg.max_steps)
         text = yield from self._assistant_message(Phase.REASONING, prompt, cfg.reasoning_max_new_tokens,
-                                                  sampling, constraint, stats, timings, prompt_texts)
+                                                  sampling, constraint, stats, timings, prompt_texts,
+                                                  step_stream)
         raw["reasoning"] = text
         reasoning = parsing.parse_reasoning(text, convention, cfg.max_steps)
         warnings += reasoning.warnings
@@ -200,8 +203,10 @@ class ChatSession:
                           timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings)
 
     def _assistant_message(self, phase: Phase, prompt: str, max_new_tokens: int, sampling: Sampling,
-                           constraint, stats: CacheStats, timings: dict, prompt_texts: dict) -> Iterator[Event]:
-        """Append `prompt`, stream the model's reply, close the message; return the reply text."""
+                           constraint, stats: CacheStats, timings: dict, prompt_texts: dict,
+                           step_stream: parsing.StepStream | None = None) -> Iterator[Event]:
+        """Append `prompt`, stream the model's reply, close the message; return the reply text.
+        step_stream (phase 1+2): each step is emitted as StepStreamed when its object closes."""
         engine, conv = self.engine, self.conv
         t0 = time.perf_counter()
         prompt_texts[phase.value] = prompt
@@ -217,6 +222,7 @@ class ChatSession:
             delta = stream.push(token)
             if delta:
                 yield TextDelta(phase, delta)
+                yield from self._streamed_steps(step_stream, delta)
         text = stream.text
         if constraint is not None and not constraint.is_finished():
             # Out of token budget inside the structure: close it validly so it still parses.
@@ -225,10 +231,17 @@ class ChatSession:
             conv.token_ids.extend(constraint.finish())
             text = constraint.text()
             yield TextDelta(phase, closing)
+            yield from self._streamed_steps(step_stream, closing)
         engine.append(conv, "\n" if last == engine.lm.special.im_end else prompts.END_OF_MESSAGE)
         timings[phase.value] = time.perf_counter() - t0
         yield PhaseFinished(phase, timings[phase.value], text)
         return text
+
+    @staticmethod
+    def _streamed_steps(step_stream: parsing.StepStream | None, delta: str) -> Iterator[Event]:
+        if step_stream is not None:
+            for step in step_stream.feed(delta):
+                yield StepStreamed(step)
 
     def _evidence_ready(self, grounded, streams, row, evidence) -> EvidenceReady:
         step = grounded[row]
