@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-from .types import (AnswerReady, EvidenceReady, PhaseFinished, PhaseStarted, StepsParsed, TextDelta,
-                    TurnFinished)
+from .types import (AnswerReady, EvidenceReady, PhaseFinished, PhaseStarted, StepsParsed, StepStreamed,
+                    TextDelta, TurnFinished)
 
 EXIT_BAD_INPUT = 2
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder")
     run.add_argument("--json", action="store_true", help="print one JSON object with every turn")
     run.add_argument("--no-cache", action="store_true", help="re-encode and re-read everything per phase")
+    run.add_argument("--plain-answer", action="store_true",
+                     help="also answer each question plainly (one phase from the same warm prefix), for comparison")
     run.add_argument("--verbose", action="store_true", help="with --json, stream the phases to stderr")
     return parser
 
@@ -53,6 +55,10 @@ class _Printer:
         elif isinstance(event, EvidenceReady):
             e = event.evidence
             w(f"  region {event.region + 1}/{event.total} (S{e.step_index}, {e.kind.value}): {e.text}\n")
+        elif isinstance(event, StepStreamed):
+            step = event.step
+            box = f" box={step.bbox.to_list()}" if step.bbox else ""
+            w(f"\n  [step {step.index}, {step.kind.value}] {step.statement}{box}\n")
         elif isinstance(event, AnswerReady):
             w(f"\nAnswer: {event.result.answer}\n")
             if event.result.explanation:
@@ -70,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["model.id"] = args.model
     if args.no_cache:
         overrides["cache.enabled"] = False
+    if args.plain_answer:
+        overrides["pipeline.plain_answer"] = True
     try:
         config = load_config(args.config, overrides)
         for q in [args.question, *args.followup]:

@@ -23,7 +23,7 @@ from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, KEY_EVIDENCE, KIND
                       STATEMENT, STEP_KINDS, STEPS, THINK_CLOSE, THINK_OPEN)
 from .types import Box, KeyEvidence, ReasoningResult, Step, StepKind, SynthesisResult
 
-__all__ = ["Found", "Work", "StepStream", "extract_json", "parse_reasoning", "parse_synthesis", "MAX_KEY_EVIDENCE"]
+__all__ = ["Found", "Work", "StepStream", "plain_text", "extract_json", "parse_reasoning", "parse_synthesis", "MAX_KEY_EVIDENCE"]
 
 # ---- JSON extraction ---------------------------------------------------------------
 
@@ -334,6 +334,11 @@ def _display_text(text: str) -> str:
     text = text.replace(THINK_OPEN, "").replace(THINK_CLOSE, "")
     text = _FENCE.sub("", _ANY_SPECIAL.sub("", text))
     return text.strip()
+
+
+def plain_text(text: str) -> str:
+    """A free-text reply (the plain answer) as a reader wants it: no think blocks or tokens."""
+    return _display_text(_clean(text))
 
 
 def _find(text: str, accept: Callable[[Any], bool],

@@ -130,6 +130,11 @@ class ChatSession:
         sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed + len(self.turns))
         turn_t0 = time.perf_counter()
 
+        plain_answer = None
+        if cfg.plain_answer:
+            plain_answer = yield from self._plain_answer(question, cfg, sampling, stats, timings,
+                                                         raw, prompt_texts)
+
         # Phase 1+2: reasoning steps with boxes, continuing the conversation.
         prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention, added_tokens=self.added_tokens)
         if not cfg.thinking:
@@ -200,7 +205,47 @@ class ChatSession:
         timings["total"] = time.perf_counter() - turn_t0
         return TurnResult(question=question, answer=synthesis.answer, explanation=synthesis.explanation,
                           steps=reasoning.steps, evidence=evidence, key_evidence=synthesis.key_evidence,
-                          timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings)
+                          timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings,
+                          plain_answer=plain_answer)
+
+    def _plain_answer(self, question: str, cfg: PipelineConfig, sampling: Sampling, stats: CacheStats,
+                      timings: dict, raw: dict, prompt_texts: dict) -> Iterator[Event]:
+        """The question answered plainly, as a branch off the turn's start.
+
+        Why before phase 1+2 and not after: the plain answer must see what CoRGI sees (images,
+        history, question) and not CoRGI's own steps; at the turn's start the cache covers
+        exactly that prefix. The branch appends its prompt, decodes, then cuts the conversation
+        back to the turn's start: K/V layers are cut in place, linear-attention layers go back
+        to the snapshot taken at that point, so phase 1+2 continues from the same warm prefix
+        and the conversation's tokens are those of a turn without the plain answer."""
+        engine, conv = self.engine, self.conv
+        t0 = time.perf_counter()
+        turn_start = len(conv.token_ids)
+        if engine.cache_enabled and conv.kv_len < turn_start:
+            # Compute the shared prefix first, so the branch point is a cache boundary (and, on
+            # hybrid models, a snapshot): nothing before it is computed again by phase 1+2.
+            engine.prefill(conv, stats)
+        prompt = prompts.plain_answer_prompt(question, added_tokens=self.added_tokens)
+        if self.thinks_by_default:
+            prompt += prompts.NO_THINK
+        prompt_texts[Phase.PLAIN.value] = prompt
+        yield PhaseStarted(Phase.PLAIN, prompt)
+        stream = TextStream(engine)
+        stop_ids = engine.lm.special.stop_ids
+        try:
+            engine.append(conv, prompt)
+            for token in engine.generate(conv, cfg.plain_max_new_tokens, sampling, None, stats):
+                if token in stop_ids:
+                    break
+                delta = stream.push(token)
+                if delta:
+                    yield TextDelta(Phase.PLAIN, delta)
+        finally:
+            conv.truncate(turn_start)        # the branch's tokens leave the conversation
+        raw[Phase.PLAIN.value] = stream.text
+        timings[Phase.PLAIN.value] = time.perf_counter() - t0
+        yield PhaseFinished(Phase.PLAIN, timings[Phase.PLAIN.value], stream.text)
+        return parsing.plain_text(stream.text)
 
     def _assistant_message(self, phase: Phase, prompt: str, max_new_tokens: int, sampling: Sampling,
                            constraint, stats: CacheStats, timings: dict, prompt_texts: dict,

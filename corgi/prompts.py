@@ -141,6 +141,15 @@ def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxCon
     )
 
 
+def plain_answer_prompt(question: str, *, added_tokens: Collection[str] = ()) -> str:
+    """The question alone, answered directly: the baseline CoRGI is compared with. It follows
+    the same prefix (system, images, history) as phase 1+2 and is cut off again afterwards."""
+    return (
+        f"{IM_START}user\nQuestion: {plain(question, added_tokens)}\n\n"
+        f"Answer directly in one or two sentences.{IM_END}\n{IM_START}assistant\n"
+    )
+
+
 def _evidence_label(kind: StepKind) -> str:
     return "text read" if kind == StepKind.TEXT else "caption"
 

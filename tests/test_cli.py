@@ -74,6 +74,15 @@ def test_live_output_without_json(fast_config_file):
         assert marker in proc.stdout
 
 
+def test_plain_answer_flag(fast_config_file):
+    proc = cli("--image", IMAGE, "--question", "What is this?", "--config", fast_config_file, "--json",
+               "--plain-answer")
+    assert proc.returncode == 0, proc.stderr
+    (turn,) = json.loads(proc.stdout)["turns"]
+    assert isinstance(turn["plain_answer"], str) and "plain" in turn["timings"] and "plain" in turn["raw"]
+    assert turn["images"] == [0]
+
+
 def _bad(proc, *words):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
