@@ -84,15 +84,17 @@ class Engine:
     def decode_text(self, ids: list[int], skip_special: bool = False) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
-    def constraint(self, phase: str, settings, convention):
+    def constraint(self, phase: str, settings, convention, images=()):
         """A fresh grammar-constrained decoder for phase "reasoning" or "synthesis"; the
-        compiled grammar is cached per (schema, tokenizer)."""
+        compiled grammar is cached per (schema, tokenizer). images: several images in the
+        turn, ((N of "Image N", its convention), ...): every box names its image."""
         from .grammar import GrammarCache
         if self._grammars is None:
             self._grammars = GrammarCache.for_tokenizer(self.lm.tokenizer, self.lm.vocab_size)
         if phase == "reasoning":
-            return self._grammars.reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars)
-        return self._grammars.synthesis_decoder(convention)
+            return self._grammars.reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars,
+                                                    images)
+        return self._grammars.synthesis_decoder(convention, images)
 
     # ---- conversations ----------------------------------------------------------------
     def start_conversation(self, image: Image.Image, head: tuple[str, str]) -> Conversation:
