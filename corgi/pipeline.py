@@ -72,25 +72,63 @@ class TextStream:
 
 
 class ChatSession:
-    """One image and the turns asked about it, on top of one engine Conversation."""
+    """The images of a conversation and the turns asked about them, on one engine Conversation.
 
-    def __init__(self, engine: Engine, image: Image.Image, settings: PipelineConfig | None = None):
+    `ChatSession(engine, image)` or `ChatSession(engine, [view1, view2, ...])`: several images of
+    the first turn (camera views) are one vision batch. `add_images([...])` attaches images that
+    join the conversation: they enter at the next `ask()` (as part of that turn, so Stop and
+    Regenerate take their tokens back out with it), and that turn is about them."""
+
+    def __init__(self, engine: Engine, image: Image.Image | list[Image.Image],
+                 settings: PipelineConfig | None = None):
         self.engine = engine
-        self.image = image
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise InputError("at least one image is needed")
+        self.image = images[0]
         self.settings = settings or engine.config.pipeline
         try:
-            self.conv = engine.start_conversation(image, prompts.conversation_head())
+            if len(images) == 1:
+                self.conv = engine.start_conversation(images[0], prompts.conversation_head())
+            else:
+                texts = prompts.multi_image_head(len(images))
+                self.conv = engine.start_conversation(images[0], (texts[0][0], texts[0][1]))
+                engine.add_images(self.conv, images[1:], texts[1:], in_head=True)
         except ValueError as exc:   # the processor refuses e.g. aspect ratios over 200:1
             raise InputError(f"this image cannot be used: {exc}") from None
         self.turns: list[TurnResult] = []
         self._turn_starts: list[int] = []
+        self._turn_added: list[tuple[list[Image.Image], list[int]]] = []   # per turn: images it attached, images before
+        self.pending: list[Image.Image] = []                # attached, enter at the next ask()
+        self.current: list[int] = list(range(len(images)))  # the images the next turn is about
         # Untrusted text must not encode to any added token of this tokenizer (<|im_end|>, <think>, ...).
         self.added_tokens = engine.lm.added_tokens
         self.thinks_by_default = engine.lm.family.thinks_by_default
 
     @property
+    def images(self) -> list[Image.Image]:
+        """Every image of the conversation (0-based indices as in Box.image), pending ones last."""
+        return self.conv.images + self.pending
+
+    def add_images(self, images: list[Image.Image]) -> list[int]:
+        """Attach images that join the conversation; returns their indices. Nothing is encoded
+        or re-read now: the next turn appends their tokens after the history and is about them."""
+        cfg = self.engine.config.image
+        for image in images:
+            try:
+                self.engine.image_grid(image, cfg.min_pixels, cfg.max_pixels)
+            except ValueError as exc:
+                raise InputError(f"this image cannot be used: {exc}") from None
+        first = len(self.images)
+        self.pending += list(images)
+        return list(range(first, first + len(images)))
+
+    @property
     def convention(self) -> boxes.BoxConvention:
-        return boxes.convention_for(self.engine.lm.family.box_style, self.conv.resized)
+        return self.convention_of(self.current[0] if self.current else 0)
+
+    def convention_of(self, index: int) -> boxes.BoxConvention:
+        return boxes.convention_for(self.engine.lm.family.box_style, self.conv.sizes[index])
 
     def warm_up(self) -> CacheStats:
         """Encode the image and prefill the conversation head now, before the first question."""
@@ -100,10 +138,14 @@ class ChatSession:
         return stats
 
     def undo_last_turn(self) -> TurnResult | None:
-        """Forget the last turn (Regenerate): its tokens leave the conversation."""
+        """Forget the last turn (Regenerate): its tokens leave the conversation, and so do the
+        image tokens of images it attached; those images are pending again, so asking again
+        attaches them again (their features come from the vision cache)."""
         if not self.turns:
             return None
         self.conv.truncate(self._turn_starts.pop())
+        added, self.current = self._turn_added.pop()
+        self.pending = added + self.pending
         return self.turns.pop()
 
     def close(self) -> None:
@@ -113,19 +155,35 @@ class ChatSession:
         settings = settings or self.settings
         question = clean_question(question, settings.max_question_chars)
         turn_start = len(self.conv.token_ids)
+        added, current_before = self.pending, self.current
         try:
+            if added:
+                # The new images join here, inside the turn: undoing the turn takes them out.
+                first = len(self.conv.images)
+                texts = prompts.joined_images(first + 1, len(added))
+                self.pending = []
+                self.current = self.engine.add_images(self.conv, added, texts)
             result = yield from self._turn(question, settings)
         except BaseException:
-            # Stop (GeneratorExit), a model error, out of memory: drop this turn's tokens.
+            # Stop (GeneratorExit), a model error, out of memory: drop this turn's tokens
+            # (and its images' tokens; the images are pending again).
             self.conv.truncate(turn_start)
+            self.pending, self.current = added + self.pending, current_before
             raise
         self.turns.append(result)
         self._turn_starts.append(turn_start)
+        self._turn_added.append((added, current_before))
         yield TurnFinished(result)
 
     # ---- the phases ---------------------------------------------------------------------
     def _turn(self, question: str, cfg: PipelineConfig) -> Iterator[Event]:
         engine, convention = self.engine, self.convention
+        turn_images = list(self.current)
+        # Boxes are read with the convention of the image they are on; the model names it
+        # ("image": N) only when the turn has several; otherwise it is the turn's one image.
+        images = parsing.ImageConventions({i: self.convention_of(i) for i in turn_images}, turn_images[0])
+        grammar_images = tuple((i + 1, self.convention_of(i)) for i in turn_images) if len(turn_images) > 1 else ()
+        numbers = [i + 1 for i in turn_images] if len(self.conv.images) > 1 else None
         stats, timings, raw, prompt_texts, warnings = CacheStats(), {}, {}, {}, []
         sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed + len(self.turns))
         turn_t0 = time.perf_counter()
@@ -136,19 +194,21 @@ class ChatSession:
                                                          raw, prompt_texts)
 
         # Phase 1+2: reasoning steps with boxes, continuing the conversation.
-        prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention, added_tokens=self.added_tokens)
+        prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention, added_tokens=self.added_tokens,
+                                          image_numbers=numbers)
         if not cfg.thinking:
             if cfg.structured_output:
                 cfg = replace(cfg, max_thinking_chars=0)       # the grammar writes <think></think>
             elif self.thinks_by_default:
                 prompt += prompts.NO_THINK
-        constraint = engine.constraint("reasoning", cfg, convention) if cfg.structured_output else None
-        step_stream = parsing.StepStream(convention, cfg.max_steps)
+        constraint = (engine.constraint("reasoning", cfg, convention, grammar_images)
+                      if cfg.structured_output else None)
+        step_stream = parsing.StepStream(convention, cfg.max_steps, images)
         text = yield from self._assistant_message(Phase.REASONING, prompt, cfg.reasoning_max_new_tokens,
                                                   sampling, constraint, stats, timings, prompt_texts,
                                                   step_stream)
         raw["reasoning"] = text
-        reasoning = parsing.parse_reasoning(text, convention, cfg.max_steps)
+        reasoning = parsing.parse_reasoning(text, convention, cfg.max_steps, images=images)
         warnings += reasoning.warnings
         if not reasoning.ok:
             warnings.append("no reasoning steps could be read from the model's output; "
@@ -168,7 +228,7 @@ class ChatSession:
         yield PhaseStarted(Phase.EVIDENCE, prompt_texts["evidence"])
         evidence: list[Evidence] = []
         if grounded:
-            crops = [boxes.crop(self.image, s.bbox, cfg.crop_padding) for s in grounded]
+            crops = [boxes.crop(self.conv.images[s.bbox.image], s.bbox, cfg.crop_padding) for s in grounded]
             heads = [(head_before, head_after + instruction) for instruction in instructions]
             streams = [TextStream(engine, skip_special=True) for _ in grounded]
             finished = [False] * len(grounded)
@@ -191,14 +251,16 @@ class ChatSession:
         yield PhaseFinished(Phase.EVIDENCE, timings["evidence"], raw["evidence"])
 
         # Phase 4: synthesis from the steps (already in context) and the evidence.
-        prompt = prompts.synthesis_prompt(question, evidence, convention, added_tokens=self.added_tokens)
+        prompt = prompts.synthesis_prompt(question, evidence, convention, added_tokens=self.added_tokens,
+                                          image_numbers=numbers)
         if self.thinks_by_default:
             prompt += prompts.NO_THINK      # the answer directly: its thinking was phase 1+2
-        constraint = engine.constraint("synthesis", cfg, convention) if cfg.structured_output else None
+        constraint = (engine.constraint("synthesis", cfg, convention, grammar_images)
+                      if cfg.structured_output else None)
         text = yield from self._assistant_message(Phase.SYNTHESIS, prompt, cfg.synthesis_max_new_tokens,
                                                   sampling, constraint, stats, timings, prompt_texts)
         raw["synthesis"] = text
-        synthesis = parsing.parse_synthesis(text, convention)
+        synthesis = parsing.parse_synthesis(text, convention, images=images)
         warnings += synthesis.warnings
         yield AnswerReady(synthesis)
 
@@ -206,7 +268,7 @@ class ChatSession:
         return TurnResult(question=question, answer=synthesis.answer, explanation=synthesis.explanation,
                           steps=reasoning.steps, evidence=evidence, key_evidence=synthesis.key_evidence,
                           timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings,
-                          plain_answer=plain_answer)
+                          plain_answer=plain_answer, images=turn_images)
 
     def _plain_answer(self, question: str, cfg: PipelineConfig, sampling: Sampling, stats: CacheStats,
                       timings: dict, raw: dict, prompt_texts: dict) -> Iterator[Event]:
