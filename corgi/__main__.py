@@ -1,4 +1,4 @@
-"""Command line: python -m corgi run --image PATH --question TEXT [--followup TEXT ...]
+"""Command line: python -m corgi run --image PATH [--image PATH ...] --question TEXT [--followup TEXT ...]
 
 Prints each phase live as the model produces it; with --json, stdout is exactly one JSON
 object (live text then goes to stderr only with --verbose). Bad input exits 2 with one line.
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m corgi", description="CoRGI grounded visual reasoning")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer questions about one image")
-    run.add_argument("--image", required=True, help="image file (anything Pillow opens)")
+    run.add_argument("--image", required=True, action="append",
+                     help="image file (anything Pillow opens); repeat for several views of the first question")
     run.add_argument("--question", required=True)
     run.add_argument("--followup", action="append", default=[], help="a follow-up question (repeatable)")
     run.add_argument("--config", help="YAML config file (default: configs/default.yaml settings)")
@@ -54,7 +55,8 @@ class _Printer:
                 w(f"  S{step.index} [{step.kind.value}] {step.statement}{box}\n")
         elif isinstance(event, EvidenceReady):
             e = event.evidence
-            w(f"  region {event.region + 1}/{event.total} (S{e.step_index}, {e.kind.value}): {e.text}\n")
+            w(f"  region {event.region + 1}/{event.total} (S{e.step_index}, {e.kind.value}, "
+              f"image {e.bbox.image + 1}): {e.text}\n")
         elif isinstance(event, StepStreamed):
             step = event.step
             box = f" box={step.bbox.to_list()}" if step.bbox else ""
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         for q in [args.question, *args.followup]:
             from .pipeline import clean_question
             clean_question(q, config.pipeline.max_question_chars)
-        image = load_image(args.image, config.image.max_input_pixels)
+        images = [load_image(path, config.image.max_input_pixels) for path in args.image]
     except (ConfigError, ImageError, InputError) as exc:
         return _bad_input(exc)
 
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     printer = _Printer(sys.stderr if args.json else sys.stdout) if (args.verbose or not args.json) else None
     try:
-        session = ChatSession(engine, image)
+        session = ChatSession(engine, images)
     except InputError as exc:
         return _bad_input(exc)
     turns = []
