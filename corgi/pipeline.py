@@ -131,7 +131,7 @@ class ChatSession:
         return boxes.convention_for(self.engine.lm.family.box_style, self.conv.sizes[index])
 
     def warm_up(self) -> CacheStats:
-        """Encode the image and prefill the conversation head now, before the first question."""
+        """Encode the images and prefill the conversation head now, before the first question."""
         stats = CacheStats()
         if self.conv.kv_len < len(self.conv.token_ids):
             self.engine.prefill(self.conv, stats)
@@ -155,13 +155,11 @@ class ChatSession:
         settings = settings or self.settings
         question = clean_question(question, settings.max_question_chars)
         turn_start = len(self.conv.token_ids)
-        added, current_before = self.pending, self.current
+        (added, self.pending), current_before = (self.pending, []), self.current
         try:
             if added:
                 # The new images join here, inside the turn: undoing the turn takes them out.
-                first = len(self.conv.images)
-                texts = prompts.joined_images(first + 1, len(added))
-                self.pending = []
+                texts = prompts.joined_images(len(self.conv.images) + 1, len(added))
                 self.current = self.engine.add_images(self.conv, added, texts)
             result = yield from self._turn(question, settings)
         except BaseException:
