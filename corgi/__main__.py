@@ -1,4 +1,4 @@
-"""Command line: python -m corgi run --image PATH --question TEXT [--followup TEXT ...]
+"""Command line: python -m corgi run --image PATH [--image PATH ...] --question TEXT [--followup TEXT ...]
 
 Prints each phase live as the model produces it; with --json, stdout is exactly one JSON
 object (live text then goes to stderr only with --verbose). Bad input exits 2 with one line.
@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-from .types import (AnswerReady, EvidenceReady, PhaseFinished, PhaseStarted, StepsParsed, TextDelta,
-                    TurnFinished)
+from .types import (AnswerReady, EvidenceReady, PhaseFinished, PhaseStarted, StepsParsed, StepStreamed,
+                    TextDelta, TurnFinished)
 
 EXIT_BAD_INPUT = 2
 
@@ -21,13 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m corgi", description="CoRGI grounded visual reasoning")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer questions about one image")
-    run.add_argument("--image", required=True, help="image file (anything Pillow opens)")
+    run.add_argument("--image", required=True, action="append",
+                     help="image file (anything Pillow opens); repeat for several views of the first question")
     run.add_argument("--question", required=True)
     run.add_argument("--followup", action="append", default=[], help="a follow-up question (repeatable)")
     run.add_argument("--config", help="YAML config file (default: configs/default.yaml settings)")
     run.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder")
     run.add_argument("--json", action="store_true", help="print one JSON object with every turn")
     run.add_argument("--no-cache", action="store_true", help="re-encode and re-read everything per phase")
+    run.add_argument("--plain-answer", action="store_true",
+                     help="also answer each question plainly (one phase from the same warm prefix), for comparison")
     run.add_argument("--verbose", action="store_true", help="with --json, stream the phases to stderr")
     return parser
 
@@ -52,7 +55,12 @@ class _Printer:
                 w(f"  S{step.index} [{step.kind.value}] {step.statement}{box}\n")
         elif isinstance(event, EvidenceReady):
             e = event.evidence
-            w(f"  region {event.region + 1}/{event.total} (S{e.step_index}, {e.kind.value}): {e.text}\n")
+            w(f"  region {event.region + 1}/{event.total} (S{e.step_index}, {e.kind.value}, "
+              f"image {e.bbox.image + 1}): {e.text}\n")
+        elif isinstance(event, StepStreamed):
+            step = event.step
+            box = f" box={step.bbox.to_list()}" if step.bbox else ""
+            w(f"\n  [step {step.index}, {step.kind.value}] {step.statement}{box}\n")
         elif isinstance(event, AnswerReady):
             w(f"\nAnswer: {event.result.answer}\n")
             if event.result.explanation:
@@ -70,12 +78,14 @@ def run(args: argparse.Namespace) -> int:
         overrides["model.id"] = args.model
     if args.no_cache:
         overrides["cache.enabled"] = False
+    if args.plain_answer:
+        overrides["pipeline.plain_answer"] = True
     try:
         config = load_config(args.config, overrides)
         for q in [args.question, *args.followup]:
             from .pipeline import clean_question
             clean_question(q, config.pipeline.max_question_chars)
-        image = load_image(args.image, config.image.max_input_pixels)
+        images = [load_image(path, config.image.max_input_pixels) for path in args.image]
     except (ConfigError, ImageError, InputError) as exc:
         return _bad_input(exc)
 
@@ -88,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     printer = _Printer(sys.stderr if args.json else sys.stdout) if (args.verbose or not args.json) else None
     try:
-        session = ChatSession(engine, image)
+        session = ChatSession(engine, images)
     except InputError as exc:
         return _bad_input(exc)
     turns = []

@@ -61,6 +61,10 @@ class PipelineConfig:
     top_p: float = 1.0
     seed: int = 0
     max_question_chars: int = 4000
+    # Also answer each question plainly (one phase, no steps or evidence) for comparison. It
+    # runs before phase 1+2 from the same warm prefix and its tokens leave the conversation.
+    plain_answer: bool = False
+    plain_max_new_tokens: int = 128
 
 
 @dataclass
@@ -99,7 +103,7 @@ _CHOICES = {
 _POSITIVE = {"image.min_pixels", "image.max_pixels", "image.max_input_pixels", "image.max_file_mb",
              "pipeline.max_steps", "pipeline.max_regions", "pipeline.crop_max_pixels",
              "pipeline.reasoning_max_new_tokens", "pipeline.evidence_max_new_tokens",
-             "pipeline.synthesis_max_new_tokens", "pipeline.max_thinking_chars",
+             "pipeline.synthesis_max_new_tokens", "pipeline.max_thinking_chars", "pipeline.plain_max_new_tokens",
              "pipeline.max_question_chars", "cache.vision_cache_mb", "cache.kv_cache_mb",
              "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb"}
 

@@ -8,6 +8,8 @@ and the parser (`parsing.py`) reads them; all three import the spellings from he
   phase 4:    {"answer": str, "explanation": str, "key_evidence": [ITEM, ...]}
       ITEM    {"description": str, "bbox_2d": BOX | null}, at most MAX_KEY_EVIDENCE items
   BOX         [x1, y1, x2, y2] in the family's `boxes.BoxConvention`
+  several images in the turn: every box is preceded by "image": N (the prompt's "Image N"),
+      STEP    {"statement": str, "kind": ..., "image": N, "bbox_2d": BOX} (reasoning: no image)
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ STEPS = "steps"
 STATEMENT = "statement"
 KIND = "kind"
 BBOX = "bbox_2d"
+IMAGE = "image"          # several images in a turn: which one a box is on (N of "Image N", 1-based)
 ANSWER = "answer"
 EXPLANATION = "explanation"
 KEY_EVIDENCE = "key_evidence"

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from .boxes import BoxConvention, to_canonical
-from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, KEY_EVIDENCE, KIND, MAX_KEY_EVIDENCE,
+from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, IMAGE, KEY_EVIDENCE, KIND, MAX_KEY_EVIDENCE,
                       STATEMENT, STEP_KINDS, STEPS, THINK_CLOSE, THINK_OPEN)
 from .types import Box, KeyEvidence, ReasoningResult, Step, StepKind, SynthesisResult
 
-__all__ = ["Found", "Work", "extract_json", "parse_reasoning", "parse_synthesis", "MAX_KEY_EVIDENCE"]
+__all__ = ["Found", "Work", "ImageConventions", "StepStream", "plain_text", "extract_json", "parse_reasoning", "parse_synthesis", "MAX_KEY_EVIDENCE"]
 
 # ---- JSON extraction ---------------------------------------------------------------
 
@@ -336,6 +336,11 @@ def _display_text(text: str) -> str:
     return text.strip()
 
 
+def plain_text(text: str) -> str:
+    """A free-text reply (the plain answer) as a reader wants it: no think blocks or tokens."""
+    return _display_text(_clean(text))
+
+
 def _find(text: str, accept: Callable[[Any], bool],
           work: Work) -> tuple[str | None, Found | None, str]:
     """Split off thinking and find the JSON; returns (thinking, found, searched text)."""
@@ -415,15 +420,52 @@ def _number_in(text: str) -> str:
     return match.group() if match else text
 
 
-def _read_box(value: Any, convention: BoxConvention, label: str,
-              warnings: list[str]) -> tuple[Box | None, bool]:
-    """(box, whether a box was written at all); conversion warnings go to `warnings`."""
+@dataclass(frozen=True)
+class ImageConventions:
+    """Several images in one turn: the box convention of each image the model may name (by
+    0-based conversation index) and the image a box without an "image" field is on.
+
+    The model writes "image": N for the image the prompt calls "Image N" (1-based). A number
+    that names no image of the turn is dropped with a warning: its box cannot be placed (a
+    clamped index would put the crop on the wrong picture), so a grounded step becomes reasoning."""
+    by_index: dict[int, BoxConvention]
+    default: int = 0
+
+
+def _image_of(entry: dict[str, Any], images: ImageConventions | None, label: str,
+              warnings: list[str]) -> int | None:
+    """The 0-based image a box is on, or None when the model named an image that is not there."""
+    default = images.default if images is not None else 0
+    raw = entry.get(IMAGE)
+    if raw is None:
+        return default
+    number = _as_text(raw)
+    digits = _NUMBER_IN_TEXT.search(number or "")
+    index = int(float(digits.group())) - 1 if digits else None
+    if index is None or index not in (images.by_index if images is not None else {0: None}):
+        warnings.append(_short(f"{label}: no image {str(raw)[:20]!r} in this turn; its box was dropped."))
+        return None
+    return index
+
+
+def _read_box(value: Any, convention: BoxConvention, label: str, warnings: list[str],
+              entry: dict[str, Any] | None = None,
+              images: ImageConventions | None = None) -> tuple[Box | None, bool]:
+    """(box, whether a box was written at all); conversion warnings go to `warnings`. The box
+    is converted with the convention of the image it is on (entry's "image" field)."""
     coords = _box_coords(value)
     if coords is None:
         return None, False
+    image = _image_of(entry or {}, images, label, warnings)
+    if image is None:
+        return None, True
+    if images is not None:
+        convention = images.by_index[image]
     box, warning = to_canonical(coords, convention)
     if warning:
         warnings.append(_short(f"{label}: {warning}."))
+    if box is not None and image:
+        box = replace(box, image=image)
     return box, True
 
 
@@ -480,13 +522,14 @@ def _kind(raw: Any) -> StepKind | None:
 
 
 def parse_reasoning(text: str, convention: BoxConvention, max_steps: int, *,
-                    work: Work | None = None) -> ReasoningResult:
+                    work: Work | None = None, images: ImageConventions | None = None) -> ReasoningResult:
     """Phase 1+2 output -> thinking and numbered steps.
 
     Every OBJECT/TEXT step has a box; a step whose box is missing or unreadable becomes
     REASONING, and REASONING steps carry no box. `ok` is False only when no step was read.
     A `max_steps` below 1 means no cap. `work`: pass a `Work` to see (or bound) the effort;
-    by default one is made for the text, shared by all its searches.
+    by default one is made for the text, shared by all its searches. `images`: a turn with
+    several images (each box's "image" field says which; see ImageConventions).
     """
     text = _clean(text)
     work = work if work is not None else Work(len(text))
@@ -509,7 +552,7 @@ def parse_reasoning(text: str, convention: BoxConvention, max_steps: int, *,
 
     steps: list[Step] = []
     for position, raw in enumerate(entries, 1):
-        step = _step(raw, position, len(steps) + 1, convention, warnings)
+        step = _step(raw, position, len(steps) + 1, convention, warnings, images)
         if step is not None:
             steps.append(step)
     if not steps:
@@ -540,7 +583,7 @@ def _entries(found: Found, searched: str, warnings: list[str], work: Work) -> li
 
 
 def _step(raw: Any, position: int, index: int, convention: BoxConvention,
-          warnings: list[str]) -> Step | None:
+          warnings: list[str], images: ImageConventions | None = None) -> Step | None:
     if isinstance(raw, str):
         raw = {STATEMENT: raw}       # a bare sentence is a step without kind or box
     if not isinstance(raw, dict):
@@ -560,7 +603,7 @@ def _step(raw: Any, position: int, index: int, convention: BoxConvention,
     box_value = _first(entry, _BOX_KEYS)
     if _box_coords(box_value) is None and token_coords is not None:
         box_value = token_coords
-    box, written = _read_box(box_value, convention, label, warnings)
+    box, written = _read_box(box_value, convention, label, warnings, entry, images)
 
     raw_kind = _first(entry, _KIND_KEYS)
     kind = _kind(raw_kind)
@@ -589,7 +632,8 @@ def _looks_like_synthesis(value: Any) -> bool:
     return isinstance(value, dict) and any(k in _lower_keys(value) for k in _SYNTHESIS_KEYS)
 
 
-def parse_synthesis(text: str, convention: BoxConvention, *, work: Work | None = None) -> SynthesisResult:
+def parse_synthesis(text: str, convention: BoxConvention, *, work: Work | None = None,
+                    images: ImageConventions | None = None) -> SynthesisResult:
     """Phase 4 output -> answer, explanation and at most MAX_KEY_EVIDENCE key evidence items.
 
     When no JSON can be read, or it has no answer, `ok` is False and `answer` holds the
@@ -612,7 +656,7 @@ def parse_synthesis(text: str, convention: BoxConvention, *, work: Work | None =
     entry = _lower_keys(found.value)
     answer = _as_text(_first(entry, _ANSWER_KEYS)) or ""
     explanation = _as_text(_first(entry, _EXPLANATION_KEYS)) or ""
-    key_evidence = _key_evidence(entry.get(KEY_EVIDENCE), convention, warnings)
+    key_evidence = _key_evidence(entry.get(KEY_EVIDENCE), convention, warnings, images)
     ok = bool(answer)
     if not ok:
         warnings.append("The answer JSON has no answer; showing the model's raw text.")
@@ -621,7 +665,8 @@ def parse_synthesis(text: str, convention: BoxConvention, *, work: Work | None =
                            ok=ok, warnings=warnings)
 
 
-def _key_evidence(raw: Any, convention: BoxConvention, warnings: list[str]) -> list[KeyEvidence]:
+def _key_evidence(raw: Any, convention: BoxConvention, warnings: list[str],
+                  images: ImageConventions | None = None) -> list[KeyEvidence]:
     if raw is None:
         return []
     items = raw if isinstance(raw, list) else [raw]
@@ -637,7 +682,7 @@ def _key_evidence(raw: Any, convention: BoxConvention, warnings: list[str]) -> l
         box_value = _first(entry, _BOX_KEYS)
         if _box_coords(box_value) is None:
             box_value = token_coords
-        box, _ = _read_box(box_value, convention, f"Key evidence {len(result) + 1}", warnings)
+        box, _ = _read_box(box_value, convention, f"Key evidence {len(result) + 1}", warnings, entry, images)
         if not description and box is None:
             warnings.append(f"Dropped key evidence entry {position}: no description or box.")
             continue
@@ -646,3 +691,41 @@ def _key_evidence(raw: Any, convention: BoxConvention, warnings: list[str]) -> l
         warnings.append(f"The model gave {len(result)} key evidence items; kept the first {MAX_KEY_EVIDENCE}.")
         result = result[:MAX_KEY_EVIDENCE]
     return result
+
+
+# ---- phase 1+2 while it streams --------------------------------------------------------
+
+class StepStream:
+    """Steps of a phase 1+2 reply as they are written: feed text deltas, get each step the
+    moment its JSON object closes.
+
+    It re-reads the text so far with `parse_reasoning` itself, only when a delta has a "}"
+    (a step object can only close there), so a streamed step is exactly what the final parse
+    makes of it: same reader, same box conversion, same numbering. jiter's partial mode was
+    the alternative; it reads strict JSON only and keeps half-written objects, and then the
+    streamed steps and the final ones could differ. Nothing is emitted inside an open think
+    block (braces there are not the steps), and if a later parse disagrees with the steps
+    already emitted (the model's text changed what the first JSON is), streaming stops and
+    the final `StepsParsed` is the word that counts."""
+
+    def __init__(self, convention: BoxConvention, max_steps: int,
+                 images: ImageConventions | None = None) -> None:
+        self.convention, self.max_steps, self.images = convention, max_steps, images
+        self.text = ""
+        self.steps: list[Step] = []
+        self._stopped = False
+
+    def feed(self, delta: str) -> list[Step]:
+        self.text += delta
+        if self._stopped or "}" not in delta or self._inside_think():
+            return []
+        steps = parse_reasoning(self.text, self.convention, self.max_steps, images=self.images).steps
+        if steps[:len(self.steps)] != self.steps:
+            self._stopped = True
+            return []
+        fresh = steps[len(self.steps):]
+        self.steps += fresh
+        return fresh
+
+    def _inside_think(self) -> bool:
+        return self.text.lstrip().startswith(THINK_OPEN) and THINK_CLOSE not in self.text

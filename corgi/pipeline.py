@@ -21,7 +21,8 @@ from . import boxes, parsing, prompts
 from .config import PipelineConfig
 from .engine.engine import Engine, Sampling
 from .types import (AnswerReady, CacheStats, Event, Evidence, EvidenceReady, Phase, PhaseFinished,
-                    PhaseStarted, Step, StepKind, StepsParsed, TextDelta, TurnFinished, TurnResult)
+                    PhaseStarted, Step, StepKind, StepsParsed, StepStreamed, TextDelta, TurnFinished,
+                    TurnResult)
 
 
 class InputError(ValueError):
@@ -71,38 +72,80 @@ class TextStream:
 
 
 class ChatSession:
-    """One image and the turns asked about it, on top of one engine Conversation."""
+    """The images of a conversation and the turns asked about them, on one engine Conversation.
 
-    def __init__(self, engine: Engine, image: Image.Image, settings: PipelineConfig | None = None):
+    `ChatSession(engine, image)` or `ChatSession(engine, [view1, view2, ...])`: several images of
+    the first turn (camera views) are one vision batch. `add_images([...])` attaches images that
+    join the conversation: they enter at the next `ask()` (as part of that turn, so Stop and
+    Regenerate take their tokens back out with it), and that turn is about them."""
+
+    def __init__(self, engine: Engine, image: Image.Image | list[Image.Image],
+                 settings: PipelineConfig | None = None):
         self.engine = engine
-        self.image = image
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise InputError("at least one image is needed")
+        self.image = images[0]
         self.settings = settings or engine.config.pipeline
         try:
-            self.conv = engine.start_conversation(image, prompts.conversation_head())
+            if len(images) == 1:
+                self.conv = engine.start_conversation(images[0], prompts.conversation_head())
+            else:
+                texts = prompts.multi_image_head(len(images))
+                self.conv = engine.start_conversation(images[0], (texts[0][0], texts[0][1]))
+                engine.add_images(self.conv, images[1:], texts[1:], in_head=True)
         except ValueError as exc:   # the processor refuses e.g. aspect ratios over 200:1
             raise InputError(f"this image cannot be used: {exc}") from None
         self.turns: list[TurnResult] = []
         self._turn_starts: list[int] = []
+        self._turn_added: list[tuple[list[Image.Image], list[int]]] = []   # per turn: images it attached, images before
+        self.pending: list[Image.Image] = []                # attached, enter at the next ask()
+        self.current: list[int] = list(range(len(images)))  # the images the next turn is about
         # Untrusted text must not encode to any added token of this tokenizer (<|im_end|>, <think>, ...).
         self.added_tokens = engine.lm.added_tokens
         self.thinks_by_default = engine.lm.family.thinks_by_default
 
     @property
+    def images(self) -> list[Image.Image]:
+        """Every image of the conversation (0-based indices as in Box.image), pending ones last."""
+        return self.conv.images + self.pending
+
+    def add_images(self, images: list[Image.Image]) -> list[int]:
+        """Attach images that join the conversation; returns their indices. Nothing is encoded
+        or re-read now: the next turn appends their tokens after the history and is about them."""
+        cfg = self.engine.config.image
+        for image in images:
+            try:
+                self.engine.image_grid(image, cfg.min_pixels, cfg.max_pixels)
+            except ValueError as exc:
+                raise InputError(f"this image cannot be used: {exc}") from None
+        first = len(self.images)
+        self.pending += list(images)
+        return list(range(first, first + len(images)))
+
+    @property
     def convention(self) -> boxes.BoxConvention:
-        return boxes.convention_for(self.engine.lm.family.box_style, self.conv.resized)
+        return self.convention_of(self.current[0] if self.current else 0)
+
+    def convention_of(self, index: int) -> boxes.BoxConvention:
+        return boxes.convention_for(self.engine.lm.family.box_style, self.conv.sizes[index])
 
     def warm_up(self) -> CacheStats:
-        """Encode the image and prefill the conversation head now, before the first question."""
+        """Encode the images and prefill the conversation head now, before the first question."""
         stats = CacheStats()
         if self.conv.kv_len < len(self.conv.token_ids):
             self.engine.prefill(self.conv, stats)
         return stats
 
     def undo_last_turn(self) -> TurnResult | None:
-        """Forget the last turn (Regenerate): its tokens leave the conversation."""
+        """Forget the last turn (Regenerate): its tokens leave the conversation, and so do the
+        image tokens of images it attached; those images are pending again, so asking again
+        attaches them again (their features come from the vision cache)."""
         if not self.turns:
             return None
         self.conv.truncate(self._turn_starts.pop())
+        added, self.current = self._turn_added.pop()
+        self.pending = added + self.pending
         return self.turns.pop()
 
     def close(self) -> None:
@@ -112,35 +155,58 @@ class ChatSession:
         settings = settings or self.settings
         question = clean_question(question, settings.max_question_chars)
         turn_start = len(self.conv.token_ids)
+        (added, self.pending), current_before = (self.pending, []), self.current
         try:
+            if added:
+                # The new images join here, inside the turn: undoing the turn takes them out.
+                texts = prompts.joined_images(len(self.conv.images) + 1, len(added))
+                self.current = self.engine.add_images(self.conv, added, texts)
             result = yield from self._turn(question, settings)
         except BaseException:
-            # Stop (GeneratorExit), a model error, out of memory: drop this turn's tokens.
+            # Stop (GeneratorExit), a model error, out of memory: drop this turn's tokens
+            # (and its images' tokens; the images are pending again).
             self.conv.truncate(turn_start)
+            self.pending, self.current = added + self.pending, current_before
             raise
         self.turns.append(result)
         self._turn_starts.append(turn_start)
+        self._turn_added.append((added, current_before))
         yield TurnFinished(result)
 
     # ---- the phases ---------------------------------------------------------------------
     def _turn(self, question: str, cfg: PipelineConfig) -> Iterator[Event]:
         engine, convention = self.engine, self.convention
+        turn_images = list(self.current)
+        # Boxes are read with the convention of the image they are on; the model names it
+        # ("image": N) only when the turn has several; otherwise it is the turn's one image.
+        images = parsing.ImageConventions({i: self.convention_of(i) for i in turn_images}, turn_images[0])
+        grammar_images = tuple((i + 1, self.convention_of(i)) for i in turn_images) if len(turn_images) > 1 else ()
+        numbers = [i + 1 for i in turn_images] if len(self.conv.images) > 1 else None
         stats, timings, raw, prompt_texts, warnings = CacheStats(), {}, {}, {}, []
         sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed + len(self.turns))
         turn_t0 = time.perf_counter()
 
+        plain_answer = None
+        if cfg.plain_answer:
+            plain_answer = yield from self._plain_answer(question, cfg, sampling, stats, timings,
+                                                         raw, prompt_texts)
+
         # Phase 1+2: reasoning steps with boxes, continuing the conversation.
-        prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention, added_tokens=self.added_tokens)
+        prompt = prompts.reasoning_prompt(question, cfg.max_steps, convention, added_tokens=self.added_tokens,
+                                          image_numbers=numbers)
         if not cfg.thinking:
             if cfg.structured_output:
                 cfg = replace(cfg, max_thinking_chars=0)       # the grammar writes <think></think>
             elif self.thinks_by_default:
                 prompt += prompts.NO_THINK
-        constraint = engine.constraint("reasoning", cfg, convention) if cfg.structured_output else None
+        constraint = (engine.constraint("reasoning", cfg, convention, grammar_images)
+                      if cfg.structured_output else None)
+        step_stream = parsing.StepStream(convention, cfg.max_steps, images)
         text = yield from self._assistant_message(Phase.REASONING, prompt, cfg.reasoning_max_new_tokens,
-                                                  sampling, constraint, stats, timings, prompt_texts)
+                                                  sampling, constraint, stats, timings, prompt_texts,
+                                                  step_stream)
         raw["reasoning"] = text
-        reasoning = parsing.parse_reasoning(text, convention, cfg.max_steps)
+        reasoning = parsing.parse_reasoning(text, convention, cfg.max_steps, images=images)
         warnings += reasoning.warnings
         if not reasoning.ok:
             warnings.append("no reasoning steps could be read from the model's output; "
@@ -160,7 +226,7 @@ class ChatSession:
         yield PhaseStarted(Phase.EVIDENCE, prompt_texts["evidence"])
         evidence: list[Evidence] = []
         if grounded:
-            crops = [boxes.crop(self.image, s.bbox, cfg.crop_padding) for s in grounded]
+            crops = [boxes.crop(self.conv.images[s.bbox.image], s.bbox, cfg.crop_padding) for s in grounded]
             heads = [(head_before, head_after + instruction) for instruction in instructions]
             streams = [TextStream(engine, skip_special=True) for _ in grounded]
             finished = [False] * len(grounded)
@@ -183,25 +249,69 @@ class ChatSession:
         yield PhaseFinished(Phase.EVIDENCE, timings["evidence"], raw["evidence"])
 
         # Phase 4: synthesis from the steps (already in context) and the evidence.
-        prompt = prompts.synthesis_prompt(question, evidence, convention, added_tokens=self.added_tokens)
+        prompt = prompts.synthesis_prompt(question, evidence, convention, added_tokens=self.added_tokens,
+                                          image_numbers=numbers)
         if self.thinks_by_default:
             prompt += prompts.NO_THINK      # the answer directly: its thinking was phase 1+2
-        constraint = engine.constraint("synthesis", cfg, convention) if cfg.structured_output else None
+        constraint = (engine.constraint("synthesis", cfg, convention, grammar_images)
+                      if cfg.structured_output else None)
         text = yield from self._assistant_message(Phase.SYNTHESIS, prompt, cfg.synthesis_max_new_tokens,
                                                   sampling, constraint, stats, timings, prompt_texts)
         raw["synthesis"] = text
-        synthesis = parsing.parse_synthesis(text, convention)
+        synthesis = parsing.parse_synthesis(text, convention, images=images)
         warnings += synthesis.warnings
         yield AnswerReady(synthesis)
 
         timings["total"] = time.perf_counter() - turn_t0
         return TurnResult(question=question, answer=synthesis.answer, explanation=synthesis.explanation,
                           steps=reasoning.steps, evidence=evidence, key_evidence=synthesis.key_evidence,
-                          timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings)
+                          timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings,
+                          plain_answer=plain_answer, images=turn_images)
+
+    def _plain_answer(self, question: str, cfg: PipelineConfig, sampling: Sampling, stats: CacheStats,
+                      timings: dict, raw: dict, prompt_texts: dict) -> Iterator[Event]:
+        """The question answered plainly, as a branch off the turn's start.
+
+        Why before phase 1+2 and not after: the plain answer must see what CoRGI sees (images,
+        history, question) and not CoRGI's own steps; at the turn's start the cache covers
+        exactly that prefix. The branch appends its prompt, decodes, then cuts the conversation
+        back to the turn's start: K/V layers are cut in place, linear-attention layers go back
+        to the snapshot taken at that point, so phase 1+2 continues from the same warm prefix
+        and the conversation's tokens are those of a turn without the plain answer."""
+        engine, conv = self.engine, self.conv
+        t0 = time.perf_counter()
+        turn_start = len(conv.token_ids)
+        if engine.cache_enabled and conv.kv_len < turn_start:
+            # Compute the shared prefix first, so the branch point is a cache boundary (and, on
+            # hybrid models, a snapshot): nothing before it is computed again by phase 1+2.
+            engine.prefill(conv, stats)
+        prompt = prompts.plain_answer_prompt(question, added_tokens=self.added_tokens)
+        if self.thinks_by_default:
+            prompt += prompts.NO_THINK
+        prompt_texts[Phase.PLAIN.value] = prompt
+        yield PhaseStarted(Phase.PLAIN, prompt)
+        stream = TextStream(engine)
+        stop_ids = engine.lm.special.stop_ids
+        try:
+            engine.append(conv, prompt)
+            for token in engine.generate(conv, cfg.plain_max_new_tokens, sampling, None, stats):
+                if token in stop_ids:
+                    break
+                delta = stream.push(token)
+                if delta:
+                    yield TextDelta(Phase.PLAIN, delta)
+        finally:
+            conv.truncate(turn_start)        # the branch's tokens leave the conversation
+        raw[Phase.PLAIN.value] = stream.text
+        timings[Phase.PLAIN.value] = time.perf_counter() - t0
+        yield PhaseFinished(Phase.PLAIN, timings[Phase.PLAIN.value], stream.text)
+        return parsing.plain_text(stream.text)
 
     def _assistant_message(self, phase: Phase, prompt: str, max_new_tokens: int, sampling: Sampling,
-                           constraint, stats: CacheStats, timings: dict, prompt_texts: dict) -> Iterator[Event]:
-        """Append `prompt`, stream the model's reply, close the message; return the reply text."""
+                           constraint, stats: CacheStats, timings: dict, prompt_texts: dict,
+                           step_stream: parsing.StepStream | None = None) -> Iterator[Event]:
+        """Append `prompt`, stream the model's reply, close the message; return the reply text.
+        step_stream (phase 1+2): each step is emitted as StepStreamed when its object closes."""
         engine, conv = self.engine, self.conv
         t0 = time.perf_counter()
         prompt_texts[phase.value] = prompt
@@ -217,6 +327,7 @@ class ChatSession:
             delta = stream.push(token)
             if delta:
                 yield TextDelta(phase, delta)
+                yield from self._streamed_steps(step_stream, delta)
         text = stream.text
         if constraint is not None and not constraint.is_finished():
             # Out of token budget inside the structure: close it validly so it still parses.
@@ -225,10 +336,17 @@ class ChatSession:
             conv.token_ids.extend(constraint.finish())
             text = constraint.text()
             yield TextDelta(phase, closing)
+            yield from self._streamed_steps(step_stream, closing)
         engine.append(conv, "\n" if last == engine.lm.special.im_end else prompts.END_OF_MESSAGE)
         timings[phase.value] = time.perf_counter() - t0
         yield PhaseFinished(phase, timings[phase.value], text)
         return text
+
+    @staticmethod
+    def _streamed_steps(step_stream: parsing.StepStream | None, delta: str) -> Iterator[Event]:
+        if step_stream is not None:
+            for step in step_stream.feed(delta):
+                yield StepStreamed(step)
 
     def _evidence_ready(self, grounded, streams, row, evidence) -> EvidenceReady:
         step = grounded[row]

@@ -23,7 +23,7 @@ import re
 from typing import Collection
 
 from .boxes import BoxConvention
-from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, KEY_EVIDENCE, KIND, KIND_OBJECT,
+from .formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, IMAGE, KEY_EVIDENCE, KIND, KIND_OBJECT,
                       KIND_REASONING, KIND_TEXT, MAX_KEY_EVIDENCE, STATEMENT, STEPS, THINK_CLOSE,
                       THINK_OPEN)
 from .types import Evidence, StepKind
@@ -98,6 +98,45 @@ def conversation_head() -> tuple[str, str]:
     return before, after
 
 
+def multi_image_head(n_images: int) -> list[tuple[str, str]]:
+    """Several images in the first message (camera views): (before, after) of each image's
+    pads, each image named "Image N" so that steps and boxes can say which one they are on."""
+    texts = []
+    for number in range(1, n_images + 1):
+        before = f"Image {number}: {VISION_START}"
+        if number == 1:
+            before = f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n" + before
+        after = VISION_END + ("\n" if number < n_images else f"These are the images we will talk about.{IM_END}\n")
+        texts.append((before, after))
+    return texts
+
+
+def joined_images(first_number: int, n_images: int) -> list[tuple[str, str]]:
+    """Images attached mid-conversation: one user message that names them; the turn that
+    follows is about them. Earlier turns keep their own images."""
+    texts = []
+    for k in range(n_images):
+        number = first_number + k
+        before = (f"{IM_START}user\n" if k == 0 else "") + f"Image {number}: {VISION_START}"
+        last = k == n_images - 1
+        after = VISION_END + ("\n" if not last else
+                              f"{'This image joins' if n_images == 1 else 'These images join'} the conversation; "
+                              f"the next question is about {'it' if n_images == 1 else 'them'}.{IM_END}\n")
+        texts.append((before, after))
+    return texts
+
+
+def _images_note(image_numbers: list[int] | None) -> str:
+    """What a phase prompt says about the images when the conversation has several."""
+    if not image_numbers:
+        return ""
+    names = ", ".join(f"Image {n}" for n in image_numbers)
+    if len(image_numbers) == 1:
+        return f" The question is about {names}."
+    return (f" The question is about {names}. Before every box write {_q(IMAGE)}: N, the number of "
+            f"the image the box is on; each image has its own box coordinates.")
+
+
 def _q(word: str) -> str:
     return json.dumps(word)
 
@@ -110,7 +149,8 @@ _ANSWER_EXAMPLE = (f'{{{_q(ANSWER)}: "...", {_q(EXPLANATION)}: "2-3 sentences", 
 
 
 def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention, *,
-                     added_tokens: Collection[str] = ()) -> str:
+                     added_tokens: Collection[str] = (), image_numbers: list[int] | None = None) -> str:
+    """image_numbers: the conversation has several images; the prompt names the turn's."""
     return (
         f"{IM_START}user\nQuestion: {plain(question, added_tokens)}\n\n"
         f"Think briefly inside {THINK_OPEN}...{THINK_CLOSE}. Then write at most {max_steps} "
@@ -118,13 +158,13 @@ def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention, *
         f"{KIND} is {_q(KIND_OBJECT)} when the step looks at something in the image, {_q(KIND_TEXT)} "
         f"when it reads text in the image, and {_q(KIND_REASONING)} when it needs no region "
         f"(then {_q(BBOX)}: null). "
-        f"Boxes use {convention.describe()}, top-left origin."
+        f"Boxes use {convention.describe()}, top-left origin.{_images_note(image_numbers)}"
         f"{IM_END}\n{IM_START}assistant\n"
     )
 
 
 def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxConvention, *,
-                     added_tokens: Collection[str] = ()) -> str:
+                     added_tokens: Collection[str] = (), image_numbers: list[int] | None = None) -> str:
     if evidence:
         lines = [f"Region {i} (step {e.step_index}, {_evidence_label(e.kind)}): "
                  f"{plain(e.text.strip(), added_tokens) or '(nothing found)'}"
@@ -137,7 +177,16 @@ def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxCon
         f"Now answer the question: {plain(question, added_tokens)}\n"
         f"Reply with one JSON object: {_ANSWER_EXAMPLE} "
         f"with at most {MAX_KEY_EVIDENCE} key evidence items; boxes use {convention.describe()}."
-        f"{IM_END}\n{IM_START}assistant\n"
+        f"{_images_note(image_numbers)}{IM_END}\n{IM_START}assistant\n"
+    )
+
+
+def plain_answer_prompt(question: str, *, added_tokens: Collection[str] = ()) -> str:
+    """The question alone, answered directly: the baseline CoRGI is compared with. It follows
+    the same prefix (system, images, history) as phase 1+2 and is cut off again afterwards."""
+    return (
+        f"{IM_START}user\nQuestion: {plain(question, added_tokens)}\n\n"
+        f"Answer directly in one or two sentences.{IM_END}\n{IM_START}assistant\n"
     )
 
 

@@ -73,7 +73,7 @@ class Evidence:
     text: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"step_index": self.step_index, "bbox": self.bbox.to_list(),
+        return {"step_index": self.step_index, "bbox": self.bbox.to_list(), "image": self.bbox.image,
                 "kind": self.kind.value, "text": self.text}
 
 
@@ -83,7 +83,8 @@ class KeyEvidence:
     bbox: Box | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"bbox": self.bbox.to_list() if self.bbox else None, "text": self.text}
+        return {"bbox": self.bbox.to_list() if self.bbox else None,
+                "image": self.bbox.image if self.bbox else None, "text": self.text}
 
 
 @dataclass

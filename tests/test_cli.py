@@ -74,6 +74,29 @@ def test_live_output_without_json(fast_config_file):
         assert marker in proc.stdout
 
 
+def test_plain_answer_flag(fast_config_file):
+    proc = cli("--image", IMAGE, "--question", "What is this?", "--config", fast_config_file, "--json",
+               "--plain-answer")
+    assert proc.returncode == 0, proc.stderr
+    (turn,) = json.loads(proc.stdout)["turns"]
+    assert isinstance(turn["plain_answer"], str) and "plain" in turn["timings"] and "plain" in turn["raw"]
+    assert turn["images"] == [0]
+
+
+def test_two_images_first_turn(fast_config_file):
+    receipt = str(ROOT / "assets" / "receipt.png")
+    proc = cli("--image", IMAGE, "--image", receipt, "--question", "Which image has text?",
+               "--followup", "And the other?", "--config", fast_config_file, "--json")
+    assert proc.returncode == 0, proc.stderr
+    turns = json.loads(proc.stdout)["turns"]
+    assert [t["images"] for t in turns] == [[0, 1], [0, 1]]
+    for turn in turns:
+        for box in [*turn["steps"], *turn["evidence"], *turn["key_evidence"]]:
+            assert "image" in box
+            assert box["image"] in (0, 1) if box["bbox"] is not None else box["image"] is None
+    _bad(cli("--image", IMAGE, "--image", str(ROOT / "no-such.png"), "--question", "q"), "image")
+
+
 def _bad(proc, *words):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()

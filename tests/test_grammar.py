@@ -492,3 +492,59 @@ def test_opening_rows_match_their_definition():
                 if L.opening_cost(piece, left) > remaining:
                     bits[tid] = False
             assert torch.equal(row, L.pack(bits)), (left, remaining)
+
+
+# ---- several images in a turn: "image": N before every box -------------------------------------
+
+TWO_IMAGES = ((1, pixel_convention(644, 476)), (2, pixel_convention(300, 900)))
+
+
+def _accepts(decoder, text: str) -> bool:
+    ids = decoder.cache.tokenizer.encode(text, add_special_tokens=False)
+    return all(decoder.accept(t) for t in ids)
+
+
+def test_image_field_per_box_in_both_phases():
+    import xgrammar as xgr
+    from corgi.parsing import ImageConventions, parse_reasoning, parse_synthesis
+    cache = grammar_cache("qwen2.5-vl")
+    for source in (G.reasoning_grammar_source(3, PIXELS, 10, TWO_IMAGES), G.synthesis_grammar_source(PIXELS, TWO_IMAGES)):
+        xgr.Grammar.from_ebnf(source)
+    steps = ('<think>x</think>\n{"steps": [{"statement": "a", "kind": "object", "image": 2, "bbox_2d": [1, 2, 299, 899]}, '
+             '{"statement": "b", "kind": "reasoning", "bbox_2d": null}]}')
+    decoder = cache.reasoning_decoder(3, PIXELS, 10, TWO_IMAGES)
+    assert _accepts(decoder, steps) and decoder.is_finished()
+    images = ImageConventions({0: TWO_IMAGES[0][1], 1: TWO_IMAGES[1][1]})
+    (first, _) = parse_reasoning(steps, PIXELS, 3, images=images).steps
+    assert first.bbox.image == 1 and abs(first.bbox.y2 - 899 / 900) < 1e-6     # image 2's own scale
+    # A box must name an image of the turn, and stays in that image's range.
+    assert not _accepts(cache.reasoning_decoder(3, PIXELS, 10, TWO_IMAGES),
+                        '<think>x</think>\n{"steps": [{"statement": "a", "kind": "object", "image": 3')
+    assert not _accepts(cache.reasoning_decoder(3, PIXELS, 10, TWO_IMAGES),
+                        '<think>x</think>\n{"steps": [{"statement": "a", "kind": "object", "image": 1, '
+                        '"bbox_2d": [1, 2, 3, 899')                                   # 899 > image 1's 476
+    answer = ('{"answer": "red", "explanation": "e", "key_evidence": [{"description": "car", "image": 1, '
+              '"bbox_2d": [0, 0, 10, 10]}, {"description": "sky", "bbox_2d": null}]}')
+    decoder = cache.synthesis_decoder(PIXELS, TWO_IMAGES)
+    assert _accepts(decoder, answer) and decoder.is_finished()
+    assert parse_synthesis(answer, PIXELS, images=images).key_evidence[0].bbox.image == 0
+
+
+@pytest.mark.parametrize("phase", ["reasoning", "synthesis"])
+def test_random_sampling_with_two_images_parses(phase):
+    from corgi.parsing import ImageConventions, parse_reasoning, parse_synthesis
+    cache = grammar_cache("qwen3-vl")
+    images = ImageConventions({0: TWO_IMAGES[0][1], 1: TWO_IMAGES[1][1]})
+    for seed in range(4):
+        decoder = (cache.reasoning_decoder(MAX_STEPS, PIXELS, THINK_CHARS, TWO_IMAGES) if phase == "reasoning"
+                   else cache.synthesis_decoder(PIXELS, TWO_IMAGES))
+        sample_run(decoder, seed)
+        assert decoder.is_finished() and len(decoder.text().encode()) <= decoder.spec.max_bytes
+        if phase == "reasoning":
+            result = parse_reasoning(decoder.text(), PIXELS, MAX_STEPS, images=images)
+            boxes = [s.bbox for s in result.steps if s.bbox]
+        else:
+            result = parse_synthesis(decoder.text(), PIXELS, images=images)
+            boxes = [k.bbox for k in result.key_evidence if k.bbox]
+        assert result.ok and not [w for w in result.warnings if "image" in w]
+        assert all(b.image in (0, 1) for b in boxes)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from corgi.boxes import REL1000, pixel_convention
-from corgi.parsing import _MAX_CANDIDATES, Work, extract_json, parse_reasoning, parse_synthesis
+from corgi.parsing import _MAX_CANDIDATES, StepStream, Work, extract_json, parse_reasoning, parse_synthesis
 from corgi.types import StepKind
 
 O, T, R = "object", "text", "reasoning"
@@ -468,3 +468,44 @@ def test_extract_json_flags_repairs_and_truncation():
     assert found is not None and found.value == {"a": [1, 2], "b": {"c": 3}}
     assert found.truncated
     assert extract_json("no json here", lambda v: True) is None
+
+
+# ---- steps while phase 1+2 streams (StepStream) -----------------------------------------
+
+_STREAMED = [
+    '<think>look {"statement": "not a step"} first</think>\n{"steps": [{"statement": "a } b", '
+    '"kind": "object", "bbox_2d": [1, 2, 300, 400]}, {"statement": "the sign", "kind": "text", '
+    '"bbox_2d": [10, 20, 30, 40]}, {"statement": "so", "kind": "reasoning", "bbox_2d": null}]}',
+    '<think></think>\n{"steps": [{"statement": "one", "kind": "object", "bbox_2d": [0, 0, 999, 999]}]}',
+    '{"steps": [{"statement": "no think", "kind": "reasoning", "bbox_2d": null}, '
+    '{"statement": "cut mid', # truncated: only the closed step streams, as the final parse keeps
+]
+
+
+@pytest.mark.parametrize("text", _STREAMED)
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_streamed_steps_equal_the_final_parse(text, chunk):
+    stream, streamed, first_at = StepStream(REL1000, 5), [], {}
+    for i in range(0, len(text), chunk):
+        for step in stream.feed(text[i:i + chunk]):
+            streamed.append(step)
+            first_at[step.index] = i + chunk
+    final = parse_reasoning(text, REL1000, 5).steps
+    assert streamed == final and final
+    # Each step came as soon as its object closed, not at the end (the last may close last).
+    if len(final) > 1 and chunk < len(text):
+        assert first_at[1] < len(text)
+
+
+def test_no_steps_stream_from_inside_an_open_think_block():
+    stream = StepStream(REL1000, 5)
+    assert stream.feed('<think>{"statement": "x", "kind": "reasoning", "bbox_2d": null}') == []
+    assert stream.feed(" more}") == []
+
+
+def test_streamed_steps_respect_max_steps():
+    text = '{"steps": [' + ", ".join(f'{{"statement": "s{i}", "kind": "reasoning", "bbox_2d": null}}'
+                                     for i in range(6)) + "]}"
+    stream = StepStream(REL1000, 2)
+    streamed = [s for ch in text for s in stream.feed(ch)]
+    assert [s.statement for s in streamed] == ["s0", "s1"] == [s.statement for s in parse_reasoning(text, REL1000, 2).steps]

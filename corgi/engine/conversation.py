@@ -1,4 +1,7 @@
-"""A conversation's state: one image, every token so far, and the K/V of a prefix of them.
+"""A conversation's state: its images, every token so far, and the K/V of a prefix of them.
+
+Images: the first is in the conversation head; more can join later (`Engine.add_images`), each
+as its own block of vision_start, image pads, vision_end appended to the token list.
 
 The token list is the source of truth; the KV cache is only an acceleration that can be
 dropped at any time (memory budget, cache disabled) and rebuilt from the tokens, giving
@@ -34,6 +37,12 @@ class Conversation:
     head_len: int                      # tokens of system + image message
     token_ids: list[int] = field(default_factory=list)
     hybrid: bool = False               # linear-attention layers: see engine/state.py
+    # Every image of the conversation, in order (images[0] is `image`), its patch grid, its
+    # model-input size and where its block (vision_start .. vision_end) sits in token_ids.
+    images: list[Image.Image] = field(default_factory=list)
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    blocks: list[tuple[int, int]] = field(default_factory=list)     # [start, end) in token_ids
     kv: DynamicCache | None = None     # covers token_ids[:kv_len]
     kv_len: int = 0
     kv_bytes: int = 0                  # the cache and its snapshots
@@ -49,6 +58,9 @@ class Conversation:
         """Forget every token from `length` on (Stop, Regenerate, a failed turn)."""
         length = max(length, 0)
         del self.token_ids[length:]
+        # Images whose block was cut leave with their tokens (a turn that attached them was undone).
+        keep = sum(1 for start, _ in self.blocks if start < length) or 1
+        del self.images[keep:], self.grids[keep:], self.sizes[keep:], self.blocks[keep:]
         self.rewind_kv(length)
 
     def rewind_kv(self, length: int, dirty: bool = False) -> None:
@@ -60,8 +72,8 @@ class Conversation:
         if self.kv is None or (self.kv_len <= length and not dirty):
             return
         length = min(length, self.kv_len)
-        if length < self.head_len:
-            self.drop_kv()
+        if length < self.head_len or any(start < length < end for start, end in self.blocks):
+            self.drop_kv()       # an image's positions come from its whole block: never cut inside one
             return
         if self.hybrid:
             usable = [s for s in self.snapshots if self.head_len <= s.length <= length]

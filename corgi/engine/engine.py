@@ -84,15 +84,17 @@ class Engine:
     def decode_text(self, ids: list[int], skip_special: bool = False) -> str:
         return self.lm.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
-    def constraint(self, phase: str, settings, convention):
+    def constraint(self, phase: str, settings, convention, images=()):
         """A fresh grammar-constrained decoder for phase "reasoning" or "synthesis"; the
-        compiled grammar is cached per (schema, tokenizer)."""
+        compiled grammar is cached per (schema, tokenizer). images: several images in the
+        turn, ((N of "Image N", its convention), ...): every box names its image."""
         from .grammar import GrammarCache
         if self._grammars is None:
             self._grammars = GrammarCache.for_tokenizer(self.lm.tokenizer, self.lm.vocab_size)
         if phase == "reasoning":
-            return self._grammars.reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars)
-        return self._grammars.synthesis_decoder(convention)
+            return self._grammars.reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars,
+                                                    images)
+        return self._grammars.synthesis_decoder(convention, images)
 
     # ---- conversations ----------------------------------------------------------------
     def start_conversation(self, image: Image.Image, head: tuple[str, str]) -> Conversation:
@@ -107,9 +109,38 @@ class Engine:
                             grid_thw=grid, resized=(grid[2] * self.lm.patch_size, grid[1] * self.lm.patch_size),
                             rope_delta=int(delta[0]), head_len=len(ids), token_ids=ids,
                             hybrid=self.lm.family.hybrid)
+        conv.images, conv.grids, conv.sizes = [image], [grid], [conv.resized]
+        conv.blocks = [self._block_span(0, ids, n_tokens, head[1])]
         with self._conversations_lock:
             self._conversations.add(conv)
         return conv
+
+    def add_images(self, conv: Conversation, images: list[Image.Image], texts: list[tuple[str, str]],
+                   in_head: bool = False) -> list[int]:
+        """Append one image block per image, texts[i] = (text before its pads, text after).
+        No model work: the next prefill encodes every image it meets in one vision-tower call
+        and places them with the model's own get_rope_index over the whole sequence (the
+        positions of several images, as HF computes them). in_head: part of the conversation
+        head (the images of the first turn). Returns the images' conversation indices.
+        Raises ValueError for shapes the processor refuses."""
+        cfg = self.config.image
+        grids = [self.image_grid(image, cfg.min_pixels, cfg.max_pixels) for image in images]
+        indices = []
+        for image, grid, (before, after) in zip(images, grids, texts):
+            n_tokens = grid[0] * grid[1] * grid[2] // self.lm.merge_size ** 2
+            block = self._image_block(before, n_tokens, after)
+            base = len(conv.token_ids)
+            conv.token_ids.extend(block)
+            indices.append(len(conv.images))
+            conv.images.append(image)
+            conv.grids.append(grid)
+            conv.sizes.append((grid[2] * self.lm.patch_size, grid[1] * self.lm.patch_size))
+            conv.blocks.append(self._block_span(base, block, n_tokens, after))
+        _, delta = self._image_positions(torch.tensor([conv.token_ids]), conv.grids)
+        conv.rope_delta = int(delta[0])
+        if in_head:
+            conv.head_len = len(conv.token_ids)
+        return indices
 
     def image_grid(self, image: Image.Image, min_pixels: int, max_pixels: int) -> tuple[int, int, int]:
         """The (t, h, w) patch grid the image processor will produce, without processing.
@@ -197,15 +228,21 @@ class Engine:
         ids = torch.tensor([conv.token_ids[start:stop]], device=self.lm.device)   # [1, T]
         images = None
         if conv.kv is None:
-            # From scratch: the image is in this chunk, so bring its features (cache hit or encode).
+            conv.kv = state.new_cache(self.lm.text_config, self.lm.family.hybrid)
+        # The images whose blocks lie in this chunk (all of them from scratch; one that joined
+        # since the last prefill otherwise): their features in one call (cache hits or one
+        # vision-tower batch), their positions from get_rope_index over the whole sequence.
+        chunk_images = [i for i, (block_start, _) in enumerate(conv.blocks) if block_start >= start]
+        if chunk_images:
             hits, misses = self.vision.hits, self.vision.misses
-            (features,) = self.vision.encode([conv.image], conv.min_pixels, conv.max_pixels)
-            assert features.grid_thw == conv.grid_thw, "image processor and grid estimate disagree"
+            features = self.vision.encode([conv.images[i] for i in chunk_images], conv.min_pixels, conv.max_pixels)
+            assert [f.grid_thw for f in features] == [conv.grids[i] for i in chunk_images], \
+                "image processor and grid estimate disagree"
             stats.vision_hits += self.vision.hits - hits
             stats.vision_misses += self.vision.misses - misses
-            positions, _ = self._image_positions(ids, [features.grid_thw])
-            images = EncoderOutput([features])
-            conv.kv = state.new_cache(self.lm.text_config, self.lm.family.hybrid)
+            every, _ = self._image_positions(torch.tensor([conv.token_ids[:stop]]), conv.grids)  # [3, 1, stop]
+            positions = every[:, :, start:stop]
+            images = EncoderOutput(features)
         else:
             positions = decode.text_positions(start, stop, conv.rope_delta, 1, self.lm.device)
         stats.prompt_tokens += stop
@@ -312,6 +349,11 @@ class Engine:
         if not ids or ids[-1] != sp.vision_start:
             ids.append(sp.vision_start)
         return ids + [sp.image_pad] * n_image_tokens + self.encode_text(after)
+
+    def _block_span(self, base: int, block: list[int], n_tokens: int, after: str) -> tuple[int, int]:
+        """[vision_start, end of the pads) of an image block appended at `base`."""
+        pads_end = base + len(block) - len(self.encode_text(after))
+        return pads_end - n_tokens - 1, pads_end
 
     def _image_positions(self, ids: torch.Tensor, grids: list[tuple[int, int, int]],
                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

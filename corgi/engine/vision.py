@@ -59,6 +59,7 @@ class VisionEncoder:
         self._bytes = 0
         self.hits = 0
         self.misses = 0
+        self.tower_calls = 0     # vision-tower forwards: several images of one prefill are one call
 
     @property
     def cached_bytes(self) -> int:
@@ -85,6 +86,7 @@ class VisionEncoder:
     @torch.inference_mode()
     def _run_tower(self, images: list[Image.Image], min_pixels: int, max_pixels: int) -> list[ImageFeatures]:
         lm = self.loaded
+        self.tower_calls += 1
         # pixel_values: [sum of patches, C*T*P*P]; grid: [n_images, 3]
         pixel_values, grid = to_patches(images, lm.image_processor, min_pixels, max_pixels, lm.device)
         pixel_values, grid = pixel_values.to(lm.dtype), grid.to(lm.device)

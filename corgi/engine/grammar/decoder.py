@@ -204,11 +204,11 @@ class GrammarCache:
         return ConstrainedDecoder(self, self.get(spec.source), spec)
 
     def reasoning_decoder(self, max_steps: int, convention: BoxConvention,
-                          max_thinking_chars: int) -> "ConstrainedDecoder":
-        return self.decoder(reasoning_spec(max_steps, convention, max_thinking_chars))
+                          max_thinking_chars: int, images=()) -> "ConstrainedDecoder":
+        return self.decoder(reasoning_spec(max_steps, convention, max_thinking_chars, images))
 
-    def synthesis_decoder(self, convention: BoxConvention) -> "ConstrainedDecoder":
-        return self.decoder(synthesis_spec(convention))
+    def synthesis_decoder(self, convention: BoxConvention, images=()) -> "ConstrainedDecoder":
+        return self.decoder(synthesis_spec(convention, images))
 
     # length tables (see lengths.py)
     def cost(self, table: int, token_id: int) -> int:

@@ -6,7 +6,8 @@
       STEP   {"statement": STR, "kind": "object", "bbox_2d": BOX}
            | {"statement": STR, "kind": "text", "bbox_2d": BOX}
            | {"statement": STR, "kind": "reasoning", "bbox_2d": null}
-      1..max_steps steps.
+      1..max_steps steps. Several images (`images`): a grounded step's box is
+           "image": N, "bbox_2d": BOX_N, BOX_N in image N's own convention (the same for ITEM).
   phase 4 (`synthesis_spec` / `synthesis_grammar_source`):
       {"answer": STR, "explanation": STR, "key_evidence": [ITEM, ...]}
       ITEM   {"description": STR, "bbox_2d": BOX | null}, 0..MAX_EVIDENCE_ITEMS items.
@@ -34,7 +35,7 @@ import json
 from dataclasses import dataclass
 
 from ...boxes import BoxConvention
-from ...formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, GROUNDED_KINDS, KEY_EVIDENCE, KIND,
+from ...formats import (ANSWER, BBOX, DESCRIPTION, EXPLANATION, GROUNDED_KINDS, IMAGE, KEY_EVIDENCE, KIND,
                         MAX_EXPLANATION_CHARS, MAX_KEY_EVIDENCE, MAX_STRING_CHARS,
                         STATEMENT, STEP_KINDS, STEPS, THINK_CLOSE, THINK_OPEN)
 
@@ -92,13 +93,27 @@ def _int_rule(name: str, n: int) -> str:
     return f"{name} ::= " + " | ".join(f"({a})" for a in _int_range_alternatives(n))
 
 
-def _box_rules(convention: BoxConvention) -> list[str]:
-    rules = [_int_rule("xint", convention.x_range)]
-    y_name = "xint"
+def _box_rules(convention: BoxConvention, suffix: str = "") -> list[str]:
+    x_name = "xint" + suffix
+    rules = [_int_rule(x_name, convention.x_range)]
+    y_name = x_name
     if convention.y_range != convention.x_range:
-        rules.append(_int_rule("yint", convention.y_range))
-        y_name = "yint"
-    rules.append(f'box ::= "[" xint ", " {y_name} ", " xint ", " {y_name} "]"')
+        y_name = "yint" + suffix
+        rules.append(_int_rule(y_name, convention.y_range))
+    rules.append(f'box{suffix} ::= "[" {x_name} ", " {y_name} ", " {x_name} ", " {y_name} "]"')
+    return rules
+
+
+Images = tuple[tuple[int, BoxConvention], ...]   # several images: (N of "Image N", its convention)
+
+
+def _image_box_rules(images: Images) -> list[str]:
+    """`ibox` ::= "image": N, "bbox_2d": box_N for each image: a box's range is its own image's."""
+    alternatives = [f'({_lit(json.dumps(IMAGE) + ": " + str(number) + _THEN_BOX)} box{number})'
+                    for number, _ in images]
+    rules = ["ibox ::= " + " | ".join(alternatives)]
+    for number, convention in images:
+        rules += _box_rules(convention, str(number))
     return rules
 
 
@@ -123,14 +138,16 @@ def _list_of(item: str, min_items: int, max_items: int) -> str:
     return one_or_more if min_items >= 1 else f"({one_or_more})?"
 
 
-def _kind_then_box(kind: str) -> str:
+def _kind_then_box(kind: str, images: Images = ()) -> str:
+    if kind in GROUNDED_KINDS and images:
+        return f"({_lit(json.dumps(kind) + _SEP)} ibox)"
     if kind in GROUNDED_KINDS:
         return f"({_lit(json.dumps(kind) + _THEN_BOX)} box)"
     return _lit(json.dumps(kind) + _THEN_BOX + _NULL)
 
 
 def reasoning_grammar_source(max_steps: int, convention: BoxConvention,
-                             max_thinking_chars: int) -> str:
+                             max_thinking_chars: int, images: Images = ()) -> str:
     """EBNF (xgrammar dialect) for phase 1+2: <think>...</think>\\n{"steps": [...]}.
 
     The thinking and string lengths are enforced by the decoder (`lengths.py`), so the
@@ -145,22 +162,24 @@ def reasoning_grammar_source(max_steps: int, convention: BoxConvention,
         f"root ::= {_lit(THINK_OPEN)} [^{THINK_CLOSE[0]}{_SURROGATES}]* {_lit(_STEPS_OPEN)} {steps}"
         f' {_lit("]}")}',
         f'step ::= {_lit(_STEP_OPEN)} str {_lit(_STEP_KIND)} kindbox "}}"',
-        "kindbox ::= " + " | ".join(_kind_then_box(k) for k in STEP_KINDS),
+        "kindbox ::= " + " | ".join(_kind_then_box(k, images) for k in STEP_KINDS),
         *_STRING_RULES,
-        *_box_rules(convention),
+        *(_image_box_rules(images) if images else _box_rules(convention)),
     ]
     return "\n".join(rules) + "\n"
 
 
-def synthesis_grammar_source(convention: BoxConvention) -> str:
+def synthesis_grammar_source(convention: BoxConvention, images: Images = ()) -> str:
     """EBNF (xgrammar dialect) for phase 4: {"answer": ..., "explanation": ..., "key_evidence": [...]}."""
     items = _list_of("item", 0, MAX_EVIDENCE_ITEMS)
+    item_box = (f'(({_lit(_SEP)} ibox) | {_lit(_THEN_BOX + _NULL)})' if images
+                else f'{_lit(_THEN_BOX)} (box | {_lit(_NULL)})')
     rules = [
         f"root ::= {_lit(_ANSWER_OPEN)} str {_lit(_EXPLANATION)} str {_lit(_EVIDENCE_OPEN)}"
         f' {items} {_lit("]}")}',
-        f'item ::= {_lit(_ITEM_OPEN)} str {_lit(_THEN_BOX)} (box | {_lit(_NULL)}) "}}"',
+        f'item ::= {_lit(_ITEM_OPEN)} str {item_box} "}}"',
         *_STRING_RULES,
-        *_box_rules(convention),
+        *(_image_box_rules(images) if images else _box_rules(convention)),
     ]
     return "\n".join(rules) + "\n"
 
@@ -175,23 +194,26 @@ def _box_max_bytes(convention: BoxConvention) -> int:
     return len("[, , , ]") + 2 * len(str(convention.x_range)) + 2 * len(str(convention.y_range))
 
 
-def _box_or_null(convention: BoxConvention) -> int:
+def _box_or_null(convention: BoxConvention, images: Images = ()) -> int:
+    if images:   # , "image": N before the box
+        return max(len(_SEP + _key(IMAGE)) + len(str(n)) + _box_max_bytes(c) for n, c in images)
     return max(_box_max_bytes(convention), len(_NULL))
 
 
-def reasoning_max_bytes(max_steps: int, convention: BoxConvention, max_thinking_chars: int) -> int:
+def reasoning_max_bytes(max_steps: int, convention: BoxConvention, max_thinking_chars: int,
+                        images: Images = ()) -> int:
     """Upper bound on the UTF-8 length of any output the reasoning decoder allows."""
     longest_kind = max(len(json.dumps(k)) for k in STEP_KINDS)
     step = (len(_STEP_OPEN) + _str_max_bytes(MAX_STRING_CHARS) + len(_STEP_KIND) + longest_kind
-            + len(_THEN_BOX) + _box_or_null(convention) + len("}"))
+            + len(_THEN_BOX) + _box_or_null(convention, images) + len("}"))
     return (len(THINK_OPEN) + max_thinking_chars * _UTF8_MAX + len(_STEPS_OPEN) + len("]}")
             + max_steps * step + (max_steps - 1) * len(_SEP))
 
 
-def synthesis_max_bytes(convention: BoxConvention) -> int:
+def synthesis_max_bytes(convention: BoxConvention, images: Images = ()) -> int:
     """Upper bound on the UTF-8 length of any output the synthesis decoder allows."""
     item = (len(_ITEM_OPEN) + _str_max_bytes(MAX_STRING_CHARS) + len(_THEN_BOX)
-            + _box_or_null(convention) + len("}"))
+            + _box_or_null(convention, images) + len("}"))
     return (len(_ANSWER_OPEN) + _str_max_bytes(MAX_STRING_CHARS) + len(_EXPLANATION)
             + _str_max_bytes(MAX_EXPLANATION_CHARS) + len(_EVIDENCE_OPEN) + len("]}")
             + MAX_EVIDENCE_ITEMS * item + (MAX_EVIDENCE_ITEMS - 1) * len(_SEP))
@@ -213,14 +235,15 @@ class GrammarSpec:
     max_bytes: int
 
 
-def reasoning_spec(max_steps: int, convention: BoxConvention, max_thinking_chars: int) -> GrammarSpec:
-    return GrammarSpec(reasoning_grammar_source(max_steps, convention, max_thinking_chars),
+def reasoning_spec(max_steps: int, convention: BoxConvention, max_thinking_chars: int,
+                   images: Images = ()) -> GrammarSpec:
+    return GrammarSpec(reasoning_grammar_source(max_steps, convention, max_thinking_chars, images),
                        think_chars=max_thinking_chars, string_chars=MAX_STRING_CHARS, key_chars=(),
-                       max_bytes=reasoning_max_bytes(max_steps, convention, max_thinking_chars))
+                       max_bytes=reasoning_max_bytes(max_steps, convention, max_thinking_chars, images))
 
 
-def synthesis_spec(convention: BoxConvention) -> GrammarSpec:
-    return GrammarSpec(synthesis_grammar_source(convention), think_chars=None,
+def synthesis_spec(convention: BoxConvention, images: Images = ()) -> GrammarSpec:
+    return GrammarSpec(synthesis_grammar_source(convention, images), think_chars=None,
                        string_chars=MAX_STRING_CHARS,
                        key_chars=((EXPLANATION, MAX_EXPLANATION_CHARS),),
-                       max_bytes=synthesis_max_bytes(convention))
+                       max_bytes=synthesis_max_bytes(convention, images))
