@@ -69,9 +69,12 @@ class _Printer:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Everything a user can get wrong is checked before torch is imported (seconds): bad input
+    # is answered at once.
     from .config import ConfigError, load_config
+    from .engine.model_source import ModelLoadError, model_source
     from .images import ImageError, load_image
-    from .pipeline import ChatSession, InputError
+    from .prompts import InputError, clean_question
 
     overrides = {}
     if args.model:
@@ -83,14 +86,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides)
         for q in [args.question, *args.followup]:
-            from .pipeline import clean_question
             clean_question(q, config.pipeline.max_question_chars)
         images = [load_image(path, config.image.max_input_pixels) for path in args.image]
-    except (ConfigError, ImageError, InputError) as exc:
+        model_source(config.model.id)
+    except (ConfigError, ImageError, InputError, ModelLoadError) as exc:
         return _bad_input(exc)
 
     from .engine.engine import Engine
-    from .engine.loading import ModelLoadError
+    from .pipeline import ChatSession
     try:
         engine = Engine.load(config)
     except ModelLoadError as exc:

@@ -11,34 +11,18 @@ phase fails, the conversation is cut back to where the turn started, so it stays
 from __future__ import annotations
 
 import time
-import unicodedata
 from dataclasses import replace
 from typing import Iterator
 
 from PIL import Image
 
 from . import boxes, parsing, prompts
+from .prompts import InputError, clean_question  # noqa: F401  (InputError: re-exported)
 from .config import PipelineConfig
 from .engine.engine import Engine, Sampling
 from .types import (AnswerReady, CacheStats, Event, Evidence, EvidenceReady, Phase, PhaseFinished,
                     PhaseStarted, Step, StepKind, StepsParsed, StepStreamed, TextDelta, TurnFinished,
                     TurnResult)
-
-
-class InputError(ValueError):
-    """The user's input cannot be used; the message says why in one sentence."""
-
-
-def clean_question(question: str, max_chars: int) -> str:
-    if not isinstance(question, str):
-        raise InputError("the question must be text")
-    # Control characters (other than newline and tab) can break prompts and terminals.
-    text = "".join(ch for ch in question if ch in "\n\t" or unicodedata.category(ch)[0] != "C").strip()
-    if not text:
-        raise InputError("the question is empty")
-    if len(text) > max_chars:
-        raise InputError(f"the question is too long ({len(text)} characters; the limit is {max_chars})")
-    return text
 
 
 def grounded_steps(steps: list[Step], max_regions: int | None) -> list[Step]:

@@ -18,6 +18,7 @@ of them, e.g. "<|im_end|>", "<tool_call>" or "</think>", can be forged from a qu
 from __future__ import annotations
 
 import functools
+import unicodedata
 import json
 import re
 from typing import Collection
@@ -208,3 +209,21 @@ def crop_instruction(kind: StepKind, statement: str, *, added_tokens: Collection
     else:
         task = "Describe the main object in this region in one sentence."
     return f"{task}\nContext: {plain(statement, added_tokens)}{IM_END}\n{IM_START}assistant\n"
+
+
+# ---- the user's question ------------------------------------------------------------------
+
+class InputError(ValueError):
+    """The user's input cannot be used; the message says why in one sentence."""
+
+
+def clean_question(question: str, max_chars: int) -> str:
+    if not isinstance(question, str):
+        raise InputError("the question must be text")
+    # Control characters (other than newline and tab) can break prompts and terminals.
+    text = "".join(ch for ch in question if ch in "\n\t" or unicodedata.category(ch)[0] != "C").strip()
+    if not text:
+        raise InputError("the question is empty")
+    if len(text) > max_chars:
+        raise InputError(f"the question is too long ({len(text)} characters; the limit is {max_chars})")
+    return text
