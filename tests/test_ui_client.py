@@ -157,9 +157,9 @@ def test_bad_input_is_answered_in_the_chat(client, tmp_path):
     assert any("This file cannot be used" in t and "notes.png" in t for t in texts(out[CHAT]))
 
     big = tmp_path / "noise.png"
-    Image.frombytes("RGB", (256, 256), os.urandom(256 * 256 * 3)).save(big)   # ~200 kB, limit 0.1 MB
+    big.write_bytes(os.urandom(9 * 1024 * 1024))     # 9 MB, limit 8 MB (size is checked first)
     out = client.predict(handle_file(str(big)), api_name="/set_image")
-    assert any("the limit is 0.1 MB" in t for t in texts(out[CHAT]))
+    assert any("the limit is 8 MB" in t for t in texts(out[CHAT]))
 
     set_image(client)
     out = client.predict({"text": "   ", "files": []}, api_name="/ask")
