@@ -244,7 +244,7 @@ class CorgiApp:
                                              value=getattr(pipe, name), label=label)
                                    for name, label, low, high in SETTINGS]
                 with gr.Column(scale=5, min_width=420):
-                    chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chat",
+                    chatbot = gr.Chatbot(label="Conversation", height="max(300px, calc(100vh - 400px))", elem_id="chat",
                                          placeholder="Upload an image (or pick an example), then ask about it.")
                     textbox = gr.MultimodalTextbox(placeholder="Ask about the image (the clip attaches a new image)",
                                                    file_types=["image"], sources=["upload"], show_label=False,

@@ -178,6 +178,8 @@ def test_a_big_photo_turn_stays_small_in_the_browser(server, browser, tmp_path):
     expect(page.locator("#trace")).to_be_enabled()
     expect(chat.locator(".loading-spinner")).to_have_count(0)
     page.screenshot(path=str(artifacts / "big-photo-1280x800.png"))
+    for button in ("#stop", "#regenerate", "#new-conversation"):     # no scrolling at 1280x800
+        expect(page.locator(button)).to_be_in_viewport()
     expect(chat.get_by_text("Steps").first).to_be_visible()          # steps stay in view at the end
     expect(chat.get_by_text("this answer is noise").first).to_be_visible()
     page.set_viewport_size({"width": 1920, "height": 1080})
