@@ -110,7 +110,7 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     assert trace["model"] == {"id": "tiny-qwen2.5-vl", "family": "qwen2.5-vl", "dtype": "float32", "device": "cpu"}
     assert [t["question"] for t in trace["turns"]] == ["What colour is the car?", "And what about the house?"]
     assert trace["turns"][1]["cache"]["vision_misses"] == 0
-    assert set(trace["turns"][0]) == {"question", "answer", "explanation", "steps", "evidence", "key_evidence",
+    assert set(trace["turns"][0]) == {"question", "images", "plain_answer", "answer", "explanation", "steps", "evidence", "key_evidence",
                                       "timings", "raw", "cache", "warnings"}
     # Regions: one gallery item per piece of evidence of the last turn.
     assert len(final[GALLERY] or []) == len(trace["turns"][1]["evidence"])
@@ -133,7 +133,9 @@ def test_stop_then_ask_again_and_new_conversation(client):
     # New conversation drops the turns; the same question on a fresh conversation must give the
     # same turn, token for token: the stopped turn left nothing behind in the conversation.
     fresh = client.predict(api_name="/new_conversation")
-    assert texts(fresh[CHAT]) == [] and not fresh[DEBUG_JSON]
+    # Only the note that the image is still loaded, no turn.
+    assert len(texts(fresh[CHAT])) == 1 and "receipt.png" in texts(fresh[CHAT])[0] and not fresh[DEBUG_JSON]
+    assert "still loaded" in texts(fresh[CHAT])[0]
     _, again = stream_ask(client, question)
     before, now = after_stop[DEBUG_JSON]["turn 1"], again[DEBUG_JSON]["turn 1"]
     assert now["raw"] == before["raw"] and now["answer"] == before["answer"]
