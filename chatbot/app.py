@@ -37,6 +37,7 @@ import torch
 from gradio import processing_utils
 
 from corgi.config import Config, PipelineConfig
+from corgi.engine.tiny import default_cache_dir, is_tiny_name
 from corgi.engine.engine import Engine
 from corgi.images import ImageError, image_digest, load_image
 from corgi.pipeline import ChatSession, InputError
@@ -139,6 +140,21 @@ def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "w
 processing_utils.save_pil_to_cache = save_pil_to_cache
 
 
+def is_twin(*names: str) -> bool:
+    """Whether the loaded model is an embedded random-weight twin: a "tiny-"/"small-" name, or a
+    folder in the twin cache (where tiny.py builds them)."""
+    cache = str(default_cache_dir().expanduser().resolve())
+    for name in names:
+        if not isinstance(name, str):
+            continue
+        if is_tiny_name(name) or name.startswith(("tiny-", "small-")):
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.isdir(name) and str(Path(name).resolve()).startswith(cache + os.sep):
+                return True
+    return False
+
+
 def pipeline_settings(base: PipelineConfig, values: tuple) -> PipelineConfig:
     """The accordion's values on a copy of the configured PipelineConfig (None: keep the default)."""
     changes = {}
@@ -200,6 +216,7 @@ class CorgiApp:
         self.model_lock = threading.Lock()
         self._traces = tempfile.TemporaryDirectory(prefix="corgi-chat-")   # removed at exit
         lm = engine.lm
+        self.twin = is_twin(lm.model_id, config.model.id)
         self.model_info = {"id": lm.model_id, "family": lm.family.name,
                            "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
 
@@ -213,6 +230,8 @@ class CorgiApp:
             gr.Markdown(f"## CoRGI Chat\nGrounded visual reasoning: the model writes steps, marks the "
                         f"regions they depend on (S1, S2 ...), reads those regions, then answers. "
                         f"Model: `{self.model_info['id']}` on {self.model_info['device']}.")
+            if self.twin:
+                gr.Markdown(render.NOISE_WARNING, elem_id="noise-warning")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=240):
                     image_in = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
@@ -225,7 +244,7 @@ class CorgiApp:
                                              value=getattr(pipe, name), label=label)
                                    for name, label, low, high in SETTINGS]
                 with gr.Column(scale=5, min_width=420):
-                    chatbot = gr.Chatbot(label="Conversation", height=560, elem_id="chat",
+                    chatbot = gr.Chatbot(label="Conversation", height="max(300px, calc(100vh - 400px))", elem_id="chat",
                                          placeholder="Upload an image (or pick an example), then ask about it.")
                     textbox = gr.MultimodalTextbox(placeholder="Ask about the image (the clip attaches a new image)",
                                                    file_types=["image"], sources=["upload"], show_label=False,
@@ -238,11 +257,11 @@ class CorgiApp:
                     # No floating label on the image: it would cover boxes in the top-left corner.
                     gr.Markdown("**Steps on the image**: S1, S2 ... as the model marked them; "
                                 "red: look at an object, blue: read text.")
-                    boxes_img = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                    boxes_img = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False,
                                          height=300, elem_id="boxes")
                     # fit_columns=False: one region would otherwise fill the panel and hide its caption.
                     gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, height=230,
-                                         fit_columns=False, object_fit="contain", format="png", elem_id="regions")
+                                         fit_columns=False, object_fit="contain", format="jpeg", elem_id="regions")
                     timings = gr.Dataframe(label="Timings (s) and cache, per turn", interactive=False,
                                            elem_id="timings", max_height=560)
                     trace_btn = gr.DownloadButton("Download trace (JSON)", value=None, interactive=False,
@@ -292,7 +311,7 @@ class CorgiApp:
         return (
             s,
             s.messages() if CHAT in panels else skip,
-            (render.draw_boxes(s.image, s.latest_steps()) if s.image else None) if BOXES in panels else skip,
+            self._boxes(s) if BOXES in panels else skip,
             (render.gallery_items(s.image, evidence, self.config.pipeline.crop_padding) if s.image else [])
             if GALLERY in panels else skip,
             render.timings_table(s.warmup, results, s.live) if TIMINGS in panels else skip,
@@ -300,6 +319,18 @@ class CorgiApp:
             render.debug_json(results) if DEBUG in panels else skip,
             gr.DownloadButton(value=s.trace_path, interactive=s.trace_path is not None) if DEBUG in panels else skip,
         )
+
+    def _boxes(self, s: UserSession) -> Any:
+        """The boxes image, drawn at display size; gr.skip() when what it shows has not changed
+        since this session last sent it (the same image is never re-sent)."""
+        if s.image is None:
+            key = None
+        else:
+            key = (s.image_digest, render.steps_signature(s.latest_steps()))
+        if key == getattr(s, "boxes_key", object()):
+            return gr.skip()
+        s.boxes_key = key
+        return render.draw_boxes(s.image, s.latest_steps()) if s.image is not None else None
 
     def session(self, state: Any, request: gr.Request | None) -> UserSession:
         if isinstance(state, UserSession) and not state.closed:
@@ -416,6 +447,10 @@ class CorgiApp:
         try:
             with self.model_lock:
                 session.new_conversation()
+            if session.image is not None:
+                session.history.append(render.notice(
+                    f"New conversation. The image **{session.image_name}** is still loaded: ask about it, "
+                    "or attach another one."))
             return self.outputs(session)
         finally:
             session.lock.release()
@@ -449,8 +484,8 @@ class CorgiApp:
         except (ImageError, OSError) as exc:
             with session.lock:
                 session.set_image(None)
-                session.history.append(render.notice(f"This file cannot be used: {exc} "
-                                                     "Please upload a PNG, JPEG or WebP image."))
+                hint = "" if "pixel" in str(exc).lower() else " Please upload a PNG, JPEG or WebP image."
+                session.history.append(render.notice(f"This file cannot be used: {exc}{hint}"))
             yield self.outputs(session)
             return False
         digest = image_digest(image)
@@ -501,7 +536,8 @@ class CorgiApp:
                                                      f"{type(exc).__name__}: {exc}"))
                 yield self.outputs(session, {CHAT})
                 return
-        view = render.TurnView(question, len(session.results) + 1, settings.max_regions)
+        view = render.TurnView(question, len(session.results) + 1, settings.max_regions,
+                               note=render.NOISE_NOTE if self.twin else None)
         session.begin_turn(view)
         yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS})   # the pending phase, at once
         events = session.chat.ask(question, settings)

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from corgi import boxes
 from corgi.types import (AnswerReady, CacheStats, Evidence, EvidenceReady, Phase, PhaseFinished,
-                         PhaseStarted, ReasoningResult, Step, StepKind, StepsParsed,
+                         PhaseStarted, ReasoningResult, Step, StepKind, StepsParsed, StepStreamed,
                          SynthesisResult, TextDelta, TurnFinished, TurnResult)
 
 # Box colours by step kind; the chat names them so the legend and the picture agree.
@@ -29,6 +29,44 @@ PHASE_TITLES = {
 # Panels a change can touch; the app re-sends only those (an image or gallery re-encodes
 # PNGs on every update, the chat only sends a diff).
 CHAT, BOXES, GALLERY, TIMINGS, DEBUG = "chat", "boxes", "gallery", "timings", "debug"
+
+DISPLAY_LONG_SIDE = 1600     # no image sent to the browser is larger than this on its long side
+CROP_LONG_SIDE = 480         # region crops in the gallery
+
+NOISE_WARNING = ("**This model has random weights: its words are noise.** It is an embedded twin "
+                 "(real tokenizer, random weights) that runs every code path but cannot see. For real "
+                 "answers load a real checkpoint: `./launch_chatbot.sh --model Qwen/Qwen2.5-VL-3B-Instruct` "
+                 "or `./launch_chatbot.sh --config configs/qwen2.5-vl-3b.yaml`.")
+NOISE_NOTE = ("*Random-weight twin: this answer is noise. Load a real checkpoint "
+              "(`./launch_chatbot.sh --model Qwen/Qwen2.5-VL-3B-Instruct`) for real answers.*")
+
+
+def display_size(image: Image.Image, long_side: int = DISPLAY_LONG_SIDE) -> Image.Image:
+    """`image` as RGB, scaled down (never up) so its long side is at most `long_side`."""
+    out = image.convert("RGB")
+    scale = long_side / max(out.size)
+    if scale < 1:
+        out = out.resize((max(1, round(out.width * scale)), max(1, round(out.height * scale))),
+                         Image.Resampling.LANCZOS)
+    return out
+
+
+def steps_signature(steps: list[Step]) -> tuple:
+    """What the boxes image depends on: equal signatures draw equal images."""
+    return tuple((s.index, s.kind.value, s.bbox.to_list() if s.bbox else None) for s in steps)
+
+
+def step_line(step: Step) -> str:
+    where = step.kind.value
+    if step.bbox is not None and step.kind in COLOURS:
+        where += f", {COLOUR_NAMES[step.kind]} box"
+    return f"- **S{step.index}** ({where}): {escape_md(step.statement)}"
+
+
+def escape_md(text: str) -> str:
+    """Model-written text for a chat line: no HTML tags, no images, no links."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("![", "!\\[").replace("\n", " "))
 
 
 def code_block(text: str) -> str:
@@ -68,11 +106,7 @@ def steps_markdown(result: ReasoningResult) -> str:
     lines = [f"> {line}" for line in result.thinking.strip().splitlines()]
     if lines:
         lines.append("")
-    for step in result.steps:
-        where = step.kind.value
-        if step.bbox is not None and step.kind in COLOURS:
-            where += f", {COLOUR_NAMES[step.kind]} box"
-        lines.append(f"- **S{step.index}** ({where}): {step.statement}")
+    lines.extend(step_line(step) for step in result.steps)
     return "\n".join(lines)
 
 
@@ -95,8 +129,11 @@ class TurnView:
     stop/failure handling to one place: whatever phase was pending is closed there.
     """
 
-    def __init__(self, question: str, number: int, max_regions: int, clock=time.perf_counter):
+    def __init__(self, question: str, number: int, max_regions: int, clock=time.perf_counter,
+                 note: str | None = None):
         self.question, self.number, self.max_regions, self.clock = question, number, max_regions, clock
+        self.note = note                              # appended to the answer (e.g. NOISE_NOTE)
+        self.streamed: list[Step] = []                # steps as they close, before StepsParsed
         self.order: list[Phase] = [Phase.REASONING]   # pending at once: the user sees work start
         self.text: dict[Phase, str] = {Phase.REASONING: ""}
         self.started: dict[Phase, float] = {Phase.REASONING: clock()}
@@ -126,6 +163,9 @@ class TurnView:
         if isinstance(event, PhaseFinished):
             self.seconds[event.phase] = event.seconds
             return {CHAT, TIMINGS}
+        if isinstance(event, StepStreamed):
+            self.streamed.append(event.step)
+            return {CHAT, BOXES}
         if isinstance(event, StepsParsed):
             self.reasoning = event.result
             return {CHAT, BOXES}
@@ -148,7 +188,7 @@ class TurnView:
     # ---- what it looks like ---------------------------------------------------------
     @property
     def steps(self) -> list[Step]:
-        return self.reasoning.steps if self.reasoning else []
+        return self.reasoning.steps if self.reasoning else list(self.streamed)
 
     def evidence_list(self) -> list[Evidence]:
         return [self.evidence[r] for r in sorted(self.evidence)]
@@ -162,8 +202,12 @@ class TurnView:
                 title += " (interrupted)"
             out.append(status_message(title, self._phase_content(phase), done, self.seconds.get(phase),
                                       msg_id=f"turn{self.number}-{phase.value}"))
+            if phase == Phase.REASONING and done and self.steps:
+                # The steps stay in view when their phase collapses: a plain message.
+                out.append(notice("**Steps**\n" + "\n".join(step_line(s) for s in self.steps)))
         if self.answer is not None:
-            out.append(notice(answer_markdown(self.answer)))
+            text = answer_markdown(self.answer)
+            out.append(notice(f"{text}\n\n{self.note}" if self.note else text))
         warnings = self.result.warnings if self.result else []
         if warnings:
             out.append(status_message(f"Notes ({len(warnings)})", "\n".join(f"- {w}" for w in warnings),
@@ -175,8 +219,11 @@ class TurnView:
     def _phase_content(self, phase: Phase) -> str:
         if phase == Phase.REASONING:
             if self.reasoning is not None and self.reasoning.ok:
-                return steps_markdown(self.reasoning)
+                thinking = self.reasoning.thinking.strip()
+                return "\n".join(f"> {escape_md(line)}" for line in thinking.splitlines()) or "(no thinking)"
             text = self.text[phase]
+            if self.streamed:     # readable lines as each step closes; the raw text is in Debug
+                return "\n".join(step_line(s) for s in self.streamed) + "\n\n*writing ...*"
             if self.reasoning is not None:   # finished but unreadable: show what came out
                 return code_block(text) + "\n\n*No reasoning steps could be read from this output.*"
             return code_block(text) if text else ""
@@ -212,11 +259,12 @@ class TurnView:
 def draw_boxes(image: Image.Image, steps: list[Step]) -> Image.Image:
     """A copy of `image` with each grounded step's box outlined in its kind's colour and
     labelled S1, S2... (reasoning steps have no region and are not drawn)."""
-    out = image.convert("RGB")   # always a copy
+    out = display_size(image)    # always a copy, at most display size
     draw = ImageDraw.Draw(out)
     short = min(out.size)
     width = max(2, round(short / 150))
     font = ImageFont.load_default(size=max(12, round(short / 28)))
+    placed: list[tuple[int, int, int, int]] = []
     for step in steps:
         if step.bbox is None or step.kind not in COLOURS:
             continue
@@ -231,6 +279,15 @@ def draw_boxes(image: Image.Image, steps: list[Step]) -> Image.Image:
         # The tag sits above the box's top-left corner, or inside it when there is no room.
         ty = y1 - tag_h if y1 - tag_h >= 0 else y1
         tx = min(x1, max(0, out.width - tag_w))
+        # Labels never overlap: move a tag down (then right) past the tags already placed.
+        for _ in range(len(placed) + 1):
+            hit = next((p for p in placed if tx < p[2] and p[0] < tx + tag_w and ty < p[3] and p[1] < ty + tag_h), None)
+            if hit is None:
+                break
+            ty = hit[3]
+            if ty + tag_h > out.height:
+                ty, tx = max(0, y1 - tag_h), min(hit[2], max(0, out.width - tag_w))
+        placed.append((tx, ty, tx + tag_w, ty + tag_h))
         draw.rectangle((tx, ty, tx + tag_w - 1, ty + tag_h - 1), fill=colour)
         draw.text((tx + pad - left, ty + pad - top), label, fill=(255, 255, 255), font=font)
     return out
@@ -241,7 +298,8 @@ def gallery_items(image: Image.Image, evidence: list[Evidence], padding: float) 
     items = []
     for e in evidence:
         verb = "reads" if e.kind == StepKind.TEXT else "sees"
-        items.append((boxes.crop(image, e.bbox, padding), f"S{e.step_index} {verb}: {e.text or '(nothing found)'}"))
+        crop = display_size(boxes.crop(image, e.bbox, padding), CROP_LONG_SIDE)
+        items.append((crop, f"S{e.step_index} {verb}: {e.text or '(nothing found)'}"))
     return items
 
 

@@ -44,6 +44,7 @@ class UserSession:
         self.image: Image.Image | None = None
         self.image_name = ""
         self.image_digest = ""
+        self.boxes_key: object = object()   # what the boxes image last sent to this tab showed
         self.chat: ChatSession | None = None
         self.warmup: tuple[CacheStats, float] | None = None   # the upload's stats and seconds
         self.history: list[dict[str, Any]] = []              # messages of ended turns and notices

@@ -33,7 +33,7 @@ model: {id: tiny-qwen2.5-vl}
 image: {min_pixels: 3136, max_pixels: 50176}
 pipeline: {max_steps: 3, max_regions: 3, reasoning_max_new_tokens: 96, evidence_max_new_tokens: 8,
            synthesis_max_new_tokens: 64, max_thinking_chars: 40}
-ui: {max_upload_mb: 0.1, idle_timeout_s: 600}
+ui: {max_upload_mb: 8, idle_timeout_s: 600}
 """
 
 # Never inherited from the test process: a login, or a shared file folder, is what a test asks for.

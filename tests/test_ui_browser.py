@@ -137,3 +137,56 @@ def test_a_conversation_in_the_browser(server, browser):
     before = server.log_text().count(closed)      # a shared server: other tests closed sessions too
     page.close()
     wait_for(lambda: server.log_text().count(closed) > before, timeout=30)
+
+
+def test_a_big_photo_turn_stays_small_in_the_browser(server, browser, tmp_path):
+    """A 4000x3000 phone photo (~4 MB JPEG of noise): the page receives under 3 MB in the upload
+    and one turn (every image it is sent is display-sized), steps show as lines and their boxes
+    appear on the image, the twin is labelled as noise. Screenshots at 1280x800 and 1920x1080."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect
+    rng = np.random.default_rng(0)
+    base = np.kron(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), np.ones((10, 10, 1), np.uint8))
+    noisy = np.clip(base.astype(np.int16) + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+    photo = tmp_path / "phone-photo.jpg"
+    Image.fromarray(noisy).save(photo, quality=85)
+    assert photo.stat().st_size > 3 * 1024 * 1024, photo.stat().st_size
+
+    artifacts = REPO / "tests" / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots in {artifacts}")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(WAIT_MS)
+    expect.set_options(timeout=WAIT_MS)
+    page.goto(server.url)
+    chat = page.locator("#chat")
+    expect(page.locator("#noise-warning")).to_contain_text("noise")
+    received: list[tuple[str, int]] = []
+
+    def count(response):
+        try:
+            received.append((response.url, len(response.body())))
+        except Exception:      # a stream still open (server-sent events): not an image
+            pass
+    page.locator("#image-input input[type=file]").set_input_files(str(photo))
+    expect(chat.get_by_text("encoded and ready")).to_be_visible()
+    # One turn: from the question to the finished answer (the upload's own preview is not in it).
+    page.on("response", count)
+    ask(page, "What is in the photo?")
+    expect(page.locator("#timings")).to_contain_text("turn 1")
+    expect(page.locator("#trace")).to_be_enabled()
+    expect(chat.locator(".loading-spinner")).to_have_count(0)
+    page.screenshot(path=str(artifacts / "big-photo-1280x800.png"))
+    for button in ("#stop", "#regenerate", "#new-conversation"):     # no scrolling at 1280x800
+        expect(page.locator(button)).to_be_in_viewport()
+    expect(chat.get_by_text("Steps").first).to_be_visible()          # steps stay in view at the end
+    expect(chat.get_by_text("this answer is noise").first).to_be_visible()
+    page.set_viewport_size({"width": 1920, "height": 1080})
+    page.screenshot(path=str(artifacts / "big-photo-1920x1080.png"))
+    page.remove_listener("response", count)
+    images = [(u, n) for u, n in received if "/file=" in u or "gradio_api/file" in u]
+    total = sum(n for _, n in received)
+    print(f"page received {total} bytes in {len(received)} responses; files: {images}")
+    assert total < 3 * 1024 * 1024, (total, sorted(received, key=lambda r: -r[1])[:5])
+    page.close()

@@ -91,10 +91,13 @@ def test_turn_view_streams_text_and_closes_each_phase():
 
     assert render.BOXES in view.apply(events[4])                  # boxes as soon as steps parse
     msg = phase_messages(view.messages())["reasoning"]
-    assert msg["content"].startswith("> look at the car\n")           # the thinking, quoted
-    assert "**S1** (object, red box): The car is in the middle." in msg["content"]
-    assert "**S2** (text, blue box): The sign reads STOP." in msg["content"]
-    assert "**S3** (reasoning): So the answer is blue." in msg["content"]
+    assert msg["content"].startswith("> look at the car")             # the thinking, quoted
+    # The steps are a plain message after the phase: they stay in view when it collapses.
+    steps = next(m for m in view.messages() if m["content"].startswith("**Steps**"))
+    assert "metadata" not in steps
+    assert "**S1** (object, red box): The car is in the middle." in steps["content"]
+    assert "**S2** (text, blue box): The sign reads STOP." in steps["content"]
+    assert "**S3** (reasoning): So the answer is blue." in steps["content"]
 
     for event in events[5:8]:
         view.apply(event)
@@ -303,3 +306,35 @@ def test_store_reuses_sessions_and_evicts_the_least_recently_used():
     store.close("a")                                          # "b" was evicted by the new "a"
     assert len(store) == 1
 
+
+
+def test_streamed_steps_show_as_lines_and_boxes_before_the_phase_ends():
+    from corgi.types import StepStreamed
+    view = render.TurnView("q", 1, max_regions=4)
+    step = Step(1, "The <b>car</b> is here.", StepKind.OBJECT, Box(0.1, 0.1, 0.5, 0.5))
+    view.apply(PhaseStarted(Phase.REASONING, ""))
+    assert render.BOXES in view.apply(StepStreamed(step))
+    assert view.steps == [step]                                       # drawn before StepsParsed
+    msg = phase_messages(view.messages())["reasoning"]
+    assert "**S1** (object, red box): The &lt;b&gt;car&lt;/b&gt; is here." in msg["content"]
+    assert "{" not in msg["content"]                                  # no raw JSON in the chat
+
+
+def test_a_twin_answer_says_it_is_noise():
+    result = turn_result()
+    view = render.TurnView("q", 1, max_regions=4, note=render.NOISE_NOTE)
+    for event in full_turn_events(result):
+        view.apply(event)
+    answer = [m for m in view.messages() if m["content"].startswith("**blue**")][0]
+    assert "noise" in answer["content"] and "Qwen/Qwen2.5-VL-3B-Instruct" in answer["content"]
+
+
+def test_big_images_are_drawn_at_display_size_and_labels_do_not_overlap():
+    image = Image.new("RGB", (4000, 3000), "white")
+    steps = [Step(i, "s", StepKind.OBJECT, Box(0.1, 0.1 + 0.001 * i, 0.3, 0.3)) for i in range(1, 4)]
+    out = render.draw_boxes(image, steps)
+    assert max(out.size) == render.DISPLAY_LONG_SIDE and out.size == (1600, 1200)
+    red = [(x, y) for x in range(0, 1600, 2) for y in range(0, 1200, 2) if out.getpixel((x, y)) == (220, 38, 38)]
+    assert red
+    crops = render.gallery_items(image, [Evidence(1, Box(0.0, 0.0, 1.0, 1.0), StepKind.OBJECT, "x")], 0.25)
+    assert max(crops[0][0].size) <= render.CROP_LONG_SIDE
