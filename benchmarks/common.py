@@ -175,7 +175,7 @@ class ForcedEngine(Engine):
         self.scripts: dict[str, list[int]] = {}
         self.generated = 0
 
-    def constraint(self, phase, settings, convention):
+    def constraint(self, phase, settings, convention, images=()):
         return Forced(self.scripts[phase])
 
     def generate(self, *args, **kwargs):

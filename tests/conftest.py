@@ -15,6 +15,11 @@ HYBRID_MODELS = ("tiny-qwen3.5",)                                      # Gated D
 MOE_MODELS = ("tiny-qwen3-vl-moe", "tiny-qwen3.5-moe")                 # expert MLPs (eager decode)
 ALL_TWINS = TINY_MODELS + HYBRID_MODELS + MOE_MODELS
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one intra-op thread each, or their matmuls fight for the cores.
+    import torch
+    torch.set_num_threads(1)
+
 # Budgets small enough for speed, large enough that every phase produces real structure.
 FAST = {
     "image.max_pixels": 128 * 28 * 28,

@@ -78,30 +78,24 @@ def test_no_cache_flag_gives_the_same_answers(fast_config_file):
     assert cold_turns[1]["cache"]["vision_misses"] == 2
 
 
-def test_plain_answer_flag_and_live_output(fast_config_file):
-    """--json --verbose: one JSON object on stdout, the phases streamed live on stderr (the same
-    printer writes to stdout without --json)."""
-    proc = cli("--image", IMAGE, "--question", "What is this?", "--config", fast_config_file, "--json",
-               "--plain-answer", "--verbose")
-    assert proc.returncode == 0, proc.stderr
-    (turn,) = json.loads(proc.stdout)["turns"]
-    assert isinstance(turn["plain_answer"], str) and "plain" in turn["timings"] and "plain" in turn["raw"]
-    assert turn["images"] == [0]
-    for marker in ("== plain ==", "== reasoning ==", "== evidence ==", "== synthesis ==", "Answer:"):
-        assert marker in proc.stderr
-
-
-def test_two_images_first_turn(fast_config_file):
+def test_two_images_plain_answer_and_live_output(fast_config_file):
+    """Two --image (one multi-view first turn), --plain-answer, and --json --verbose: one JSON
+    object on stdout, the phases streamed live on stderr (the same printer writes to stdout
+    without --json). One process for the three flags: each CLI start costs seconds."""
     receipt = str(ROOT / "assets" / "receipt.png")
     proc = cli("--image", IMAGE, "--image", receipt, "--question", "Which image has text?",
-               "--followup", "And the other?", "--config", fast_config_file, "--json")
+               "--followup", "And the other?", "--config", fast_config_file, "--json", "--plain-answer",
+               "--verbose")
     assert proc.returncode == 0, proc.stderr
     turns = json.loads(proc.stdout)["turns"]
     assert [t["images"] for t in turns] == [[0, 1], [0, 1]]
     for turn in turns:
+        assert isinstance(turn["plain_answer"], str) and "plain" in turn["timings"] and "plain" in turn["raw"]
         for box in [*turn["steps"], *turn["evidence"], *turn["key_evidence"]]:
             assert "image" in box
             assert box["image"] in (0, 1) if box["bbox"] is not None else box["image"] is None
+    for marker in ("== plain ==", "== reasoning ==", "== evidence ==", "== synthesis ==", "Answer:"):
+        assert marker in proc.stderr
     _bad(cli("--image", IMAGE, "--image", str(ROOT / "no-such.png"), "--question", "q"), "image")
 
 

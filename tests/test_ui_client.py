@@ -76,11 +76,13 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     first = updates[0][CHAT]
     assert first[-2]["content"][0]["text"] == "What colour is the car?"    # question + a pending phase, at once
     assert first[-1]["metadata"]["status"] == "pending"
-    # While the reasoning phase is pending its text grows token by token (then becomes the step list).
+    # While the reasoning phase is pending its text grows token by token (a step's raw JSON is
+    # replaced by its readable line when the step closes, so it may shrink then; then it becomes
+    # the step list).
     growing = [len(m["content"][0]["text"]) for u in updates for m in u[CHAT][-1:]
                if m.get("metadata", {}) and m["metadata"]["title"].startswith("Reasoning")
                and m["metadata"]["status"] == "pending"]
-    assert len(growing) >= 3 and growing == sorted(growing) and growing[-1] > growing[0]
+    assert len(growing) >= 3 and growing[-1] > growing[0]
     chat = final[CHAT]
     assert [t for t, _ in titles(chat)][0:3] == ["Reasoning: steps and regions", "Evidence: reading the regions",
                                                  "Synthesis: writing the answer"]
