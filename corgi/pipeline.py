@@ -274,22 +274,15 @@ class ChatSession:
             prompt += prompts.NO_THINK
         prompt_texts[Phase.PLAIN.value] = prompt
         yield PhaseStarted(Phase.PLAIN, prompt)
-        stream = TextStream(engine)
-        stop_ids = engine.lm.special.stop_ids
         try:
             engine.append(conv, prompt)
-            for token in engine.generate(conv, cfg.plain_max_new_tokens, sampling, None, stats):
-                if token in stop_ids:
-                    break
-                delta = stream.push(token)
-                if delta:
-                    yield TextDelta(Phase.PLAIN, delta)
+            text, _ = yield from self._decode(Phase.PLAIN, cfg.plain_max_new_tokens, sampling, None, stats)
         finally:
             conv.truncate(turn_start)        # the branch's tokens leave the conversation
-        raw[Phase.PLAIN.value] = stream.text
+        raw[Phase.PLAIN.value] = text
         timings[Phase.PLAIN.value] = time.perf_counter() - t0
-        yield PhaseFinished(Phase.PLAIN, timings[Phase.PLAIN.value], stream.text)
-        return parsing.plain_text(stream.text)
+        yield PhaseFinished(Phase.PLAIN, timings[Phase.PLAIN.value], text)
+        return parsing.plain_text(text)
 
     def _assistant_message(self, phase: Phase, prompt: str, max_new_tokens: int, sampling: Sampling,
                            constraint, stats: CacheStats, timings: dict, prompt_texts: dict,
@@ -301,18 +294,7 @@ class ChatSession:
         prompt_texts[phase.value] = prompt
         yield PhaseStarted(phase, prompt)
         engine.append(conv, prompt)
-        stream = TextStream(engine)
-        stop_ids = engine.lm.special.stop_ids
-        last = None
-        for token in engine.generate(conv, max_new_tokens, sampling, constraint, stats):
-            last = token
-            if token in stop_ids:
-                break
-            delta = stream.push(token)
-            if delta:
-                yield TextDelta(phase, delta)
-                yield from self._streamed_steps(step_stream, delta)
-        text = stream.text
+        text, last = yield from self._decode(phase, max_new_tokens, sampling, constraint, stats, step_stream)
         if constraint is not None and not constraint.is_finished():
             # Out of token budget inside the structure: close it validly so it still parses.
             # The grammar gives the closing tokens (exact even when a UTF-8 character was cut).
@@ -325,6 +307,24 @@ class ChatSession:
         timings[phase.value] = time.perf_counter() - t0
         yield PhaseFinished(phase, timings[phase.value], text)
         return text
+
+    def _decode(self, phase: Phase, max_new_tokens: int, sampling: Sampling, constraint, stats: CacheStats,
+                step_stream: parsing.StepStream | None = None) -> Iterator[Event]:
+        """Stream one reply after what the conversation holds, up to a stop token (left out of
+        the text); return (text, last token)."""
+        engine = self.engine
+        stream = TextStream(engine)
+        stop_ids = engine.lm.special.stop_ids
+        last = None
+        for token in engine.generate(self.conv, max_new_tokens, sampling, constraint, stats):
+            last = token
+            if token in stop_ids:
+                break
+            delta = stream.push(token)
+            if delta:
+                yield TextDelta(phase, delta)
+                yield from self._streamed_steps(step_stream, delta)
+        return stream.text, last
 
     @staticmethod
     def _streamed_steps(step_stream: parsing.StepStream | None, delta: str) -> Iterator[Event]:
