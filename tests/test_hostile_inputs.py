@@ -178,7 +178,7 @@ def last_turn(out) -> dict | None:
 @pytest.mark.parametrize("case", IMAGE_CASES, ids=[c["file"] for c in IMAGE_CASES])
 def test_ui_images(case, client):
     from gradio_client import handle_file
-    out = client.predict(handle_file(str(image_file(case))), api_name="/set_image")
+    out = client.predict([handle_file(str(image_file(case)))], api_name="/set_image")
     shown = texts(out[CHAT])
     if case["outcome"] == "error":
         assert case["error"].lower() in shown[-1].lower(), shown[-1]
@@ -202,7 +202,7 @@ def test_ui_images(case, client):
 def question_session(client):
     """The question cases share one conversation on QUESTION_IMAGE, one ordinary turn in."""
     from gradio_client import handle_file
-    client.predict(handle_file(str(QUESTION_IMAGE)), api_name="/set_image")
+    client.predict([handle_file(str(QUESTION_IMAGE))], api_name="/set_image")
     client.predict(api_name="/new_conversation")
     out = client.predict({"text": "How many shapes are there?", "files": []}, api_name="/ask")
     assert list(out[DEBUG_JSON]) == ["turn 1"]
@@ -245,7 +245,7 @@ def test_ui_keeps_serving_after_the_corpus(client, server):
     from gradio_client import Client, handle_file
     assert server.alive()
     for c in (client, Client(server.url, verbose=False)):
-        out = c.predict(handle_file(str(REPO / "assets" / "street-scene.png")), api_name="/set_image")
+        out = c.predict([handle_file(str(REPO / "assets" / "street-scene.png"))], api_name="/set_image")
         assert "encoded and ready" in texts(out[CHAT])[-1]
         out = c.predict({"text": "What colour is the car?", "files": []}, api_name="/ask")
         check_answer(last_turn(out), "What colour is the car?")

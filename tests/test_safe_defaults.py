@@ -130,7 +130,7 @@ def session(server):
     """A logged-in client that has asked one question; file paths as the server sees them."""
     from gradio_client import handle_file
     client = server.client(auth=(USER, PASSWORD), download_files=False)
-    client.predict(handle_file(str(REPO / "assets" / "shapes.png")), api_name="/set_image")
+    client.predict([handle_file(str(REPO / "assets" / "shapes.png"))], api_name="/set_image")
     out = client.predict({"text": "How many shapes are there?", "files": []}, api_name="/ask")
     yield client, out
     client.close()

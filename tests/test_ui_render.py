@@ -116,7 +116,7 @@ def test_turn_view_streams_text_and_closes_each_phase():
     answer = messages[-1]
     assert answer["role"] == "assistant" and "metadata" not in answer
     assert answer["content"].startswith("**blue**") and "The car is blue." in answer["content"]
-    assert "- the car" in answer["content"]
+    assert "- **K1** the car" in answer["content"]          # its box is drawn green, labelled K1
     assert view.result is not None
 
 
@@ -197,7 +197,7 @@ def test_reasoning_steps_draw_nothing():
 
 def test_gallery_items_are_captioned_crops():
     image = Image.new("RGB", (200, 100), "white")
-    items = render.gallery_items(image, EVIDENCE, padding=0.0)
+    items = render.gallery_items([image], EVIDENCE, padding=0.0)
     assert [caption for _, caption in items] == ["S1 sees: a blue car", "S2 reads: STOP"]
     assert items[0][0].size == (80, 60)
 
@@ -336,5 +336,5 @@ def test_big_images_are_drawn_at_display_size_and_labels_do_not_overlap():
     assert max(out.size) == render.DISPLAY_LONG_SIDE and out.size == (1600, 1200)
     red = [(x, y) for x in range(0, 1600, 2) for y in range(0, 1200, 2) if out.getpixel((x, y)) == (220, 38, 38)]
     assert red
-    crops = render.gallery_items(image, [Evidence(1, Box(0.0, 0.0, 1.0, 1.0), StepKind.OBJECT, "x")], 0.25)
+    crops = render.gallery_items([image], [Evidence(1, Box(0.0, 0.0, 1.0, 1.0), StepKind.OBJECT, "x")], 0.25)
     assert max(crops[0][0].size) <= render.CROP_LONG_SIDE
