@@ -200,8 +200,7 @@ class CorgiApp:
                 with gr.Column(scale=2, min_width=240):
                     upload_btn = gr.UploadButton("Upload image(s)", file_types=["image"], file_count="multiple",
                                                  variant="primary", elem_id="upload")
-                    images_gallery = gr.Gallery(label="Conversation images (the next question is about the "
-                                                      "one marked 'current')", columns=3, height=170,
+                    images_gallery = gr.Gallery(label="Conversation images", columns=3, height=170,
                                                 allow_preview=False, object_fit="contain", elem_id="images")
                     examples = [str(p) for p in sorted(ASSETS.glob("*.png"))]
                     example_images = gr.Dataset(components=["image"], samples=[[p] for p in examples],
@@ -353,17 +352,17 @@ class CorgiApp:
         if self._unchanged(s, GALLERY, key):
             return gr.skip()
         folder, items = self._folder(s), []
-        for crop, caption in render.gallery_items(s.image_list(), evidence, self.config.pipeline.crop_padding):
+        for crop, caption in render.gallery_items(s.image_list(), evidence, self.config.pipeline.crop_padding,
+                                                  s.selected):
             items.append((save_jpeg(crop, folder, "crop"), caption))
-        picked = next((n for n, e in enumerate(evidence) if e.step_index == s.selected), None)
-        return gr.Gallery(value=items, selected_index=picked)
+        return items
 
     def _images(self, s: UserSession) -> Any:
         key = (tuple(x.digest for x in s.images), tuple(s.current))
         if self._unchanged(s, IMAGES, key):
             return gr.skip()
         folder = self._folder(s)
-        return [(save_jpeg(render.display_size(x.image, THUMB_LONG_SIDE), folder, "thumb"),
+        return [(save_jpeg(render.thumbnail(x.image, THUMB_LONG_SIDE, framed=n in s.current), folder, "thumb"),
                  f"{n + 1}: {x.name}" + (" (current)" if n in s.current else ""))
                 for n, x in enumerate(s.images)]
 

@@ -55,6 +55,17 @@ def display_size(image: Image.Image, long_side: int = DISPLAY_LONG_SIDE) -> Imag
     return out
 
 
+def thumbnail(image: Image.Image, long_side: int, framed: bool = False) -> Image.Image:
+    """A small copy; `framed`: an orange frame (the image the next question is about)."""
+    out = display_size(image, long_side)
+    if framed:
+        pad = max(4, long_side // 40)
+        frame = Image.new("RGB", (out.width + 2 * pad, out.height + 2 * pad), (249, 115, 22))
+        frame.paste(out, (pad, pad))
+        out = frame
+    return out
+
+
 def steps_signature(steps: list[Step]) -> tuple:
     """What the boxes image depends on: equal signatures draw equal images."""
     return tuple((s.index, s.kind.value, s.bbox.to_list() if s.bbox else None) for s in steps)
@@ -403,13 +414,20 @@ def step_at(tiles: list[Tile], steps: list[Step], x: float, y: float) -> int | N
     return None
 
 
-def gallery_items(images: list[Image.Image], evidence: list[Evidence], padding: float) -> list[tuple[Image.Image, str]]:
-    """(crop, caption) per region, cropped exactly as the model saw it, from the image its box is on."""
+def gallery_items(images: list[Image.Image], evidence: list[Evidence], padding: float,
+                  picked: int | None = None) -> list[tuple[Image.Image, str]]:
+    """(crop, caption) per region, cropped exactly as the model saw it, from the image its box is
+    on; the picked step's crop is framed in its colour and its caption marked."""
     items = []
     for e in evidence:
         verb = "reads" if e.kind == StepKind.TEXT else "sees"
         crop = display_size(boxes.crop(images[e.bbox.image], e.bbox, padding), CROP_LONG_SIDE)
-        items.append((crop, f"S{e.step_index} {verb}: {e.text or '(nothing found)'}"))
+        mark = ""
+        if e.step_index == picked:
+            framed = Image.new("RGB", (crop.width + 12, crop.height + 12), COLOURS.get(e.kind, KEY_EVIDENCE_COLOUR))
+            framed.paste(crop, (6, 6))
+            crop, mark = framed, "▶ "
+        items.append((crop, f"{mark}S{e.step_index} {verb}: {e.text or '(nothing found)'}"))
     return items
 
 
@@ -483,17 +501,18 @@ def _turn_row(label: str, timings: dict[str, float], spans: list[Span], cache: C
             t += timings[phase.value]
     parts: dict[str, float] = {}
     for span in spans:
-        key = "region" if span.part.startswith("region") else span.part
-        if key != "region":
-            parts[key] = parts.get(key, 0.0) + span.seconds
+        if span.part.startswith("region"):
+            continue
+        key = "crop encoding" if span.phase == Phase.EVIDENCE and span.part == "image encoding" else span.part
+        parts[key] = parts.get(key, 0.0) + span.seconds
     regions = sum(1 for s in spans if s.part.startswith("region"))
     bits = [f"{k} {seconds_text(v)}" for k, v in parts.items()]
     if regions:
         bits.append(f"{regions} region{'s' * (regions != 1)}")
     if cache is not None:
         bits.append(f"{cache.prefix_tokens_reused} of {cache.prompt_tokens} prompt tokens from the cache")
-        if cache.vision_misses == 0:
-            bits.append("no image re-encoded")
+        bits.append(f"{cache.vision_misses} image{'s' * (cache.vision_misses != 1)} encoded"
+                    if cache.vision_misses else "no image re-encoded")
     return TimelineRow(label, phases, spans, t, " · ".join(bits))
 
 

@@ -186,7 +186,7 @@ def test_bad_input_is_answered_in_the_chat(client, tmp_path):
 def test_a_model_failure_is_shown_and_the_session_stays_usable():
     """In-process, with a chat whose model raises: the turn ends with a clear message."""
     from chatbot.app import CorgiApp
-    from chatbot.sessions import UserSession
+    from chatbot.sessions import ShownImage, UserSession
     from corgi.config import Config
     from corgi.types import Phase, PhaseStarted
 
@@ -202,7 +202,8 @@ def test_a_model_failure_is_shown_and_the_session_stays_usable():
                                                 dtype="torch.float32", device="cpu"))
     app = CorgiApp(engine, Config())
     session = UserSession("k")
-    session.image, session.chat = Image.new("RGB", (32, 32)), BrokenChat()
+    session.set_images([ShownImage("x.png", Image.new("RGB", (32, 32)), "d")])
+    session.chat = BrokenChat()
     with session.lock:
         updates = list(app._turn(session, "q", Config().pipeline))
     chat = updates[-1][1]
