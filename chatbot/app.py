@@ -47,7 +47,7 @@ from corgi.config import Config, PipelineConfig
 from corgi.engine.tiny import default_cache_dir, is_tiny_name
 from corgi.engine.engine import Engine
 from corgi.images import ImageError, image_digest, load_image
-from corgi.pipeline import ChatSession, InputError
+from corgi.pipeline import ChatSession, InputError, clean_question
 from corgi.types import TextDelta
 
 from . import render
@@ -408,8 +408,12 @@ class CorgiApp:
         message = message if isinstance(message, dict) else {}
         text = (message.get("text") or "").strip() if isinstance(message.get("text"), str) else ""
         history = list(history or [])
-        limit = self.config.pipeline.max_question_chars
-        if text and len(text) <= limit:
+        try:
+            clean_question(text, self.config.pipeline.max_question_chars) if text else None
+            askable = bool(text)
+        except InputError:
+            askable = False      # refused by the turn: not echoed first
+        if askable:
             history += [{"role": "user", "content": render.escape_md(text)},
                         render.status_message("Waiting for the model", "", done=False)]
         elif message.get("files"):
@@ -438,13 +442,14 @@ class CorgiApp:
         text = message.get("text") if isinstance(message.get("text"), str) else ""
         text = text.strip()
         files = upload_paths(message.get("files") or [])
-        limit = self.config.pipeline.max_question_chars
-        if len(text) > limit:       # refused before anything (image, question) enters the chat
-            with session.lock:
-                session.history.append(render.notice(
-                    f"This question is {len(text)} characters long; the limit is {limit}. Please shorten it."))
-            yield self.outputs(session, {CHAT})
-            return
+        if text:
+            try:        # refused before anything (image, question) enters the chat or the model
+                clean_question(text, self.config.pipeline.max_question_chars)
+            except InputError as exc:
+                with session.lock:
+                    session.history.append(render.notice(f"This question cannot be asked: {exc}."))
+                yield self.outputs(session)
+                return
         if files:
             loaded = yield from self._add_images(session, files)
             if not loaded or not text:
@@ -465,7 +470,7 @@ class CorgiApp:
                 if text:
                     session.history.append({"role": "user", "content": render.escape_md(text)})
                 session.history.append(render.notice(problem))
-                yield self.outputs(session, {CHAT, BUTTONS})
+                yield self.outputs(session)
                 return
             yield from self._turn(session, text, settings)
 
@@ -573,7 +578,7 @@ class CorgiApp:
                         " Please upload a PNG, JPEG or WebP image."
                     kept = " The conversation is unchanged." if session.images else ""
                     session.history.append(render.notice(f"This file cannot be used: {exc}{hint}{kept}"))
-                yield self.outputs(session, {CHAT})
+                yield self.outputs(session)
                 return False
             loaded.append(ShownImage(name, image, image_digest(image)))
         with session.lock:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import HYBRID_MODELS, TINY_MODELS
+from conftest import HYBRID_MODELS, MOE_MODELS, TINY_MODELS
 from server import ASSETS, texts
 
 # Outputs of every endpoint, in order (the session State is not sent to clients); /ask adds the textbox.
@@ -420,7 +420,7 @@ def check_served_turn(server, model: str) -> None:
     assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
 
 
-@pytest.mark.parametrize("model", TINY_MODELS + HYBRID_MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS + HYBRID_MODELS + MOE_MODELS)
 def test_every_family_serves_a_turn(model, launch):
     """Each tiny twin: a launched UI (one server per model for the run; the first one is the
     shared ui_server), the page and its config, one turn through gradio_client."""

@@ -338,3 +338,26 @@ def test_big_images_are_drawn_at_display_size_and_labels_do_not_overlap():
     assert red
     crops = render.gallery_items([image], [Evidence(1, Box(0.0, 0.0, 1.0, 1.0), StepKind.OBJECT, "x")], 0.25)
     assert max(crops[0][0].size) <= render.CROP_LONG_SIDE
+
+
+def test_two_images_side_by_side_and_a_click_picks_the_box_under_it():
+    """The boxes panel of a two-image turn: both images at one height, each with its own boxes;
+    a click maps back through the tiles to the smallest step box under it, on the right image."""
+    wide, tall = Image.new("RGB", (800, 400), "white"), Image.new("RGB", (300, 600), "white")
+    steps = [Step(1, "car", StepKind.OBJECT, Box(0.0, 0.0, 0.5, 0.5, image=0)),
+             Step(2, "wheel", StepKind.OBJECT, Box(0.1, 0.1, 0.2, 0.2, image=0)),
+             Step(3, "total", StepKind.TEXT, Box(0.5, 0.5, 1.0, 1.0, image=1)),
+             Step(4, "so", StepKind.REASONING)]
+    picture, tiles = render.boxes_view([(0, wide), (1, tall)], steps, highlight=3)
+    assert [t.image for t in tiles] == [0, 1] and tiles[0].height == tiles[1].height == picture.height
+    assert tiles[1].x > tiles[0].x + tiles[0].width - 1 and max(picture.size) <= render.DISPLAY_LONG_SIDE
+    first, second = tiles
+    assert render.step_at(tiles, steps, first.x + 0.15 * first.width, 0.15 * first.height) == 2   # smallest
+    assert render.step_at(tiles, steps, first.x + 0.4 * first.width, 0.4 * first.height) == 1
+    assert render.step_at(tiles, steps, second.x + 0.75 * second.width, 0.75 * second.height) == 3
+    assert render.step_at(tiles, steps, second.x + 0.25 * second.width, 0.25 * second.height) is None
+    # The highlighted step's box is shaded (blue tint inside it), the others are not.
+    x, y = second.x + int(0.75 * second.width), int(0.75 * second.height)
+    r, g, b = picture.getpixel((x, y))
+    assert b > r + 20, (r, g, b)
+    assert picture.getpixel((first.x + int(0.3 * first.width), int(0.3 * first.height))) == (255, 255, 255)
