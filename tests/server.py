@@ -141,3 +141,31 @@ def wait_until_ready(server: Server, timeout: float) -> str:
             time.sleep(0.25)
     server.stop()
     return "timeout"
+
+
+class InProcessServer:
+    """The same app served from this test process (Gradio's own server in a thread) on a model
+    the process already loaded: the HTTP path, the queue and gradio_client as with `serve`,
+    without starting Python, torch and the model again. For checks that are about a family,
+    not about the launcher (those use `serve`)."""
+
+    def __init__(self, engine, config):
+        from chatbot.app import CSS, build_app
+        self.model = config.model.id
+        self.demo = build_app(engine, config)
+        self.demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                         quiet=True, allowed_paths=[], enable_monitoring=False, share=False, css=CSS)
+        self.url = self.demo.local_url.rstrip("/")
+
+    def alive(self) -> bool:
+        return True
+
+    def client(self, **kwargs):
+        from gradio_client import Client
+        return Client(self.url, verbose=False, **kwargs)
+
+    def log_text(self) -> str:
+        return ""
+
+    def stop(self) -> None:
+        self.demo.close()
