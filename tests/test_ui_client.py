@@ -125,6 +125,24 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     assert len(final[GALLERY] or []) == len(trace["turns"][1]["evidence"])
 
 
+def test_the_plain_answer_beside_the_corgi_answer(client):
+    """The settings switch: the question is also answered plainly (a branch off the same warm
+    prefix), shown beside the CoRGI answer with both times, and kept in the trace."""
+    set_image(client, "shapes.png")
+    job = client.submit({"text": "How many shapes are there?", "files": []}, plain=True, api_name="/ask")
+    list(job)
+    final = job.outputs()[-1]
+    chat = final[CHAT]
+    assert [t for t, _ in titles(chat)][0] == "Plain answer (no grounding, for comparison)"
+    answer = [m for m in chat if m["role"] == "assistant" and not m.get("metadata")][-1]["content"][0]["text"]
+    assert "| CoRGI (grounded), " in answer and "| Plain answer, " in answer and " s |" in answer
+    trace = json.loads(Path(final[TRACE]["value"]).read_text(encoding="utf-8"))
+    turn = trace["turns"][-1]
+    assert isinstance(turn["plain_answer"], str) and "plain" in turn["timings"] and trace["settings"]["plain_answer"]
+    assert turn["cache"]["vision_misses"] == 0          # nothing re-encoded for the extra answer
+    assert {"plain", "reasoning"} <= {span["phase"] for span in turn["timeline"] if span["part"] == "prefill"}
+
+
 def test_stop_then_ask_again_and_new_conversation(client):
     set_image(client, "receipt.png")
     question = "What is the total?"
