@@ -317,17 +317,18 @@ class TurnView:
 
 # ---- side panel ---------------------------------------------------------------------
 
-def draw_boxes(image: Image.Image, steps: list[Step], key_evidence: list[KeyEvidence] = (),
+def draw_boxes(image: Image.Image, steps: list[Step], key_evidence: list[tuple[int, KeyEvidence]] = (),
                highlight: int | None = None) -> Image.Image:
     """A copy of `image` with each grounded step's box outlined in its kind's colour and
     labelled S1, S2... (reasoning steps have no region and are not drawn), the answer's
-    key-evidence boxes in green (K1, K2 ...), and step `highlight` (an S number) shaded."""
+    key-evidence boxes in green ((n, evidence) pairs, tagged Kn), and step `highlight` (an S
+    number) shaded."""
     out = display_size(image)    # always a copy, at most display size
     short = min(out.size)
     width = max(2, round(short / 150))
     marks = [(f"S{s.index}", s.bbox, COLOURS[s.kind], s.index == highlight)
              for s in steps if s.bbox is not None and s.kind in COLOURS]
-    marks += [(f"K{n}", k.bbox, KEY_EVIDENCE_COLOUR, False) for n, k in enumerate(key_evidence, 1) if k.bbox]
+    marks += [(f"K{n}", k.bbox, KEY_EVIDENCE_COLOUR, False) for n, k in key_evidence if k.bbox]
     if highlight is not None and any(h for *_, h in marks):
         shade = Image.new("RGBA", out.size, (0, 0, 0, 0))
         for _, box, colour, lit in marks:
@@ -375,7 +376,8 @@ def boxes_view(images: list[tuple[int, Image.Image]], steps: list[Step], key_evi
     """The images a turn is about, side by side at one height (one image: itself), each with
     the boxes that lie on it; at most display size in all. Returns the picture and its tiles."""
     drawn = [(i, draw_boxes(image, [s for s in steps if s.bbox and s.bbox.image == i],
-                            [k for k in key_evidence if k.bbox and k.bbox.image == i], highlight))
+                            [(n, k) for n, k in enumerate(key_evidence, 1) if k.bbox and k.bbox.image == i],
+                            highlight))
              for i, image in images]
     if len(drawn) == 1:
         i, picture = drawn[0]

@@ -14,14 +14,13 @@ import html
 import io
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from corgi import boxes
-from corgi.types import Box, KeyEvidence, StepKind, TurnResult
+from corgi.types import Box, StepKind, TurnResult
 
 from . import render
 
-KEY_COLOUR = (22, 163, 74)      # key-evidence boxes: green, dashed (steps are red / blue, solid)
 JPEG_QUALITY = 85
 PHASE_ORDER = ("plain", "reasoning", "evidence", "synthesis")
 
@@ -119,46 +118,17 @@ def _turn_images(result: TurnResult, images: list[tuple[str, Image.Image]]) -> s
     on |= {k.bbox.image for k in result.key_evidence if k.bbox is not None}
     parts = ["<p class='legend muted'>Boxes: <span class='red'>red</span> object steps, "
              "<span class='blue'>blue</span> text steps, "
-             "<span class='green'>green dashed</span> key evidence (K1, K2...).</p>"]
+             "<span class='green'>green</span> key evidence (K1, K2...).</p>"]
     for i in sorted(on):
         if not 0 <= i < len(images):
             parts.append(f"<p class='muted'>(image {i + 1} is not in this report)</p>")
             continue
         name, image = images[i]
         steps = [s for s in result.steps if s.bbox is not None and s.bbox.image == i]
-        picture = render.draw_boxes(image, steps)
         keys = [(k, key) for k, key in enumerate(result.key_evidence, 1) if key.bbox is not None and key.bbox.image == i]
-        _draw_key_evidence(picture, keys)
+        picture = render.draw_boxes(image, steps, keys)
         parts.append(_figure(picture, f"Image {i + 1}: {name}"))
     return "\n".join(parts)
-
-
-def _draw_key_evidence(picture: Image.Image, keys: list[tuple[int, KeyEvidence]]) -> None:
-    """Key-evidence boxes on `picture` (in place): dashed green outlines tagged K1, K2..."""
-    draw = ImageDraw.Draw(picture)
-    width = max(2, round(min(picture.size) / 150))
-    font = ImageFont.load_default(size=max(12, round(min(picture.size) / 28)))
-    for k, key in keys:
-        x1, y1, x2, y2 = key.bbox.to_pixels(picture.width, picture.height)
-        # Just outside the box, so a step's outline on the same region stays visible.
-        x1, y1 = max(0, x1 - width), max(0, y1 - width)
-        x2, y2 = min(picture.width - 1, x2 - 1 + width), min(picture.height - 1, y2 - 1 + width)
-        dash = 4 * width
-        for x in range(x1, x2 + 1, 2 * dash):
-            end = min(x + dash, x2)
-            draw.line((x, y1, end, y1), fill=KEY_COLOUR, width=width)
-            draw.line((x, y2, end, y2), fill=KEY_COLOUR, width=width)
-        for y in range(y1, y2 + 1, 2 * dash):
-            end = min(y + dash, y2)
-            draw.line((x1, y, x1, end), fill=KEY_COLOUR, width=width)
-            draw.line((x2, y, x2, end), fill=KEY_COLOUR, width=width)
-        label = f"K{k}"
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        tx, ty = max(0, min(x2 - (right - left) - 2 * width, picture.width - (right - left) - 2 * width)), y2
-        if ty + (bottom - top) + 2 * width > picture.height:     # no room below: tag inside the box
-            ty = max(0, y2 - (bottom - top) - 2 * width)
-        draw.rectangle((tx, ty, tx + right - left + 2 * width, ty + bottom - top + 2 * width), fill=KEY_COLOUR)
-        draw.text((tx + width - left, ty + width - top), label, fill=(255, 255, 255), font=font)
 
 
 def _steps(result: TurnResult, images: list[tuple[str, Image.Image]]) -> str:
@@ -210,7 +180,7 @@ def _answer(result: TurnResult, images: list[tuple[str, Image.Image]], twin: boo
         parts.append("<h3>Key evidence</h3>\n<ol class='steps'>" + "".join(items) + "</ol>")
     if result.plain_answer is not None:
         seconds = result.timings.get("plain")
-        took = f" <span class='muted'>({_duration(seconds)})</span>" if seconds is not None else ""
+        took = f" <span class='muted'>({render.seconds_text(seconds)})</span>" if seconds is not None else ""
         parts.append(f"<h3>Plain answer (one phase, no grounding){took}</h3>")
         parts.append(f"<p class='pre'>{_e(result.plain_answer) or '(empty)'}</p>")
     return "\n".join(parts)
@@ -222,7 +192,7 @@ def _figures(result: TurnResult) -> str:
     phases += [p for p in result.timings if p not in phases and p != "total"]
     if "total" in result.timings:
         phases.append("total")
-    times = "".join(f"<tr><th>{_e(p)}</th><td class='num'>{_duration(result.timings[p])}</td></tr>" for p in phases)
+    times = "".join(f"<tr><th>{_e(p)}</th><td class='num'>{render.seconds_text(result.timings[p])}</td></tr>" for p in phases)
     counts = "".join(f"<tr><th>{_e(k.replace('_', ' '))}</th><td class='num'>{_e(v)}</td></tr>"
                      for k, v in result.cache.to_json().items())
     return ("<div class='tables'>"
@@ -243,10 +213,6 @@ def _data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.2f} s"
 
 
 def _e(value: Any) -> str:
