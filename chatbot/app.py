@@ -43,7 +43,7 @@ from corgi.images import ImageError, image_digest, load_image
 from corgi.pipeline import ChatSession, InputError
 from corgi.types import TextDelta
 
-from . import render
+from . import limits, render
 from .render import BOXES, CHAT, DEBUG, GALLERY, TIMINGS
 from .sessions import SessionStore, UserSession
 
@@ -118,20 +118,25 @@ def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "w
     a new one is written under a temporary name and renamed into place."""
     data = processing_utils.encode_pil_to_bytes(img, format)
     folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-    folder.mkdir(exist_ok=True, parents=True)
     path = (folder / f"{name}.{format}").resolve()
     if path.exists():
         with contextlib.suppress(OSError):
             os.utime(path)
         return str(path)
-    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+    staging = None
     try:
+        folder.mkdir(exist_ok=True, parents=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         os.replace(staging, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staging)
+    except BaseException as exc:
+        if staging:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+        if isinstance(exc, OSError):    # a full disk: one clear message for this update, no traceback
+            log.warning("an image for the browser could not be written (%s)", exc.strerror or type(exc).__name__)
+            raise gr.Error(limits.DISK_FULL, print_exception=False) from None
         raise
     return str(path)
 
@@ -333,7 +338,7 @@ class CorgiApp:
         return render.draw_boxes(s.image, s.latest_steps()) if s.image is not None else None
 
     def session(self, state: Any, request: gr.Request | None) -> UserSession:
-        if isinstance(state, UserSession) and not state.closed:
+        if isinstance(state, UserSession) and not state.closed and not state.refused:
             return state
         key = getattr(request, "session_hash", None) or uuid.uuid4().hex
         return self.store.get(key)
@@ -475,16 +480,16 @@ class CorgiApp:
     def _load_image(self, session: UserSession, path: str, name: str) -> Iterator[tuple]:
         """Check and load an image file, start a fresh ChatSession on it, warm it up.
         Returns (as a generator's return value) whether the image can be asked about."""
-        limit = self.config.ui.max_upload_mb
+        cfg = self.config.image
         try:
-            size = os.path.getsize(path)
-            if size > limit * MB:
-                raise ImageError(f"The file {name!r} is {size / MB:.1f} MB; the limit is {limit:g} MB.")
-            image = load_image(path, self.config.image.max_input_pixels)
-        except (ImageError, OSError) as exc:
+            limits.check_upload(session, path, name, ASSETS)
+            image = load_image(path, cfg.max_input_pixels, max_kept_pixels=cfg.max_kept_pixels,
+                               max_file_mb=min(self.config.ui.max_upload_mb, cfg.max_file_mb))
+        except ImageError as exc:
+            limits.discard_upload(path, limits.upload_folder())    # refused: not kept on the disk
             with session.lock:
                 session.set_image(None)
-                hint = "" if "pixel" in str(exc).lower() else " Please upload a PNG, JPEG or WebP image."
+                hint = " Please upload a PNG, JPEG, WebP or GIF image." if "format" in str(exc) else ""
                 session.history.append(render.notice(f"This file cannot be used: {exc}{hint}"))
             yield self.outputs(session)
             return False
@@ -582,10 +587,17 @@ class CorgiApp:
     def _write_trace(self, session: UserSession) -> None:
         """The CLI's --json object for this session's turns, for the Download trace button."""
         folder = Path(self._traces.name) / hashlib.sha256(session.key.encode()).hexdigest()[:16]
-        folder.mkdir(exist_ok=True)
         path = folder / "corgi-trace.json"
-        path.write_text(json.dumps(render.trace(self.model_info, session.results), ensure_ascii=False,
-                                   indent=1), encoding="utf-8")
+        try:
+            folder.mkdir(exist_ok=True)
+            path.write_text(json.dumps(render.trace(self.model_info, session.results), ensure_ascii=False,
+                                       indent=1), encoding="utf-8")
+        except OSError as exc:      # a full disk: the turn stands, only its download is missing
+            log.warning("the trace could not be written (%s)", exc.strerror or type(exc).__name__)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            session.trace_path = None
+            return
         session.trace_path = str(path)
 
 

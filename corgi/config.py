@@ -106,6 +106,8 @@ class UIConfig:
     idle_timeout_s: int = 1800
     max_sessions: int = 32
     max_upload_mb: float = 30.0
+    # All files the UI holds (uploads, examples, outputs) together; uploads past it are refused.
+    upload_quota_mb: float = 1024.0
 
 
 @dataclass
@@ -131,7 +133,7 @@ _POSITIVE = {"image.min_pixels", "image.max_pixels", "image.max_input_pixels", "
              "pipeline.reasoning_max_new_tokens", "pipeline.evidence_max_new_tokens",
              "pipeline.synthesis_max_new_tokens", "pipeline.max_thinking_chars", "pipeline.plain_max_new_tokens",
              "pipeline.max_question_chars", "cache.vision_cache_mb", "cache.kv_cache_mb",
-             "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb"}
+             "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb", "ui.upload_quota_mb"}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
