@@ -474,7 +474,7 @@ class CorgiApp:
             return {"kv_bytes": engine.kv_bytes_total(), "kv_budget_bytes": engine.kv_budget,
                     "snapshot_bytes": engine.snapshot_bytes_total(), "static_bytes": engine.static_bytes(),
                     "vision_bytes": engine.vision.cached_bytes, "vision_budget_bytes": engine.vision.cache_bytes,
-                    "sessions": len(self.store)}
+                    "sessions": len(self.store), "image_bytes": self.store.image_bytes()}
 
     # ---- the work ------------------------------------------------------------------------
     def _load_image(self, session: UserSession, path: str, name: str) -> Iterator[tuple]:

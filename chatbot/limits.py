@@ -161,7 +161,8 @@ class Guard:
             problem = self._upload_problem(scope)
             if problem:
                 return await _reply(send, *problem)
-        if method == "POST" and _is_call(path) and gradio_app is not None:
+        if method == "POST" and _is_call(path) and gradio_app is not None and \
+                not (login_on and _user(scope, gradio_app) is None):       # else Gradio answers 401
             return await self._call(scope, receive, send, gradio_app, path)
         return await self.app(scope, receive, send)
 

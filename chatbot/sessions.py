@@ -174,5 +174,12 @@ class SessionStore:
             session.close()
         return session is not None
 
+    def image_bytes(self) -> int:
+        """Bytes of the decoded images the live sessions keep (Pillow holds RGB as 4 bytes a
+        pixel): at most max_sessions x image.max_kept_pixels x 4."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(4 * s.image.width * s.image.height for s in sessions if s.image is not None)
+
     def __len__(self) -> int:
         return len(self._sessions)

@@ -8,8 +8,6 @@ test_safe_defaults.py.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,6 +258,7 @@ def test_a_huge_png_in_six_sessions_keeps_a_bounded_image_each(app, tmp_path):
     images = [app.store.get(f"s{n}").image for n in range(6)]
     assert all(i.width * i.height <= kept and i.width == i.height for i in images)
     assert sum(len(i.tobytes()) for i in images) <= 6 * 3 * kept     # vs 6 x 119 MB before
+    assert app.store.image_bytes() <= 6 * 4 * kept                    # what /stats reports
 
 
 def test_a_full_disk_costs_one_message_not_the_turn_or_the_app(app, tmp_path):
