@@ -6,15 +6,23 @@ share one queue (concurrency_id="model", limit 1), so users wait their turn and 
 in the queue on the chat. Rendering lives in render.py; this file only wires events to it.
 
 Endpoints (gradio_client, one Client per session):
-    /set_image(upload)                                  upload = handle_file(path)
-    /ask(message, max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
-                                                        message = {"text": str, "files": [image]}
-    /regenerate(max_steps, ..., synthesis_tokens)       the last question again
-    /stop()                                             after job.cancel() of the running /ask
+    /set_image(uploads)             uploads = [handle_file(path), ...] (several: camera views):
+                                    before the first question they start the conversation,
+                                    after it they join it (the next question is about them)
+    /ask(message, max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens, plain)
+                                    message = {"text": str, "files": [images that join first]}
+    /regenerate(max_steps, ..., synthesis_tokens, plain)   the last question again
+    /stop()                         after job.cancel() of the running /ask
     /new_conversation()
-    /stats()                                            read-only memory figures (see CorgiApp.stats)
+    /pick_step(S number)            highlight a step's box and crop, show its caption
+    /stats()                        read-only memory figures (see CorgiApp.stats)
 each returning (chat messages, boxes image, region crops, timings table, prompts and raw text,
-parsed turns JSON, trace file); /ask adds the emptied textbox.
+parsed turns JSON, trace file, conversation images, step list, picked step, timeline, report
+file, Stop, Regenerate); /ask adds the emptied textbox.
+
+Streamed outputs keep their shapes (lists only grow within one run; the timings table keeps a
+stopped turn's column), so Gradio's own diff of consecutive updates is exact. Pictures go to
+the browser as files written once (display_files.py), never as PIL images re-encoded per update.
 """
 from __future__ import annotations
 
@@ -28,24 +36,25 @@ import threading
 import time
 import uuid
 import weakref
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 import torch
-from gradio import processing_utils
 
 from corgi.config import Config, PipelineConfig
 from corgi.engine.tiny import default_cache_dir, is_tiny_name
 from corgi.engine.engine import Engine
 from corgi.images import ImageError, image_digest, load_image
-from corgi.pipeline import ChatSession, InputError
+from corgi.pipeline import ChatSession, InputError, clean_question
 from corgi.types import TextDelta
 
 from . import limits, render
+from .display_files import save_jpeg
 from .render import BOXES, CHAT, DEBUG, GALLERY, TIMINGS
-from .sessions import SessionStore, UserSession
+from .report import report_html
+from .sessions import ShownImage, SessionStore, UserSession
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +62,19 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MB = 1024 * 1024
 THROTTLE_S = 0.05          # at most ~20 chat updates a second while tokens stream
 STOP_WAIT_S = 15.0         # how long Stop / New conversation wait for a cancelled turn to unwind
-ALL = frozenset({CHAT, BOXES, GALLERY, TIMINGS, DEBUG})
-# Raw model output streams into code blocks; wrap it so a long line stays readable.
-CSS = "#chat pre, #chat pre code { white-space: pre-wrap; overflow-wrap: anywhere; }"
+IMAGES, BUTTONS = "images", "buttons"
+ALL = frozenset({CHAT, BOXES, GALLERY, TIMINGS, DEBUG, IMAGES, BUTTONS})
+THUMB_LONG_SIDE = 320      # the conversation's images in the left panel
+EXAMPLE_QUESTIONS = ["What does the sign say?", "What colour is the car?", "What is the total on the receipt?",
+                     "How many shapes are there, and which is largest?"]
+# Raw model output streams into code blocks; wrap it so a long line stays readable. Presenter
+# mode (a switch) enlarges the text for a meeting-room screen.
+CSS = """#chat pre, #chat pre code { white-space: pre-wrap; overflow-wrap: anywhere; }
+body.corgi-presenter #chat, body.corgi-presenter #picked, body.corgi-presenter #question textarea { font-size: 1.3rem; }
+body.corgi-presenter #chat table { font-size: 1.2rem; }
+body.corgi-presenter .tl { font-size: 15px; }
+#buttons button { min-width: 0; }"""
+PRESENTER_JS = "(on) => { document.body.classList.toggle('corgi-presenter', on); return []; }"
 
 # (PipelineConfig field, slider label, lowest, highest) of the settings accordion.
 SETTINGS = [
@@ -65,84 +84,6 @@ SETTINGS = [
     ("evidence_max_new_tokens", "Token budget: evidence (per region)", 1, 512),
     ("synthesis_max_new_tokens", "Token budget: answer", 16, 4096),
 ]
-
-
-def stream_diff(old: Any, new: Any) -> list:
-    """gradio.utils.diff (the edits that turn one streamed output into the next), with list
-    deletions that stay right when nested lists shrink too.
-
-    Gradio 6.31 shifts the index of *every* delete edit under a list, nested ones included, so
-    a table whose rows each lose a cell (the timings of a turn that failed lose its column)
-    arrives corrupted in the browser and makes gradio_client raise IndexError. Here nested
-    edits keep their indices and a list's own tail is deleted from the end."""
-    edits: list = []
-
-    def walk(a: Any, b: Any, path: list) -> None:
-        if a == b:
-            return
-        if type(a) is not type(b):
-            edits.append(["replace", path, b])
-        elif isinstance(a, str) and b.startswith(a):
-            edits.append(["append", path, b[len(a):]])
-        elif isinstance(a, list):
-            common = min(len(a), len(b))
-            for i in range(common):
-                walk(a[i], b[i], path + [i])
-            edits.extend(["delete", path + [i], None] for i in reversed(range(common, len(a))))
-            edits.extend(["add", path + [i], b[i]] for i in range(common, len(b)))
-        elif isinstance(a, dict):
-            for key in a:
-                if key in b:
-                    walk(a[key], b[key], path + [key])
-                else:
-                    edits.append(["delete", path + [key], None])
-            edits.extend(["add", path + [key], b[key]] for key in b if key not in a)
-        else:
-            edits.append(["replace", path, b])
-
-    walk(old, new, [])
-    return edits
-
-
-gr.utils.diff = stream_diff      # Blocks.handle_streaming_diffs looks it up at each update
-
-
-def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
-    """gradio.processing_utils.save_pil_to_cache, minus its rewrite in place.
-
-    Gradio 6.31 names the file by a hash of its bytes, then `write_bytes` it again on every
-    postprocess: each streamed update that carries the boxes image or the region crops truncates
-    and rewrites the very file a browser may be downloading, which then gets a cut-off image (and
-    the server logs "Too little data for declared Content-Length"). The content is in the name,
-    so an existing file is already right: touch it (delete_cache ages files by ctime) and keep it;
-    a new one is written under a temporary name and renamed into place."""
-    data = processing_utils.encode_pil_to_bytes(img, format)
-    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-    path = (folder / f"{name}.{format}").resolve()
-    if path.exists():
-        with contextlib.suppress(OSError):
-            os.utime(path)
-        return str(path)
-    staging = None
-    try:
-        folder.mkdir(exist_ok=True, parents=True)
-        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(staging, path)
-    except BaseException as exc:
-        if staging:
-            with contextlib.suppress(OSError):
-                os.unlink(staging)
-        if isinstance(exc, OSError):    # a full disk: one clear message for this update, no traceback
-            log.warning("an image for the browser could not be written (%s)", exc.strerror or type(exc).__name__)
-            raise gr.Error(limits.DISK_FULL, print_exception=False) from None
-        raise
-    return str(path)
-
-
-# Gradio's image, gallery and annotated-image components look it up on the module at each call.
-processing_utils.save_pil_to_cache = save_pil_to_cache
 
 
 def is_twin(*names: str) -> bool:
@@ -160,9 +101,14 @@ def is_twin(*names: str) -> bool:
     return False
 
 
-def pipeline_settings(base: PipelineConfig, values: tuple) -> PipelineConfig:
-    """The accordion's values on a copy of the configured PipelineConfig (None: keep the default)."""
-    changes = {}
+def pipeline_settings(base: PipelineConfig, values: tuple, plain: Any = None) -> PipelineConfig:
+    """The accordion's values on a copy of the configured PipelineConfig (None: keep the default);
+    `plain`: also answer plainly, for comparison (None: as configured)."""
+    changes: dict[str, Any] = {}
+    if plain is not None:
+        if not isinstance(plain, bool):
+            raise InputError(f"the plain-answer switch must be true or false, not {plain!r}")
+        changes["plain_answer"] = plain
     for (name, label, low, high), value in zip(SETTINGS, values):
         if value is None:
             continue
@@ -182,8 +128,16 @@ def upload_path(upload: Any) -> tuple[str, str] | None:
         return None
     if isinstance(upload, dict):
         path = upload.get("path")
-        return (path, upload.get("orig_name") or os.path.basename(path)) if path else None
-    return str(upload), os.path.basename(str(upload))
+        return (path, upload.get("orig_name") or os.path.basename(path)) if isinstance(path, str) and path else None
+    if isinstance(upload, (str, os.PathLike)):
+        return str(upload), os.path.basename(str(upload))
+    return None
+
+
+def upload_paths(uploads: Any) -> list[tuple[str, str]]:
+    """Every (path, name) of one upload or a list of them (the upload button takes several)."""
+    items = uploads if isinstance(uploads, (list, tuple)) else [uploads]
+    return [found for found in map(upload_path, items) if found is not None]
 
 
 def idle_expiry(store: SessionStore) -> Callable[[Any], None]:
@@ -219,7 +173,9 @@ class CorgiApp:
         # Gradio's queue already runs one model event at a time; this lock covers the moment
         # after a Stop when the queue has moved on but the cancelled turn is still unwinding.
         self.model_lock = threading.Lock()
-        self._traces = tempfile.TemporaryDirectory(prefix="corgi-chat-")   # removed at exit
+        # Traces, reports and the pictures sent to the browser, one folder per session; all
+        # removed at exit.
+        self._files = tempfile.TemporaryDirectory(prefix="corgi-chat-")
         lm = engine.lm
         self.twin = is_twin(lm.model_id, config.model.id)
         self.model_info = {"id": lm.model_id, "family": lm.family.name,
@@ -232,65 +188,90 @@ class CorgiApp:
             # Everything handed to a component here ends up in the page config, which Gradio
             # deep-copies per page load: plain values and model-free callbacks only.
             state = gr.State(None, time_to_live=ui.idle_timeout_s, delete_callback=self.expire)
-            gr.Markdown(f"## CoRGI Chat\nGrounded visual reasoning: the model writes steps, marks the "
-                        f"regions they depend on (S1, S2 ...), reads those regions, then answers. "
-                        f"Model: `{self.model_info['id']}` on {self.model_info['device']}.")
+            with gr.Row(equal_height=False):
+                gr.Markdown(f"## CoRGI Chat\nGrounded visual reasoning: the model writes steps, marks the "
+                            f"regions they depend on (S1, S2 ...), reads those regions, then answers. "
+                            f"Model: `{self.model_info['id']}` on {self.model_info['device']}.")
+                presenter = gr.Checkbox(label="Presenter mode (larger text)", value=False, scale=0,
+                                        min_width=200, elem_id="presenter")
             if self.twin:
                 gr.Markdown(render.NOISE_WARNING, elem_id="noise-warning")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=240):
-                    image_in = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
-                                        height=220, elem_id="image-input")
-                    examples = sorted(ASSETS.glob("*.png"))
-                    if examples:
-                        gr.Examples([[str(p)] for p in examples], inputs=[image_in], label="Example images")
+                    upload_btn = gr.UploadButton("Upload image(s)", file_types=["image"], file_count="multiple",
+                                                 variant="primary", elem_id="upload")
+                    images_gallery = gr.Gallery(label="Conversation images", columns=3, height=170,
+                                                allow_preview=False, object_fit="contain", elem_id="images")
+                    examples = [str(p) for p in sorted(ASSETS.glob("*.png"))]
+                    example_images = gr.Dataset(components=["image"], samples=[[p] for p in examples],
+                                                label="Example images", type="index", samples_per_page=6,
+                                                elem_id="example-images")
                     with gr.Accordion("Settings", open=False):
                         sliders = [gr.Slider(low, max(high, getattr(pipe, name)), step=1,
                                              value=getattr(pipe, name), label=label)
                                    for name, label, low, high in SETTINGS]
+                        plain = gr.Checkbox(label="Also answer plainly (no grounding), to compare",
+                                            value=pipe.plain_answer, elem_id="plain-answer")
                 with gr.Column(scale=5, min_width=420):
-                    chatbot = gr.Chatbot(label="Conversation", height="max(300px, calc(100vh - 400px))", elem_id="chat",
+                    chatbot = gr.Chatbot(label="Conversation", height="max(300px, calc(100vh - 420px))",
+                                         elem_id="chat",
                                          placeholder="Upload an image (or pick an example), then ask about it.")
-                    textbox = gr.MultimodalTextbox(placeholder="Ask about the image (the clip attaches a new image)",
-                                                   file_types=["image"], sources=["upload"], show_label=False,
-                                                   elem_id="question")
-                    with gr.Row():
-                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                        regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+                    textbox = gr.MultimodalTextbox(placeholder="Ask about the image (the clip attaches an image "
+                                                               "that joins the conversation)",
+                                                   file_types=["image"], file_count="multiple", sources=["upload"],
+                                                   show_label=False, elem_id="question")
+                    with gr.Row(elem_id="buttons"):
+                        stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                        regen_btn = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
                         new_btn = gr.Button("New conversation", elem_id="new-conversation")
+                    example_questions = gr.Dataset(components=["textbox"], samples=[[q] for q in EXAMPLE_QUESTIONS],
+                                                   label="Example questions", type="values",
+                                                   elem_id="example-questions")
                 with gr.Column(scale=4, min_width=320):
                     # No floating label on the image: it would cover boxes in the top-left corner.
-                    gr.Markdown("**Steps on the image**: S1, S2 ... as the model marked them; "
-                                "red: look at an object, blue: read text.")
-                    boxes_img = gr.Image(show_label=False, type="pil", format="jpeg", interactive=False,
-                                         height=300, elem_id="boxes")
+                    gr.Markdown("**Steps on the image**: S1, S2 ... as the model marked them (red: look at "
+                                "an object, blue: read text, green K1 ...: the answer's key evidence). "
+                                "Click a box or pick a step.")
+                    boxes_img = gr.Image(show_label=False, type="filepath", interactive=False, height=300,
+                                         elem_id="boxes")
+                    step_pick = gr.Radio(choices=[], label="Steps", interactive=True, elem_id="step-pick")
+                    picked = gr.Markdown(render.selected_markdown(None, []), elem_id="picked")
                     # fit_columns=False: one region would otherwise fill the panel and hide its caption.
                     gallery = gr.Gallery(label="Regions read (crop and caption)", columns=3, height=230,
-                                         fit_columns=False, object_fit="contain", format="jpeg", elem_id="regions")
-                    timings = gr.Dataframe(label="Timings (s) and cache, per turn", interactive=False,
-                                           elem_id="timings", max_height=560)
-                    trace_btn = gr.DownloadButton("Download trace (JSON)", value=None, interactive=False,
-                                                  size="sm", elem_id="trace")
-            with gr.Accordion("Debug: prompts, raw output and parsed result per turn", open=False):
+                                         fit_columns=False, object_fit="contain", elem_id="regions")
+                    timeline = gr.HTML(render.timeline_html(None, []), label="Timeline", elem_id="timeline")
+                    with gr.Row():
+                        trace_btn = gr.DownloadButton("Download trace (JSON)", value=None, interactive=False,
+                                                      size="sm", elem_id="trace")
+                        report_btn = gr.DownloadButton("Download report (HTML)", value=None, interactive=False,
+                                                       size="sm", elem_id="report")
+            with gr.Accordion("Debug: timings table, prompts, raw output and parsed result per turn", open=False):
+                timings = gr.Dataframe(label="Timings (s) and cache, per turn", interactive=False,
+                                       elem_id="timings", max_height=560)
                 debug_code = gr.Code(label="Prompts and raw model output", language=None, lines=16,
                                      max_lines=40, interactive=False)
                 debug_json = gr.JSON(label="Parsed turns (TurnResult JSON plus prompts)")
 
-            outputs = [state, chatbot, boxes_img, gallery, timings, debug_code, debug_json, trace_btn]
+            outputs = [state, chatbot, boxes_img, gallery, timings, debug_code, debug_json, trace_btn,
+                       images_gallery, step_pick, picked, timeline, report_btn, stop_btn, regen_btn]
             model = dict(concurrency_id="model", concurrency_limit=1, show_progress="full",
                          show_progress_on=[chatbot])
             # preprocess=False: the handler gets the raw upload and checks it itself, so a bad
             # file is answered in the chat instead of failing inside Gradio's image decoding.
-            image_in.change(self.set_image, [state, image_in], outputs, preprocess=False,
-                            api_name="set_image", **model)
+            upload_btn.upload(self.set_image, [state, upload_btn], outputs, preprocess=False,
+                              api_name="set_image", **model)
+            example_images.click(self.pick_example, [state, example_images], outputs,
+                                 api_visibility="private", **model)
+            example_questions.click(lambda sample: {"text": sample[0], "files": []}, [example_questions],
+                                    [textbox], queue=False, show_progress="hidden", api_visibility="private")
             # Two listeners on submit: an instant echo (no queue) so the question shows at once,
             # then the turn itself in the model queue. The turn clears the textbox when it starts:
             # cleared any earlier, the turn could read the empty box instead of the question.
-            textbox.submit(self.echo, [chatbot, textbox], [chatbot], queue=False, show_progress="hidden",
-                           api_visibility="private")
-            ask_event = textbox.submit(self.ask, [state, textbox, *sliders], [*outputs, textbox],
+            textbox.submit(self.echo, [chatbot, textbox], [chatbot, stop_btn], queue=False,
+                           show_progress="hidden", api_visibility="private")
+            ask_event = textbox.submit(self.ask, [state, textbox, *sliders, plain], [*outputs, textbox],
                                        api_name="ask", **model)
-            regen_event = regen_btn.click(self.regenerate, [state, *sliders], outputs,
+            regen_event = regen_btn.click(self.regenerate, [state, *sliders, plain], outputs,
                                           api_name="regenerate", **model)
             # Stop first cancels the running turn (that closes its generator, which stops the
             # model), *then* shows the result: the browser runs a listener's cancels only after
@@ -300,6 +281,12 @@ class CorgiApp:
                 self.stop, [state], outputs, api_name="stop", concurrency_limit=None)
             new_btn.click(None, None, None, cancels=turns).then(
                 self.new_conversation, [state], outputs, api_name="new_conversation", concurrency_limit=None)
+            # Picking a step reads the session only: no model, no queue, works while a turn runs.
+            step_pick.input(self.pick_step, [state, step_pick], outputs, api_name="pick_step",
+                            concurrency_limit=None, show_progress="hidden")
+            boxes_img.select(self.select_box, [state], outputs, api_visibility="private",
+                             concurrency_limit=None, show_progress="hidden")
+            presenter.change(None, [presenter], None, js=PRESENTER_JS)
             demo.unload(self.unload)
             # Read-only memory figures (no inputs, no session): the load test reads them.
             gr.api(self.stats, api_name="stats", queue=False)
@@ -307,35 +294,100 @@ class CorgiApp:
 
     # ---- outputs ---------------------------------------------------------------------
     def outputs(self, session: UserSession, panels=ALL) -> tuple:
+        """The update for `panels`. The pictures are files this app writes; when the disk is
+        full they are left out of this update (one warning per turn), nothing else fails."""
+        try:
+            return self._outputs(session, panels)
+        except OSError as exc:
+            pictures = {BOXES, GALLERY, IMAGES}
+            for panel in pictures:
+                session.sent.pop(panel, None)       # not shown: send them again when there is room
+            turn = len(session.turns)
+            if getattr(session, "disk_warned", None) != turn:
+                session.disk_warned = turn
+                log.warning("pictures for the browser could not be written (%s)", exc.strerror or type(exc).__name__)
+                gr.Warning(limits.DISK_FULL)
+            return self._outputs(session, frozenset(panels) - pictures)
+
+    def _outputs(self, session: UserSession, panels=ALL) -> tuple:
         s, skip = session, gr.skip()
         results = s.results
-        if s.live is not None:
-            evidence = s.live.evidence_list()
-        else:
-            evidence = results[-1].evidence if results else []
+        evidence = s.live.evidence_list() if s.live is not None else (results[-1].evidence if results else [])
+        steps = s.latest_steps()
+        step = next((x for x in steps if x.index == s.selected), None)
+        boxes = BOXES in panels
+        shown = [t.result for t in s.turns] + ([s.live.result] if s.live and s.live.result else [])
         return (
             s,
             s.messages() if CHAT in panels else skip,
-            self._boxes(s) if BOXES in panels else skip,
-            (render.gallery_items(s.image, evidence, self.config.pipeline.crop_padding) if s.image else [])
-            if GALLERY in panels else skip,
-            render.timings_table(s.warmup, results, s.live) if TIMINGS in panels else skip,
+            self._boxes(s) if boxes else skip,
+            self._gallery(s, evidence) if GALLERY in panels or boxes else skip,
+            render.timings_table(s.warmup, shown, s.live) if TIMINGS in panels else skip,
             render.debug_text(results) if DEBUG in panels else skip,
             render.debug_json(results) if DEBUG in panels else skip,
             gr.DownloadButton(value=s.trace_path, interactive=s.trace_path is not None) if DEBUG in panels else skip,
+            self._images(s) if IMAGES in panels else skip,
+            self._step_choices(s, steps) if boxes else skip,
+            render.selected_markdown(step, evidence, len(s.images) > 1) if boxes or GALLERY in panels else skip,
+            render.timeline_html(s.warmup, results, s.live) if TIMINGS in panels else skip,
+            gr.DownloadButton(value=s.report_path, interactive=s.report_path is not None) if DEBUG in panels else skip,
+            gr.Button(interactive=s.live is not None),                       # Stop: only while a turn runs
+            gr.Button(interactive=s.live is None and bool(s.turns)),         # Regenerate: a turn to redo
         )
 
+    def _folder(self, s: UserSession) -> Path:
+        folder = Path(self._files.name) / hashlib.sha256(s.key.encode()).hexdigest()[:16]
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def _unchanged(self, s: UserSession, panel: str, key: Any) -> bool:
+        """Whether `panel` would show what this tab was last sent; records `key` otherwise."""
+        if s.sent.get(panel, object()) == key:
+            return True
+        s.sent[panel] = key
+        return False
+
     def _boxes(self, s: UserSession) -> Any:
-        """The boxes image, drawn at display size; gr.skip() when what it shows has not changed
-        since this session last sent it (the same image is never re-sent)."""
-        if s.image is None:
-            key = None
-        else:
-            key = (s.image_digest, render.steps_signature(s.latest_steps()))
-        if key == getattr(s, "boxes_key", object()):
+        """The boxes picture (the images of the turn side by side, each with its steps' boxes
+        and the answer's key evidence), a display-size JPEG; gr.skip() when unchanged."""
+        shown = [i for i in s.shown_images() if i < len(s.images)]
+        steps = s.latest_steps()
+        keys = s.live.key_evidence if s.live is not None else (s.results[-1].key_evidence if s.results else [])
+        key = (tuple(s.images[i].digest for i in shown), render.steps_signature(steps),
+               tuple((k.bbox.to_list(), k.bbox.image) for k in keys if k.bbox), s.selected)
+        if self._unchanged(s, BOXES, key):
             return gr.skip()
-        s.boxes_key = key
-        return render.draw_boxes(s.image, s.latest_steps()) if s.image is not None else None
+        if not shown:
+            s.tiles = []
+            return None
+        picture, s.tiles = render.boxes_view([(i, s.images[i].image) for i in shown], steps, keys, s.selected)
+        return save_jpeg(picture, self._folder(s), "boxes")
+
+    def _gallery(self, s: UserSession, evidence) -> Any:
+        key = (tuple((e.step_index, tuple(e.bbox.to_list()), e.bbox.image, e.text) for e in evidence), s.selected)
+        if self._unchanged(s, GALLERY, key):
+            return gr.skip()
+        folder, items = self._folder(s), []
+        for crop, caption in render.gallery_items(s.image_list(), evidence, self.config.pipeline.crop_padding,
+                                                  s.selected):
+            items.append((save_jpeg(crop, folder, "crop"), caption))
+        return items
+
+    def _images(self, s: UserSession) -> Any:
+        key = (tuple(x.digest for x in s.images), tuple(s.current))
+        if self._unchanged(s, IMAGES, key):
+            return gr.skip()
+        folder = self._folder(s)
+        return [(save_jpeg(render.thumbnail(x.image, THUMB_LONG_SIDE, framed=n in s.current), folder, "thumb"),
+                 f"{n + 1}: {x.name}" + (" (current)" if n in s.current else ""))
+                for n, x in enumerate(s.images)]
+
+    def _step_choices(self, s: UserSession, steps) -> Any:
+        choices = [(f"S{x.index} {x.kind.value}: {x.statement[:48]}", x.index) for x in steps]
+        key = (tuple(choices), s.selected)
+        if self._unchanged(s, "steps", key):
+            return gr.skip()
+        return gr.Radio(choices=choices, value=s.selected if any(c[1] == s.selected for c in choices) else None)
 
     def session(self, state: Any, request: gr.Request | None) -> UserSession:
         if isinstance(state, UserSession) and not state.closed and not state.refused:
@@ -345,36 +397,52 @@ class CorgiApp:
 
     # ---- handlers ------------------------------------------------------------------------
     def set_image(self, state, upload, request: gr.Request) -> Iterator[tuple]:
-        """Load the uploaded image, start a ChatSession on it and warm it up (encode the image,
-        prefill the conversation head) so the first question starts decoding at once."""
+        """Uploaded images: before the first question they start the conversation (several:
+        camera views of one scene, one vision batch), warmed up (encoded, head prefilled) so
+        the first question decodes at once; after it they join the conversation."""
         session = self.session(state, request)
-        found = upload_path(upload)
-        if found is None:   # the image was removed
+        found = upload_paths(upload)
+        if not found:
             with session.lock:
-                session.set_image(None)
-            yield self.outputs(session)
+                session.history.append(render.notice("No image came with this upload: please choose a PNG, "
+                                                     "JPEG or WebP file."))
+            yield self.outputs(session, {CHAT})
             return
-        yield from self._load_image(session, *found)
+        yield from self._add_images(session, found)
+
+    def pick_example(self, state, index, request: gr.Request) -> Iterator[tuple]:
+        session = self.session(state, request)
+        examples = sorted(ASSETS.glob("*.png"))
+        if not isinstance(index, int) or not 0 <= index < len(examples):
+            yield self.outputs(session, {CHAT})
+            return
+        yield from self._add_images(session, [(str(examples[index]), examples[index].name)])
 
     def echo(self, history, message):
-        """Show the question (or the attached image) at once, while the turn waits for the model."""
-        message = message or {}
-        text = (message.get("text") or "").strip()
+        """Show the question (or the attached image) at once, while the turn waits for the model;
+        Stop is live from here (it cancels a turn still waiting in the queue)."""
+        message = message if isinstance(message, dict) else {}
+        text = (message.get("text") or "").strip() if isinstance(message.get("text"), str) else ""
         history = list(history or [])
-        if text:
-            history += [{"role": "user", "content": text},
+        try:
+            clean_question(text, self.config.pipeline.max_question_chars) if text else None
+            askable = bool(text)
+        except InputError:
+            askable = False      # refused by the turn: not echoed first
+        if askable:
+            history += [{"role": "user", "content": render.escape_md(text)},
                         render.status_message("Waiting for the model", "", done=False)]
         elif message.get("files"):
             history += [render.status_message("Loading the image", "", done=False)]
-        return history
+        return history, gr.Button(interactive=True)
 
     def ask(self, state, message, max_steps, max_regions, reasoning_tokens, evidence_tokens,
-            synthesis_tokens, request: gr.Request) -> Iterator[tuple]:
+            synthesis_tokens, plain=None, request: gr.Request = None) -> Iterator[tuple]:
         """One turn: the question through the four phases, streamed into the chat and panels.
         Outputs: the common ones plus the textbox, emptied by the first update."""
         values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
         cleared = gr.MultimodalTextbox(value=None)
-        updates = self._ask(state, message, values, request)
+        updates = self._ask(state, message, values, plain, request)
         try:
             for update in updates:
                 yield (*update, cleared)
@@ -382,15 +450,24 @@ class CorgiApp:
         finally:
             updates.close()     # on Stop, at once: this is what stops the model
 
-    def _ask(self, state, message, values, request) -> Iterator[tuple]:
+    def _ask(self, state, message, values, plain, request) -> Iterator[tuple]:
         session = self.session(state, request)
         if isinstance(message, str):
             message = {"text": message, "files": []}
-        message = message or {}
-        text = (message.get("text") or "").strip()
-        files = message.get("files") or []
+        message = message if isinstance(message, dict) else {}
+        text = message.get("text") if isinstance(message.get("text"), str) else ""
+        text = text.strip()
+        files = upload_paths(message.get("files") or [])
+        if text:
+            try:        # refused before anything (image, question) enters the chat or the model
+                clean_question(text, self.config.pipeline.max_question_chars)
+            except InputError as exc:
+                with session.lock:
+                    session.history.append(render.notice(f"This question cannot be asked: {exc}."))
+                yield self.outputs(session)
+                return
         if files:
-            loaded = yield from self._load_image(session, *upload_path(files[-1]))
+            loaded = yield from self._add_images(session, files)
             if not loaded or not text:
                 return
         with session.lock:
@@ -402,25 +479,25 @@ class CorgiApp:
                            "or pick an example, then ask about it.")
             else:
                 try:
-                    settings = pipeline_settings(self.config.pipeline, values)
+                    settings = pipeline_settings(self.config.pipeline, values, plain)
                 except InputError as exc:
                     problem = f"These settings cannot be used: {exc}."
             if problem:
                 if text:
-                    session.history.append({"role": "user", "content": text})
+                    session.history.append({"role": "user", "content": render.escape_md(text)})
                 session.history.append(render.notice(problem))
-                yield self.outputs(session, {CHAT})
+                yield self.outputs(session)
                 return
             yield from self._turn(session, text, settings)
 
     def regenerate(self, state, max_steps, max_regions, reasoning_tokens, evidence_tokens,
-                   synthesis_tokens, request: gr.Request) -> Iterator[tuple]:
+                   synthesis_tokens, plain=None, request: gr.Request = None) -> Iterator[tuple]:
         """Ask the last question again, after forgetting its answer (and its tokens)."""
         values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
         session = self.session(state, request)
         with session.lock:
             try:
-                settings = pipeline_settings(self.config.pipeline, values)
+                settings = pipeline_settings(self.config.pipeline, values, plain)
             except InputError as exc:
                 session.history.append(render.notice(f"These settings cannot be used: {exc}."))
                 yield self.outputs(session, {CHAT})
@@ -445,20 +522,37 @@ class CorgiApp:
                 session.lock.release()
 
     def new_conversation(self, state, request: gr.Request) -> tuple:
-        """Forget the turns and free the KV cache; the image stays for the next question."""
+        """Forget the turns and free the KV cache; the current images stay for the next question."""
         session = self.session(state, request)
         if not session.lock.acquire(timeout=STOP_WAIT_S):
             return self.outputs(session)    # a turn that would not unwind: leave it be
         try:
             with self.model_lock:
                 session.new_conversation()
-            if session.image is not None:
+            if session.images:
+                names = ", ".join(f"**{render.escape_md(x.name)}**" for x in session.images)
                 session.history.append(render.notice(
-                    f"New conversation. The image **{session.image_name}** is still loaded: ask about it, "
-                    "or attach another one."))
+                    f"New conversation. The image{'s' * (len(session.images) > 1)} {names} "
+                    f"{'are' if len(session.images) > 1 else 'is'} still loaded: ask about "
+                    f"{'them' if len(session.images) > 1 else 'it'}, or upload another one."))
             return self.outputs(session)
         finally:
             session.lock.release()
+
+    def pick_step(self, state, index, request: gr.Request) -> tuple:
+        """Highlight step `index` (its S number): its box on the image, its crop; show what it
+        says and what its region showed. Another pick of the same step clears it."""
+        session = self.session(state, request)
+        known = {x.index for x in session.latest_steps()}
+        session.selected = index if isinstance(index, int) and index in known else None
+        return self.outputs(session, {BOXES, GALLERY})
+
+    def select_box(self, state, evt: gr.SelectData, request: gr.Request) -> tuple:
+        """A click on the boxes picture picks the smallest step box under it."""
+        session = self.session(state, request)
+        point = evt.index if isinstance(evt.index, (list, tuple)) and len(evt.index) == 2 else None
+        found = render.step_at(session.tiles, session.latest_steps(), *point) if point else None
+        return self.pick_step(session, found, request)
 
     def unload(self, request: gr.Request) -> None:
         """The tab was closed or reloaded: free its session now rather than at the idle time-out."""
@@ -477,74 +571,116 @@ class CorgiApp:
                     "sessions": len(self.store), "image_bytes": self.store.image_bytes()}
 
     # ---- the work ------------------------------------------------------------------------
-    def _load_image(self, session: UserSession, path: str, name: str) -> Iterator[tuple]:
-        """Check and load an image file, start a fresh ChatSession on it, warm it up.
-        Returns (as a generator's return value) whether the image can be asked about."""
+    def _read_image(self, session: UserSession, path: str, name: str):
+        """Check and decode one upload (ImageError with a message for the chat): only a file
+        this server holds, at most min(ui.max_upload_mb, image.max_file_mb), reduced at load to
+        image.max_kept_pixels. A refused upload is deleted."""
         cfg = self.config.image
         try:
             limits.check_upload(session, path, name, ASSETS)
-            image = load_image(path, cfg.max_input_pixels, max_kept_pixels=cfg.max_kept_pixels,
-                               max_file_mb=min(self.config.ui.max_upload_mb, cfg.max_file_mb))
-        except ImageError as exc:
+            return load_image(path, cfg.max_input_pixels, max_kept_pixels=cfg.max_kept_pixels,
+                              max_file_mb=min(self.config.ui.max_upload_mb, cfg.max_file_mb))
+        except ImageError:
             limits.discard_upload(path, limits.upload_folder())    # refused: not kept on the disk
-            with session.lock:
-                session.set_image(None)
-                hint = " Please upload a PNG, JPEG, WebP or GIF image." if "format" in str(exc) else ""
-                session.history.append(render.notice(f"This file cannot be used: {exc}{hint}"))
-            yield self.outputs(session)
-            return False
-        digest = image_digest(image)
+            raise
+
+    def _add_images(self, session: UserSession, found: list[tuple[str, str]]) -> Iterator[tuple]:
+        """Check and load image files. Before the conversation's first question they start it
+        (a fresh ChatSession on them, warmed up); after it they join it. A bad file changes
+        nothing (the conversation and its images stay). Returns (as a generator's return value)
+        whether the images can be asked about."""
+        loaded = []
+        for path, name in found:
+            try:
+                image = self._read_image(session, path, name)
+            except ImageError as exc:
+                with session.lock:
+                    hint = " Please upload a PNG, JPEG, WebP or GIF image." if "format" in str(exc) else ""
+                    kept = " The conversation is unchanged." if session.images else ""
+                    session.history.append(render.notice(f"This file cannot be used: {exc}{hint}{kept}"))
+                yield self.outputs(session)
+                return False
+            loaded.append(ShownImage(name, image, image_digest(image)))
         with session.lock:
-            if session.image is not None and digest == session.image_digest and session.chat is not None:
-                yield self.outputs(session, {CHAT})    # the same picture again: keep the conversation
+            same = [x.digest for x in loaded] == [session.images[i].digest for i in session.current]
+            if same and session.chat is not None:
+                yield self.outputs(session, {CHAT})    # the same pictures again: keep the conversation
                 return True
-            session.set_image(image, name, digest)
-            title = f"Encoding the image {name}"
-            session.history.append(render.status_message(title, "", done=False))
+            if session.chat is not None and session.turns:
+                return (yield from self._join(session, loaded))
+            session.set_images(loaded)
+            names = ", ".join(x.name for x in loaded)
+            title = f"Encoding the image{'s' * (len(loaded) > 1)} {names}"
+            session.history.append(render.status_message(render.escape_md(title), "", done=False))
             yield self.outputs(session)
             t0 = time.perf_counter()
             try:
                 with self.model_lock:
-                    session.chat = ChatSession(self.engine, image)
+                    session.chat = ChatSession(self.engine, [x.image for x in loaded])
                     stats = session.chat.warm_up()
             except InputError as exc:     # its message already says "this image cannot be used: ..."
-                session.set_image(None)
+                session.set_images([])
                 session.history.append(render.notice(f"{str(exc)[:1].upper()}{str(exc)[1:]}."))
                 yield self.outputs(session)
                 return False
             except Exception as exc:
                 log.exception("warm-up failed")
                 session.chat = None     # the next question starts a new one
-                session.history[-1] = render.status_message(title, "", done=True)
+                session.history[-1] = render.status_message(render.escape_md(title), "", done=True)
                 session.history.append(render.notice(f"The model failed on this image: "
                                                      f"{type(exc).__name__}: {exc}"))
                 yield self.outputs(session)
                 return True
             seconds = time.perf_counter() - t0
             session.warmup = (stats, seconds)
+            sizes = ", ".join(f"{x.image.width}x{x.image.height}" for x in loaded)
             # A plain message, not a collapsed one: "ready, ask away" is meant to be read.
+            what = "images" if len(loaded) > 1 else "image"
             session.history[-1] = render.notice(
-                f"Image **{name}** ({image.width}x{image.height} pixels) is encoded and ready "
-                f"({seconds:.2f} s). Ask a question about it.")
+                f"The {what} **{render.escape_md(names)}** ({sizes} pixels) "
+                f"{'are' if len(loaded) > 1 else 'is'} encoded and ready ({render.seconds_text(seconds)}). "
+                "Ask a question about " + ("them (one vision batch)." if len(loaded) > 1 else "it."))
             yield self.outputs(session)
             return True
+
+    def _join(self, session: UserSession, loaded: list[ShownImage]) -> Iterator[tuple]:
+        """Images that join a conversation with turns: earlier turns keep theirs, the next question
+        is about these. Nothing is encoded now; the next turn encodes them and reads only them."""
+        try:
+            with self.model_lock:
+                session.chat.add_images([x.image for x in loaded])
+        except InputError as exc:
+            session.history.append(render.notice(f"{str(exc)[:1].upper()}{str(exc)[1:]}. The conversation is unchanged."))
+            yield self.outputs(session, {CHAT})
+            return False
+        session.images.extend(loaded)
+        chat = session.chat
+        session.current = list(range(len(chat.conv.images), len(chat.images)))   # every pending image
+        numbers = ", ".join(f"image {i + 1} (**{render.escape_md(session.images[i].name)}**)" for i in session.current)
+        session.history.append(render.notice(
+            f"{numbers} joined the conversation: the next question is about "
+            f"{'them' if len(session.current) > 1 else 'it'}; earlier turns keep their image."))
+        yield self.outputs(session, {CHAT, IMAGES, BOXES, GALLERY})
+        return True
 
     def _turn(self, session: UserSession, question: str, settings: PipelineConfig) -> Iterator[tuple]:
         """Stream one turn. The caller holds session.lock."""
         if session.chat is None:     # after New conversation or a failed warm-up
             try:
                 with self.model_lock:
-                    session.chat = ChatSession(self.engine, session.image)
+                    session.chat = ChatSession(self.engine, session.image_list())
             except Exception as exc:
                 log.exception("could not start a conversation")
                 session.history.append(render.notice(f"The model failed on this image: "
                                                      f"{type(exc).__name__}: {exc}"))
                 yield self.outputs(session, {CHAT})
                 return
-        view = render.TurnView(question, len(session.results) + 1, settings.max_regions,
-                               note=render.NOISE_NOTE if self.twin else None)
+        view = render.TurnView(question, len(session.turns) + 1, settings.max_regions,
+                               note=render.NOISE_NOTE if self.twin else None, plain=settings.plain_answer,
+                               image_numbers=len(session.images) > 1)
+        session.selected = None
         session.begin_turn(view)
-        yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS})   # the pending phase, at once
+        yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS, IMAGES})   # the pending phase, at once
         events = session.chat.ask(question, settings)
         changed: set[str] = set()
         last = 0.0
@@ -579,26 +715,30 @@ class CorgiApp:
                 events.close()      # stops the engine loop; ChatSession.ask cuts the turn's tokens
             session.end_turn()
             if view.result is not None:
-                self._write_trace(session)
+                self._write_trace(session, settings)
             if session.closed:      # the tab went away while this turn ran
-                session.set_image(None)
+                session.set_images([])
         yield self.outputs(session)
 
-    def _write_trace(self, session: UserSession) -> None:
-        """The CLI's --json object for this session's turns, for the Download trace button."""
-        folder = Path(self._traces.name) / hashlib.sha256(session.key.encode()).hexdigest()[:16]
-        path = folder / "corgi-trace.json"
+    def _write_trace(self, session: UserSession, settings: PipelineConfig) -> None:
+        """The CLI's --json object for this session's turns (plus image names and settings), and
+        the HTML report, for the Download buttons."""
         try:
-            folder.mkdir(exist_ok=True)
-            path.write_text(json.dumps(render.trace(self.model_info, session.results), ensure_ascii=False,
-                                       indent=1), encoding="utf-8")
-        except OSError as exc:      # a full disk: the turn stands, only its download is missing
+            folder = self._folder(session)
+            names = [x.name for x in session.images]
+            values = asdict(settings)
+            path = folder / "corgi-trace.json"
+            path.write_text(json.dumps(render.trace(self.model_info, session.results, names, values),
+                                       ensure_ascii=False, indent=1), encoding="utf-8")
+            session.trace_path = str(path)
+            report = folder / "corgi-report.html"
+            report.write_text(report_html({**self.model_info, "twin": self.twin}, values,
+                                          [(x.name, x.image) for x in session.images], session.results),
+                              encoding="utf-8")
+            session.report_path = str(report)
+        except OSError as exc:      # a full disk: the turn stands, only its downloads are missing
             log.warning("the trace could not be written (%s)", exc.strerror or type(exc).__name__)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            session.trace_path = None
-            return
-        session.trace_path = str(path)
+            session.trace_path = session.report_path = None
 
 
 def build_app(engine: Engine, config: Config) -> gr.Blocks:

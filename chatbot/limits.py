@@ -260,9 +260,8 @@ def check_call(gradio_app, path: str, body: Any, files: str) -> str | None:
             if not isinstance(where, str) or client_utils.is_http_url_like(where) or not inside(where, files):
                 return f"{label}: {_short(where)} is not a file uploaded to this server; upload it first"
             types = getattr(component, "file_types", None)
-            if isinstance(component, gr.MultimodalTextbox) and types and \
-                    not client_utils.is_valid_file(where, types):
-                return f"{label}: only images can be attached ({os.path.basename(where)[:80]!r} is not one)"
+            if types and not client_utils.is_valid_file(where, types):
+                return f"{label}: only images can be uploaded or attached ({os.path.basename(where)[:80]!r} is not one)"
         try:
             component.data_model.model_validate(value)
         except Exception:           # pydantic's ValidationError and its kin

@@ -6,28 +6,32 @@ takes: {"role", "content", "metadata"}; a "metadata" title makes a collapsible p
 """
 from __future__ import annotations
 
+import html
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from corgi import boxes
-from corgi.types import (AnswerReady, CacheStats, Evidence, EvidenceReady, Phase, PhaseFinished,
-                         PhaseStarted, ReasoningResult, Step, StepKind, StepsParsed, StepStreamed,
-                         SynthesisResult, TextDelta, TurnFinished, TurnResult)
+from corgi.types import (AnswerReady, CacheStats, Evidence, EvidenceReady, KeyEvidence, Phase, PhaseFinished,
+                         PhaseStarted, ReasoningResult, Span, SpanTimed, Step, StepKind, StepsParsed,
+                         StepStreamed, SynthesisResult, TextDelta, TurnFinished, TurnResult)
 
 # Box colours by step kind; the chat names them so the legend and the picture agree.
 COLOURS = {StepKind.OBJECT: (220, 38, 38), StepKind.TEXT: (37, 99, 235)}
 COLOUR_NAMES = {StepKind.OBJECT: "red", StepKind.TEXT: "blue"}
+KEY_EVIDENCE_COLOUR = (22, 163, 74)      # the answer's key-evidence boxes (K1, K2 ...): green
 
 PHASE_TITLES = {
     Phase.REASONING: "Reasoning: steps and regions",
     Phase.EVIDENCE: "Evidence: reading the regions",
     Phase.SYNTHESIS: "Synthesis: writing the answer",
+    Phase.PLAIN: "Plain answer (no grounding, for comparison)",
 }
 
 # Panels a change can touch; the app re-sends only those (an image or gallery re-encodes
-# PNGs on every update, the chat only sends a diff).
+# on every update, the chat only sends a diff). TIMINGS covers the timeline and the table.
 CHAT, BOXES, GALLERY, TIMINGS, DEBUG = "chat", "boxes", "gallery", "timings", "debug"
 
 DISPLAY_LONG_SIDE = 1600     # no image sent to the browser is larger than this on its long side
@@ -51,15 +55,33 @@ def display_size(image: Image.Image, long_side: int = DISPLAY_LONG_SIDE) -> Imag
     return out
 
 
+def thumbnail(image: Image.Image, long_side: int, framed: bool = False) -> Image.Image:
+    """A small copy; `framed`: an orange frame (the image the next question is about)."""
+    out = display_size(image, long_side)
+    if framed:
+        pad = max(4, long_side // 40)
+        frame = Image.new("RGB", (out.width + 2 * pad, out.height + 2 * pad), (249, 115, 22))
+        frame.paste(out, (pad, pad))
+        out = frame
+    return out
+
+
 def steps_signature(steps: list[Step]) -> tuple:
     """What the boxes image depends on: equal signatures draw equal images."""
     return tuple((s.index, s.kind.value, s.bbox.to_list() if s.bbox else None) for s in steps)
 
 
-def step_line(step: Step) -> str:
+def seconds_text(seconds: float) -> str:
+    """The one duration format of the UI (chat, timeline, report): '0.42 s', '12.3 s'."""
+    return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def step_line(step: Step, image_numbers: bool = False) -> str:
     where = step.kind.value
     if step.bbox is not None and step.kind in COLOURS:
         where += f", {COLOUR_NAMES[step.kind]} box"
+        if image_numbers:
+            where += f" on image {step.bbox.image + 1}"
     return f"- **S{step.index}** ({where}): {escape_md(step.statement)}"
 
 
@@ -111,14 +133,26 @@ def steps_markdown(result: ReasoningResult) -> str:
 
 
 def answer_markdown(result: SynthesisResult) -> str:
+    """Model text, escaped: what a model reads out of an image must not become live markup."""
     if not result.ok:   # the parser could not read the answer: `answer` is the model's raw text
-        return result.answer
-    parts = [f"**{result.answer}**"]
+        return "\n\n".join(escape_md(line) for line in result.answer.splitlines() if line.strip())
+    parts = [f"**{escape_md(result.answer)}**"]
     if result.explanation:
-        parts.append(result.explanation)
+        parts.append(escape_md(result.explanation))
     if result.key_evidence:
-        parts.append("Key evidence:\n" + "\n".join(f"- {k.text}" for k in result.key_evidence))
+        parts.append("Key evidence (green boxes):\n" + "\n".join(
+            f"- {'**K%d** ' % n if k.bbox else ''}{escape_md(k.text)}"
+            for n, k in enumerate(result.key_evidence, 1)))
     return "\n\n".join(parts)
+
+
+def compare_markdown(corgi: str, corgi_seconds: float | None, plain: str, plain_seconds: float | None) -> str:
+    """The CoRGI answer beside the plain one (both already escaped markdown), as a table."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n\n", "<br><br>").replace("\n", "<br>")
+    corgi_title = "CoRGI (grounded)" + (f", {seconds_text(corgi_seconds)}" if corgi_seconds is not None else "")
+    plain_title = "Plain answer" + (f", {seconds_text(plain_seconds)}" if plain_seconds is not None else "")
+    return f"| {corgi_title} | {plain_title} |\n|---|---|\n| {cell(corgi)} | {cell(plain)} |"
 
 
 class TurnView:
@@ -130,14 +164,18 @@ class TurnView:
     """
 
     def __init__(self, question: str, number: int, max_regions: int, clock=time.perf_counter,
-                 note: str | None = None):
+                 note: str | None = None, plain: bool = False, image_numbers: bool = False):
         self.question, self.number, self.max_regions, self.clock = question, number, max_regions, clock
         self.note = note                              # appended to the answer (e.g. NOISE_NOTE)
+        self.image_numbers = image_numbers            # several images: steps say which one
         self.streamed: list[Step] = []                # steps as they close, before StepsParsed
-        self.order: list[Phase] = [Phase.REASONING]   # pending at once: the user sees work start
-        self.text: dict[Phase, str] = {Phase.REASONING: ""}
-        self.started: dict[Phase, float] = {Phase.REASONING: clock()}
+        first = Phase.PLAIN if plain else Phase.REASONING
+        self.order: list[Phase] = [first]             # pending at once: the user sees work start
+        self.text: dict[Phase, str] = {first: ""}
+        self.started: dict[Phase, float] = {first: clock()}
+        self.t0 = self.started[first]
         self.seconds: dict[Phase, float] = {}
+        self.spans: list[Span] = []                   # the timeline so far
         self.reasoning: ReasoningResult | None = None
         self.region_text: dict[int, str] = {}
         self.evidence: dict[int, Evidence] = {}       # by region
@@ -166,6 +204,9 @@ class TurnView:
         if isinstance(event, StepStreamed):
             self.streamed.append(event.step)
             return {CHAT, BOXES}
+        if isinstance(event, SpanTimed):
+            self.spans.append(event.span)
+            return {TIMINGS}
         if isinstance(event, StepsParsed):
             self.reasoning = event.result
             return {CHAT, BOXES}
@@ -175,7 +216,7 @@ class TurnView:
             return {CHAT, GALLERY}
         if isinstance(event, AnswerReady):
             self.answer = event.result
-            return {CHAT}
+            return {CHAT, BOXES}          # its key-evidence boxes
         if isinstance(event, TurnFinished):
             self.result = event.result
             return {CHAT, TIMINGS, DEBUG}
@@ -193,8 +234,20 @@ class TurnView:
     def evidence_list(self) -> list[Evidence]:
         return [self.evidence[r] for r in sorted(self.evidence)]
 
+    @property
+    def key_evidence(self) -> list[KeyEvidence]:
+        return self.answer.key_evidence if self.answer is not None and self.answer.ok else []
+
+    def elapsed(self) -> float:
+        """Seconds since the turn started: finished phases exact, the running one so far."""
+        done = sum(self.seconds.values())
+        running = [p for p in self.order if p not in self.seconds]
+        if running and self.ending is None:
+            return done + max(0.0, self.clock() - self.started[running[-1]])
+        return done
+
     def messages(self) -> list[dict[str, Any]]:
-        out = [{"role": "user", "content": self.question}]
+        out = [{"role": "user", "content": escape_md(self.question)}]
         for phase in self.order:
             done = phase in self.seconds or self.ending is not None
             title = PHASE_TITLES[phase]
@@ -204,13 +257,21 @@ class TurnView:
                                       msg_id=f"turn{self.number}-{phase.value}"))
             if phase == Phase.REASONING and done and self.steps:
                 # The steps stay in view when their phase collapses: a plain message.
-                out.append(notice("**Steps**\n" + "\n".join(step_line(s) for s in self.steps)))
+                out.append(notice("**Steps** (pick one on the image or in the list beside it)\n"
+                                  + "\n".join(step_line(s, self.image_numbers) for s in self.steps)))
         if self.answer is not None:
             text = answer_markdown(self.answer)
+            if Phase.PLAIN in self.seconds:
+                plain = self.result.plain_answer if self.result and self.result.plain_answer is not None \
+                    else self.text.get(Phase.PLAIN, "").strip()
+                corgi_seconds = sum(v for p, v in self.seconds.items() if p != Phase.PLAIN)
+                text = compare_markdown(text, corgi_seconds, escape_md(plain) or "(no answer)",
+                                        self.seconds[Phase.PLAIN])
             out.append(notice(f"{text}\n\n{self.note}" if self.note else text))
         warnings = self.result.warnings if self.result else []
         if warnings:
-            out.append(status_message(f"Notes ({len(warnings)})", "\n".join(f"- {w}" for w in warnings),
+            out.append(status_message(f"Notes ({len(warnings)})",
+                                      "\n".join(f"- {escape_md(w)}" for w in warnings),
                                       done=True, msg_id=f"turn{self.number}-notes"))
         if self.ending is not None:
             out.append(notice(self.ending))
@@ -223,7 +284,7 @@ class TurnView:
                 return "\n".join(f"> {escape_md(line)}" for line in thinking.splitlines()) or "(no thinking)"
             text = self.text[phase]
             if self.streamed:     # readable lines as each step closes; the raw text is in Debug
-                return "\n".join(step_line(s) for s in self.streamed) + "\n\n*writing ...*"
+                return "\n".join(step_line(s, self.image_numbers) for s in self.streamed) + "\n\n*writing ...*"
             if self.reasoning is not None:   # finished but unreadable: show what came out
                 return code_block(text) + "\n\n*No reasoning steps could be read from this output.*"
             return code_block(text) if text else ""
@@ -234,9 +295,9 @@ class TurnView:
             lines = []
             for r, step in enumerate(regions):
                 if r in self.evidence:
-                    text = self.evidence[r].text or "(nothing found)"
+                    text = escape_md(self.evidence[r].text) or "(nothing found)"
                 else:
-                    text = (self.region_text.get(r, "") + " ...").strip()
+                    text = (escape_md(self.region_text.get(r, "")) + " ...").strip()
                 reading = "reads" if step.kind == StepKind.TEXT else "sees"
                 lines.append(f"- **S{step.index}** {reading}: {text}")
             return "\n".join(lines)
@@ -256,23 +317,30 @@ class TurnView:
 
 # ---- side panel ---------------------------------------------------------------------
 
-def draw_boxes(image: Image.Image, steps: list[Step]) -> Image.Image:
+def draw_boxes(image: Image.Image, steps: list[Step], key_evidence: list[KeyEvidence] = (),
+               highlight: int | None = None) -> Image.Image:
     """A copy of `image` with each grounded step's box outlined in its kind's colour and
-    labelled S1, S2... (reasoning steps have no region and are not drawn)."""
+    labelled S1, S2... (reasoning steps have no region and are not drawn), the answer's
+    key-evidence boxes in green (K1, K2 ...), and step `highlight` (an S number) shaded."""
     out = display_size(image)    # always a copy, at most display size
-    draw = ImageDraw.Draw(out)
     short = min(out.size)
     width = max(2, round(short / 150))
+    marks = [(f"S{s.index}", s.bbox, COLOURS[s.kind], s.index == highlight)
+             for s in steps if s.bbox is not None and s.kind in COLOURS]
+    marks += [(f"K{n}", k.bbox, KEY_EVIDENCE_COLOUR, False) for n, k in enumerate(key_evidence, 1) if k.bbox]
+    if highlight is not None and any(h for *_, h in marks):
+        shade = Image.new("RGBA", out.size, (0, 0, 0, 0))
+        for _, box, colour, lit in marks:
+            if lit:
+                ImageDraw.Draw(shade).rectangle(box.to_pixels(out.width, out.height), fill=(*colour, 70))
+        out = Image.alpha_composite(out.convert("RGBA"), shade).convert("RGB")
+    draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=max(12, round(short / 28)))
     placed: list[tuple[int, int, int, int]] = []
-    for step in steps:
-        if step.bbox is None or step.kind not in COLOURS:
-            continue
-        colour = COLOURS[step.kind]
-        x1, y1, x2, y2 = step.bbox.to_pixels(out.width, out.height)
+    for label, box, colour, lit in marks:
+        x1, y1, x2, y2 = box.to_pixels(out.width, out.height)
         x2, y2 = max(x2 - 1, x1), max(y2 - 1, y1)    # to_pixels' end is exclusive, rectangle's inclusive
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        label = f"S{step.index}"
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width * 2 if lit else width)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         pad = max(2, width)
         tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
@@ -293,18 +361,202 @@ def draw_boxes(image: Image.Image, steps: list[Step]) -> Image.Image:
     return out
 
 
-def gallery_items(image: Image.Image, evidence: list[Evidence], padding: float) -> list[tuple[Image.Image, str]]:
-    """(crop, caption) per region, cropped exactly as the model saw it."""
+@dataclass(frozen=True)
+class Tile:
+    """Where conversation image `image` lies in the boxes panel's picture (pixels)."""
+    image: int
+    x: int
+    width: int
+    height: int
+
+
+def boxes_view(images: list[tuple[int, Image.Image]], steps: list[Step], key_evidence: list[KeyEvidence] = (),
+               highlight: int | None = None) -> tuple[Image.Image, list[Tile]]:
+    """The images a turn is about, side by side at one height (one image: itself), each with
+    the boxes that lie on it; at most display size in all. Returns the picture and its tiles."""
+    drawn = [(i, draw_boxes(image, [s for s in steps if s.bbox and s.bbox.image == i],
+                            [k for k in key_evidence if k.bbox and k.bbox.image == i], highlight))
+             for i, image in images]
+    if len(drawn) == 1:
+        i, picture = drawn[0]
+        return picture, [Tile(i, 0, picture.width, picture.height)]
+    height = min(p.height for _, p in drawn)
+    scaled = [(i, p.resize((max(1, round(p.width * height / p.height)), height), Image.Resampling.LANCZOS))
+              for i, p in drawn]
+    gap = max(4, height // 60)
+    picture = Image.new("RGB", (sum(p.width for _, p in scaled) + gap * (len(scaled) - 1), height), (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.load_default(size=max(12, height // 24))
+    tiles, x = [], 0
+    for i, p in scaled:
+        picture.paste(p, (x, 0))
+        label = f"image {i + 1}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        draw.rectangle((x, height - (bottom - top) - 8, x + right - left + 8, height), fill=(17, 24, 39))
+        draw.text((x + 4 - left, height - (bottom - top) - 4 - top), label, fill=(255, 255, 255), font=font)
+        tiles.append(Tile(i, x, p.width, p.height))
+        x += p.width + gap
+    picture = display_size(picture)
+    if picture.width != x - gap:      # scaled down to display size: so are the tiles
+        f = picture.width / (x - gap)
+        tiles = [Tile(t.image, round(t.x * f), round(t.width * f), round(t.height * f)) for t in tiles]
+    return picture, tiles
+
+
+def step_at(tiles: list[Tile], steps: list[Step], x: float, y: float) -> int | None:
+    """The S number of the smallest step box under pixel (x, y) of the boxes picture."""
+    for tile in tiles:
+        if tile.x <= x < tile.x + tile.width and 0 <= y < tile.height:
+            u, v = (x - tile.x) / tile.width, y / tile.height
+            under = [s for s in steps if s.bbox is not None and s.bbox.image == tile.image
+                     and s.kind in COLOURS and s.bbox.x1 <= u <= s.bbox.x2 and s.bbox.y1 <= v <= s.bbox.y2]
+            return min(under, key=lambda s: s.bbox.area).index if under else None
+    return None
+
+
+def gallery_items(images: list[Image.Image], evidence: list[Evidence], padding: float,
+                  picked: int | None = None) -> list[tuple[Image.Image, str]]:
+    """(crop, caption) per region, cropped exactly as the model saw it, from the image its box is
+    on; the picked step's crop is framed in its colour and its caption marked."""
     items = []
     for e in evidence:
         verb = "reads" if e.kind == StepKind.TEXT else "sees"
-        crop = display_size(boxes.crop(image, e.bbox, padding), CROP_LONG_SIDE)
-        items.append((crop, f"S{e.step_index} {verb}: {e.text or '(nothing found)'}"))
+        crop = display_size(boxes.crop(images[e.bbox.image], e.bbox, padding), CROP_LONG_SIDE)
+        mark = ""
+        if e.step_index == picked:
+            framed = Image.new("RGB", (crop.width + 12, crop.height + 12), COLOURS.get(e.kind, KEY_EVIDENCE_COLOUR))
+            framed.paste(crop, (6, 6))
+            crop, mark = framed, "▶ "
+        items.append((crop, f"{mark}S{e.step_index} {verb}: {e.text or '(nothing found)'}"))
     return items
 
 
+def selected_markdown(step: Step | None, evidence: list[Evidence], image_numbers: bool = False) -> str:
+    """What the picked step says and what its region showed."""
+    if step is None:
+        return "*Pick a step (in the list or on its box) to see what it says and what its region showed.*"
+    line = step_line(step, image_numbers).removeprefix("- ")
+    found = next((e for e in evidence if e.step_index == step.index), None)
+    if found is not None:
+        verb = "read" if found.kind == StepKind.TEXT else "saw"
+        line += f"\n\nIts region {verb}: {escape_md(found.text) or '(nothing found)'}"
+    elif step.bbox is None:
+        line += "\n\n(a reasoning step: no region)"
+    return line
+
+
+# ---- timeline and timings -------------------------------------------------------------
+
+PART_COLOURS = {"image encoding": "#a855f7", "prefill": "#f59e0b", "decode": "#3b82f6", "region": "#10b981"}
+PHASE_SHORT = {Phase.PLAIN: "plain", Phase.REASONING: "1+2 reasoning", Phase.EVIDENCE: "3 evidence",
+               Phase.SYNTHESIS: "4 answer"}
+PHASE_COLOURS = {Phase.PLAIN: "#9ca3af", Phase.REASONING: "#fca5a5", Phase.EVIDENCE: "#86efac",
+                 Phase.SYNTHESIS: "#93c5fd"}
+TIMELINE_CSS = """<style>
+.tl{font:12px/1.3 system-ui,sans-serif;color:var(--body-text-color,#111)}
+.tl-row{margin:6px 0 10px}.tl-head{display:flex;justify-content:space-between;font-weight:600}
+.tl-bar{position:relative;height:14px;background:rgba(127,127,127,.12);border-radius:3px;margin-top:2px;overflow:hidden}
+.tl-bar.parts{height:10px}.tl-bar div{position:absolute;top:0;bottom:0;border-right:1px solid rgba(255,255,255,.6)}
+.tl-bar span{position:absolute;left:3px;top:0;font-size:10px;white-space:nowrap;color:#111}
+.tl-note{color:var(--body-text-color-subdued,#555);margin-top:2px}
+.tl-key span{display:inline-block;margin-right:8px}.tl-key i{display:inline-block;width:9px;height:9px;margin-right:3px;border-radius:2px}
+</style>"""
+
+
+@dataclass
+class TimelineRow:
+    label: str
+    phases: list[tuple[Phase, float, float]]       # (phase, start, seconds)
+    spans: list[Span]
+    total: float
+    note: str
+
+
+def timeline_rows(warmup: tuple[CacheStats, float] | None, results: list[TurnResult],
+                  live: "TurnView | None") -> list[TimelineRow]:
+    rows = []
+    if warmup is not None:
+        stats, seconds = warmup
+        rows.append(TimelineRow("image, at upload", [], [Span(Phase.REASONING, "image encoding", 0.0, seconds)],
+                                seconds, f"encoded and prefilled {stats.prefill_tokens_computed} tokens "
+                                         f"({stats.vision_misses} encoded, {stats.vision_hits} from the cache)"))
+    for n, result in enumerate(results, 1):
+        rows.append(_turn_row(f"turn {n}", result.timings, result.timeline, result.cache, done=True))
+    if live is not None and live.result is None:
+        seconds = {p.value: v for p, v in live.seconds.items()}
+        running = [p for p in live.order if p not in live.seconds]
+        if running and live.ending is None:
+            seconds[running[-1].value] = live.elapsed() - sum(live.seconds.values())
+        rows.append(_turn_row(f"turn {len(results) + 1}" + (" (stopped)" if live.ending else " (running)"),
+                              seconds, live.spans, None, done=False))
+    return rows
+
+
+def _turn_row(label: str, timings: dict[str, float], spans: list[Span], cache: CacheStats | None,
+              done: bool) -> TimelineRow:
+    phases, t = [], 0.0
+    for phase in (Phase.PLAIN, Phase.REASONING, Phase.EVIDENCE, Phase.SYNTHESIS):
+        if phase.value in timings:
+            phases.append((phase, t, timings[phase.value]))
+            t += timings[phase.value]
+    parts: dict[str, float] = {}
+    for span in spans:
+        if span.part.startswith("region"):
+            continue
+        key = "crop encoding" if span.phase == Phase.EVIDENCE and span.part == "image encoding" else span.part
+        parts[key] = parts.get(key, 0.0) + span.seconds
+    regions = sum(1 for s in spans if s.part.startswith("region"))
+    bits = [f"{k} {seconds_text(v)}" for k, v in parts.items()]
+    if regions:
+        bits.append(f"{regions} region{'s' * (regions != 1)}")
+    if cache is not None:
+        bits.append(f"{cache.prefix_tokens_reused} of {cache.prompt_tokens} prompt tokens from the cache")
+        bits.append(f"{cache.vision_misses} image{'s' * (cache.vision_misses != 1)} encoded"
+                    if cache.vision_misses else "no image re-encoded")
+    return TimelineRow(label, phases, spans, t, " · ".join(bits))
+
+
+def timeline_html(warmup: tuple[CacheStats, float] | None, results: list[TurnResult],
+                  live: "TurnView | None" = None) -> str:
+    """Per turn two bars on one time scale: its phases, and under them where the time went
+    (image encoding, prefill, decode, each region). Numbers only: no model text."""
+    rows = timeline_rows(warmup, results, live)
+    if not rows:
+        return '<div class="tl">The timeline of each turn appears here.</div>'
+    scale = max(max(r.total for r in rows), 1e-6)
+
+    def pct(x: float) -> str:
+        return f"{100 * x / scale:.2f}%"
+
+    out = [TIMELINE_CSS, '<div class="tl">']
+    for row in rows:
+        out.append(f'<div class="tl-row"><div class="tl-head"><span>{html.escape(row.label)}</span>'
+                   f'<span>{seconds_text(row.total)}</span></div>')
+        if row.phases:
+            out.append('<div class="tl-bar">')
+            for phase, start, seconds in row.phases:
+                out.append(f'<div style="left:{pct(start)};width:{pct(seconds)};background:{PHASE_COLOURS[phase]}" '
+                           f'title="{PHASE_SHORT[phase]}: {seconds_text(seconds)}"><span>{PHASE_SHORT[phase]}</span></div>')
+            out.append('</div>')
+        out.append('<div class="tl-bar parts">')
+        for span in row.spans:
+            key = "region" if span.part.startswith("region") else span.part
+            detail = f"{span.part}: {seconds_text(span.seconds)}"
+            if span.part == "prefill":
+                detail += f", {span.tokens} tokens computed, {span.reused} from the cache"
+            elif span.tokens:
+                detail += f", {span.tokens} tokens"
+            top = "" if key != "region" else ";opacity:.75"
+            out.append(f'<div style="left:{pct(span.start)};width:{pct(span.seconds)};'
+                       f'background:{PART_COLOURS[key]}{top}" title="{html.escape(detail)}"></div>')
+        out.append(f'</div><div class="tl-note">{html.escape(row.note)}</div></div>')
+    out.append('<div class="tl-key">' + "".join(f'<span><i style="background:{c}"></i>{k}</span>'
+                                                 for k, c in PART_COLOURS.items()) + "</div></div>")
+    return "".join(out)
+
+
 TIMING_ROWS = [
-    ("reasoning s", "reasoning"), ("evidence s", "evidence"), ("synthesis s", "synthesis"),
+    ("plain s", "plain"), ("reasoning s", "reasoning"), ("evidence s", "evidence"), ("synthesis s", "synthesis"),
     ("total s", "total"),
     ("vision hits", "vision_hits"), ("vision misses", "vision_misses"),
     ("prompt tokens", "prompt_tokens"), ("prefill computed", "prefill_tokens_computed"),
@@ -313,21 +565,26 @@ TIMING_ROWS = [
 ]
 
 
-def timings_table(warmup: tuple[CacheStats, float] | None, results: list[TurnResult],
+def timings_table(warmup: tuple[CacheStats, float] | None, turns: list[TurnResult | None],
                   live: TurnView | None = None) -> dict[str, Any]:
     """Metrics as rows, one column per turn (a narrow panel fits a tall table better).
 
     'image' is the upload's warm-up (image encoded, conversation head prefilled); the live
-    column fills in phase by phase, its cache counters once the turn ends."""
+    column fills in phase by phase, its cache counters once the turn ends. A stopped or failed
+    turn (None) keeps an empty column: within one streamed run the table only grows, so
+    Gradio's diff of consecutive values never deletes from nested lists."""
     columns: list[tuple[str, dict[str, Any]]] = []
     if warmup is not None:
         stats, seconds = warmup
         columns.append(("image", {"total": round(seconds, 2), **stats.to_json()}))
-    for n, result in enumerate(results, 1):
-        columns.append((f"turn {n}", {**{k: round(v, 2) for k, v in result.timings.items()},
-                                      **result.cache.to_json()}))
+    for n, result in enumerate(turns, 1):
+        if result is None:
+            columns.append((f"turn {n} (stopped)", {}))
+        else:
+            columns.append((f"turn {n}", {**{k: round(v, 2) for k, v in result.timings.items()},
+                                          **result.cache.to_json()}))
     if live is not None and live.result is None:
-        columns.append((f"turn {len(results) + 1}", live.live_seconds()))
+        columns.append((f"turn {len(turns) + 1}", live.live_seconds()))
     if not columns:
         return {"headers": ["metric"], "data": []}
     data = []
@@ -349,7 +606,7 @@ def debug_text(results: list[TurnResult]) -> str:
     parts = []
     for n, r in reversed(list(enumerate(results, 1))):
         parts.append(f"######## turn {n}: {r.question}")
-        for phase in ("reasoning", "evidence", "synthesis"):
+        for phase in ("plain", "reasoning", "evidence", "synthesis"):
             if phase in r.prompts:
                 parts.append(f"==== {phase} prompt ====\n{r.prompts[phase]}")
             if phase in r.raw:
@@ -357,6 +614,14 @@ def debug_text(results: list[TurnResult]) -> str:
     return "\n\n".join(parts)
 
 
-def trace(model: dict[str, str], results: list[TurnResult]) -> dict[str, Any]:
-    """The same JSON object `python -m corgi run --json` prints."""
-    return {"model": dict(model), "turns": [r.to_json() for r in results]}
+def trace(model: dict[str, str], results: list[TurnResult], images: list[str] | None = None,
+          settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON object `python -m corgi run --json` prints, plus the conversation's image names
+    (Box.image and each turn's "images" index them) and the settings its turns ran with."""
+    out: dict[str, Any] = {"model": dict(model)}
+    if images is not None:
+        out["images"] = list(images)
+    if settings is not None:
+        out["settings"] = dict(settings)
+    out["turns"] = [r.to_json() for r in results]
+    return out

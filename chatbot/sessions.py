@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ShownImage:
+    name: str
+    image: Image.Image
+    digest: str
+
+
+@dataclass
 class ShownTurn:
     question: str
     start: int                      # index of its first message in UserSession.history
@@ -48,16 +55,20 @@ class UserSession:
         # turn could otherwise start while the old one is still cutting the conversation back.
         self.lock = threading.Lock()
         self.closed = False
-        self.image: Image.Image | None = None
-        self.image_name = ""
-        self.image_digest = ""
-        self.boxes_key: object = object()   # what the boxes image last sent to this tab showed
+        # The conversation's images, in order (Box.image indexes them), and the ones the next
+        # question is about; ChatSession holds the same images in the same order.
+        self.images: list[ShownImage] = []
+        self.current: list[int] = []
+        self.selected: int | None = None     # the step (S number) picked on the image or in the list
+        self.sent: dict[str, object] = {}    # per panel, what this tab was last sent (not re-sent)
+        self.tiles: list = []                # where each image lies in the boxes picture (render.Tile)
         self.chat: ChatSession | None = None
         self.warmup: tuple[CacheStats, float] | None = None   # the upload's stats and seconds
         self.history: list[dict[str, Any]] = []              # messages of ended turns and notices
         self.turns: list[ShownTurn] = []
         self.live: TurnView | None = None                    # the turn being streamed
         self.trace_path: str | None = None                   # its folder is this session's alone
+        self.report_path: str | None = None                  # the HTML report, in the same folder
         self.refused = False     # the store was full of conversations: this session is not kept
 
     @property
@@ -66,6 +77,18 @@ class UserSession:
         return bool(self.turns) or self.live is not None or self.lock.locked()
 
     # ---- what the panels show -------------------------------------------------------
+    @property
+    def image(self) -> Image.Image | None:
+        """The (first) image the next question is about."""
+        return self.images[self.current[0]].image if self.current else None
+
+    @property
+    def image_name(self) -> str:
+        return ", ".join(self.images[i].name for i in self.current)
+
+    def image_list(self) -> list[Image.Image]:
+        return [shown.image for shown in self.images]
+
     def messages(self) -> list[dict[str, Any]]:
         return self.history + (self.live.messages() if self.live else [])
 
@@ -76,6 +99,12 @@ class UserSession:
         if self.live is not None and self.live.result is not None:
             done.append(self.live.result)
         return done
+
+    def shown_images(self) -> list[int]:
+        """The images the boxes panel shows: those of the streaming or last turn, else the current ones."""
+        if self.live is None and self.results:
+            return list(self.results[-1].images)
+        return list(self.current)
 
     def latest_steps(self) -> list[Step]:
         """The boxes to draw: the streaming turn's (none until parsed), else the last turn's."""
@@ -107,21 +136,32 @@ class UserSession:
         return turn
 
     def new_conversation(self) -> None:
-        """Forget every turn and free the KV cache; the image stays (re-encoding it is a cache hit)."""
+        """Forget every turn and free the KV cache; the current images stay (re-encoding them is
+        a vision-cache hit) and are the new conversation's images."""
         if self.chat is not None:
             self.chat.close()
-        self.chat, self.warmup, self.live = None, None, None
+        self.chat, self.warmup, self.live, self.selected = None, None, None, None
         self.history, self.turns = [], []
+        self.images = [self.images[i] for i in self.current]
+        self.current = list(range(len(self.images)))
         self.drop_trace()
 
     def drop_trace(self) -> None:
         if self.trace_path:
             shutil.rmtree(os.path.dirname(self.trace_path), ignore_errors=True)
-            self.trace_path = None
+        self.trace_path = self.report_path = None
 
-    def set_image(self, image: Image.Image | None, name: str = "", digest: str = "") -> None:
+    def set_images(self, images: list[ShownImage]) -> None:
+        """A fresh conversation on `images` (none: no image at all)."""
+        self.current = []
         self.new_conversation()
-        self.image, self.image_name, self.image_digest = image, name, digest
+        self.images, self.current = list(images), list(range(len(images)))
+
+    def join_images(self, images: list[ShownImage]) -> list[int]:
+        """Images that join the conversation: the next question is about them."""
+        self.images.extend(images)
+        self.current = list(range(len(self.images) - len(images), len(self.images)))
+        return self.current
 
     def close(self) -> None:
         """Free the model memory. Safe from any thread: if a turn is running, it finishes
@@ -129,7 +169,7 @@ class UserSession:
         self.closed = True
         if self.lock.acquire(blocking=False):
             try:
-                self.set_image(None)
+                self.set_images([])
             finally:
                 self.lock.release()
 
@@ -179,7 +219,7 @@ class SessionStore:
         pixel): at most max_sessions x image.max_kept_pixels x 4."""
         with self._lock:
             sessions = list(self._sessions.values())
-        return sum(4 * s.image.width * s.image.height for s in sessions if s.image is not None)
+        return sum(4 * x.image.width * x.image.height for s in sessions for x in s.images)
 
     def __len__(self) -> int:
         return len(self._sessions)

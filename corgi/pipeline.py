@@ -21,8 +21,8 @@ from .prompts import InputError, clean_question  # noqa: F401  (InputError: re-e
 from .config import PipelineConfig
 from .engine.engine import Engine, Sampling
 from .types import (AnswerReady, CacheStats, Event, Evidence, EvidenceReady, Phase, PhaseFinished,
-                    PhaseStarted, Step, StepKind, StepsParsed, StepStreamed, TextDelta, TurnFinished,
-                    TurnResult)
+                    PhaseStarted, Span, SpanTimed, Step, StepKind, StepsParsed, StepStreamed, TextDelta,
+                    TurnFinished, TurnResult)
 
 
 def grounded_steps(steps: list[Step], max_regions: int | None) -> list[Step]:
@@ -53,6 +53,45 @@ class TextStream:
         self._prefix, self._read = self._read, len(self.ids)
         self.text += delta
         return delta
+
+
+class TurnClock:
+    """A turn's wall time: phase times that tile the turn (each phase runs from the end of the
+    one before, so they add up to the total, the moments between phases included) and the
+    timeline's spans, in seconds from the turn's start."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.t0 = self._lap = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.spans: list[Span] = []
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def vision_seconds(self) -> float:
+        return self.engine.vision.seconds
+
+    def phase_done(self, phase: Phase) -> float:
+        t = time.perf_counter()
+        self.timings[phase.value], self._lap = t - self._lap, t
+        return self.timings[phase.value]
+
+    def span(self, phase: Phase, part: str, start: float, seconds: float, tokens: int = 0,
+             reused: int = 0) -> SpanTimed:
+        self.spans.append(Span(phase, part, start, max(seconds, 0.0), tokens, reused))
+        return SpanTimed(self.spans[-1])
+
+    def prefill_spans(self, phase: Phase, start: float, vision_before: float, stats: CacheStats,
+                      computed_before: int, reused_before: int) -> list[SpanTimed]:
+        """At a phase's first token: its image encoding (if images were encoded) and prefill."""
+        end = self.now()
+        vision = self.vision_seconds() - vision_before
+        events = [self.span(phase, "image encoding", start, vision)] if vision > 0 else []
+        events.append(self.span(phase, "prefill", start + vision, end - start - vision,
+                                stats.prefill_tokens_computed - computed_before,
+                                stats.prefix_tokens_reused - reused_before))
+        return events
 
 
 class ChatSession:
@@ -166,13 +205,14 @@ class ChatSession:
         images = parsing.ImageConventions({i: self.convention_of(i) for i in turn_images}, turn_images[0])
         grammar_images = tuple((i + 1, self.convention_of(i)) for i in turn_images) if len(turn_images) > 1 else ()
         numbers = [i + 1 for i in turn_images] if len(self.conv.images) > 1 else None
-        stats, timings, raw, prompt_texts, warnings = CacheStats(), {}, {}, {}, []
+        stats, raw, prompt_texts, warnings = CacheStats(), {}, {}, []
+        clock = TurnClock(engine)
+        timings = clock.timings
         sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed + len(self.turns))
-        turn_t0 = time.perf_counter()
 
         plain_answer = None
         if cfg.plain_answer:
-            plain_answer = yield from self._plain_answer(question, cfg, sampling, stats, timings,
+            plain_answer = yield from self._plain_answer(question, cfg, sampling, stats, clock,
                                                          raw, prompt_texts)
 
         # Phase 1+2: reasoning steps with boxes, continuing the conversation.
@@ -187,7 +227,7 @@ class ChatSession:
                       if cfg.structured_output else None)
         step_stream = parsing.StepStream(convention, cfg.max_steps, images)
         text = yield from self._assistant_message(Phase.REASONING, prompt, cfg.reasoning_max_new_tokens,
-                                                  sampling, constraint, stats, timings, prompt_texts,
+                                                  sampling, constraint, stats, clock, prompt_texts,
                                                   step_stream)
         raw["reasoning"] = text
         reasoning = parsing.parse_reasoning(text, convention, cfg.max_steps, images=images)
@@ -198,7 +238,6 @@ class ChatSession:
         yield StepsParsed(reasoning)
 
         # Phase 3: evidence from every grounded step, all regions in one batch.
-        t0 = time.perf_counter()
         grounded = grounded_steps(reasoning.steps, cfg.max_regions)
         n_grounded = len(grounded_steps(reasoning.steps, None))
         if n_grounded > len(grounded):
@@ -215,22 +254,34 @@ class ChatSession:
             streams = [TextStream(engine, skip_special=True) for _ in grounded]
             finished = [False] * len(grounded)
             stop_ids = engine.lm.special.stop_ids
+            start, vision = clock.now(), clock.vision_seconds()
+            computed, reused = stats.prefill_tokens_computed, stats.prefix_tokens_reused
+            decode_start = None
+            counts = [0] * len(grounded)
             for row, token in engine.generate_batch(crops, heads, cfg.evidence_max_new_tokens,
                                                     cfg.crop_max_pixels, replace(sampling), stats):
+                if decode_start is None:     # the batch's prefill (and its crops' encoding) ends here
+                    yield from clock.prefill_spans(Phase.EVIDENCE, start, vision, stats, computed, reused)
+                    decode_start = clock.now()
                 if token in stop_ids:
                     finished[row] = True
+                    yield clock.span(Phase.EVIDENCE, f"region {row + 1}", decode_start,
+                                     clock.now() - decode_start, counts[row])
                     yield self._evidence_ready(grounded, streams, row, evidence)
                     continue
+                counts[row] += 1
                 delta = streams[row].push(token)
                 if delta:
                     yield TextDelta(Phase.EVIDENCE, delta, region=row)
             for row, done in enumerate(finished):
                 if not done:
+                    if decode_start is not None:
+                        yield clock.span(Phase.EVIDENCE, f"region {row + 1}", decode_start,
+                                         clock.now() - decode_start, counts[row])
                     yield self._evidence_ready(grounded, streams, row, evidence)
             evidence.sort(key=lambda e: e.step_index)
-        timings["evidence"] = time.perf_counter() - t0
         raw["evidence"] = "\n".join(e.text for e in evidence)
-        yield PhaseFinished(Phase.EVIDENCE, timings["evidence"], raw["evidence"])
+        yield PhaseFinished(Phase.EVIDENCE, clock.phase_done(Phase.EVIDENCE), raw["evidence"])
 
         # Phase 4: synthesis from the steps (already in context) and the evidence.
         prompt = prompts.synthesis_prompt(question, evidence, convention, added_tokens=self.added_tokens,
@@ -240,20 +291,20 @@ class ChatSession:
         constraint = (engine.constraint("synthesis", cfg, convention, grammar_images)
                       if cfg.structured_output else None)
         text = yield from self._assistant_message(Phase.SYNTHESIS, prompt, cfg.synthesis_max_new_tokens,
-                                                  sampling, constraint, stats, timings, prompt_texts)
+                                                  sampling, constraint, stats, clock, prompt_texts)
         raw["synthesis"] = text
         synthesis = parsing.parse_synthesis(text, convention, images=images)
         warnings += synthesis.warnings
         yield AnswerReady(synthesis)
 
-        timings["total"] = time.perf_counter() - turn_t0
+        timings["total"] = sum(timings.values())     # the phases tile the turn: this is its wall time
         return TurnResult(question=question, answer=synthesis.answer, explanation=synthesis.explanation,
                           steps=reasoning.steps, evidence=evidence, key_evidence=synthesis.key_evidence,
                           timings=timings, raw=raw, prompts=prompt_texts, cache=stats, warnings=warnings,
-                          plain_answer=plain_answer, images=turn_images)
+                          plain_answer=plain_answer, images=turn_images, timeline=clock.spans)
 
     def _plain_answer(self, question: str, cfg: PipelineConfig, sampling: Sampling, stats: CacheStats,
-                      timings: dict, raw: dict, prompt_texts: dict) -> Iterator[Event]:
+                      clock: TurnClock, raw: dict, prompt_texts: dict) -> Iterator[Event]:
         """The question answered plainly, as a branch off the turn's start.
 
         Why before phase 1+2 and not after: the plain answer must see what CoRGI sees (images,
@@ -263,8 +314,9 @@ class ChatSession:
         to the snapshot taken at that point, so phase 1+2 continues from the same warm prefix
         and the conversation's tokens are those of a turn without the plain answer."""
         engine, conv = self.engine, self.conv
-        t0 = time.perf_counter()
         turn_start = len(conv.token_ids)
+        start, vision = clock.now(), clock.vision_seconds()
+        computed, reused = stats.prefill_tokens_computed, stats.prefix_tokens_reused
         if engine.cache_enabled and conv.kv_len < turn_start:
             # Compute the shared prefix first, so the branch point is a cache boundary (and, on
             # hybrid models, a snapshot): nothing before it is computed again by phase 1+2.
@@ -276,25 +328,25 @@ class ChatSession:
         yield PhaseStarted(Phase.PLAIN, prompt)
         try:
             engine.append(conv, prompt)
-            text, _ = yield from self._decode(Phase.PLAIN, cfg.plain_max_new_tokens, sampling, None, stats)
+            text, _ = yield from self._decode(Phase.PLAIN, cfg.plain_max_new_tokens, sampling, None, stats,
+                                              clock, (start, vision, computed, reused))
         finally:
             conv.truncate(turn_start)        # the branch's tokens leave the conversation
         raw[Phase.PLAIN.value] = text
-        timings[Phase.PLAIN.value] = time.perf_counter() - t0
-        yield PhaseFinished(Phase.PLAIN, timings[Phase.PLAIN.value], text)
+        yield PhaseFinished(Phase.PLAIN, clock.phase_done(Phase.PLAIN), text)
         return parsing.plain_text(text)
 
     def _assistant_message(self, phase: Phase, prompt: str, max_new_tokens: int, sampling: Sampling,
-                           constraint, stats: CacheStats, timings: dict, prompt_texts: dict,
+                           constraint, stats: CacheStats, clock: TurnClock, prompt_texts: dict,
                            step_stream: parsing.StepStream | None = None) -> Iterator[Event]:
         """Append `prompt`, stream the model's reply, close the message; return the reply text.
         step_stream (phase 1+2): each step is emitted as StepStreamed when its object closes."""
         engine, conv = self.engine, self.conv
-        t0 = time.perf_counter()
         prompt_texts[phase.value] = prompt
         yield PhaseStarted(phase, prompt)
         engine.append(conv, prompt)
-        text, last = yield from self._decode(phase, max_new_tokens, sampling, constraint, stats, step_stream)
+        text, last = yield from self._decode(phase, max_new_tokens, sampling, constraint, stats, clock,
+                                             None, step_stream)
         if constraint is not None and not constraint.is_finished():
             # Out of token budget inside the structure: close it validly so it still parses.
             # The grammar gives the closing tokens (exact even when a UTF-8 character was cut).
@@ -304,26 +356,36 @@ class ChatSession:
             yield TextDelta(phase, closing)
             yield from self._streamed_steps(step_stream, closing)
         engine.append(conv, "\n" if last == engine.lm.special.im_end else prompts.END_OF_MESSAGE)
-        timings[phase.value] = time.perf_counter() - t0
-        yield PhaseFinished(phase, timings[phase.value], text)
+        yield PhaseFinished(phase, clock.phase_done(phase), text)
         return text
 
     def _decode(self, phase: Phase, max_new_tokens: int, sampling: Sampling, constraint, stats: CacheStats,
+                clock: TurnClock, since: tuple | None = None,
                 step_stream: parsing.StepStream | None = None) -> Iterator[Event]:
         """Stream one reply after what the conversation holds, up to a stop token (left out of
-        the text); return (text, last token)."""
+        the text); return (text, last token). Timeline: prefill up to the first token (from
+        `since` = (start, vision seconds, computed, reused) when the caller prefilled already),
+        then decode."""
         engine = self.engine
+        if since is None:
+            since = (clock.now(), clock.vision_seconds(), stats.prefill_tokens_computed, stats.prefix_tokens_reused)
         stream = TextStream(engine)
         stop_ids = engine.lm.special.stop_ids
-        last = None
+        last, decode_start, generated = None, None, 0
         for token in engine.generate(self.conv, max_new_tokens, sampling, constraint, stats):
-            last = token
+            if decode_start is None:
+                start, vision, computed, reused = since
+                yield from clock.prefill_spans(phase, start, vision, stats, computed, reused)
+                decode_start = clock.now()
+            last, generated = token, generated + 1
             if token in stop_ids:
                 break
             delta = stream.push(token)
             if delta:
                 yield TextDelta(phase, delta)
                 yield from self._streamed_steps(step_stream, delta)
+        if decode_start is not None:
+            yield clock.span(phase, "decode", decode_start, clock.now() - decode_start, generated)
         return stream.text, last
 
     @staticmethod

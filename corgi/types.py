@@ -112,6 +112,23 @@ class CacheStats:
 
 
 @dataclass
+class Span:
+    """One stretch of a turn's wall time, for the timeline: seconds from the turn's start.
+    A phase's spans tile it: image encoding (when images join in it), prefill (to the first
+    token), decode; phase 3 has one span per region, from its batch's first token to its end."""
+    phase: Phase
+    part: str                  # "image encoding", "prefill", "decode" or "region N" (1-based)
+    start: float
+    seconds: float
+    tokens: int = 0            # prefill: tokens computed now; decode / region: tokens generated
+    reused: int = 0            # prefill: prefix tokens whose state came from the cache
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase.value, "part": self.part, "start": round(self.start, 4),
+                "seconds": round(self.seconds, 4), "tokens": self.tokens, "reused": self.reused}
+
+
+@dataclass
 class TurnResult:
     question: str
     answer: str
@@ -119,13 +136,14 @@ class TurnResult:
     steps: list[Step]
     evidence: list[Evidence]
     key_evidence: list[KeyEvidence]
-    timings: dict[str, float]          # reasoning, evidence, synthesis, total (seconds)
+    timings: dict[str, float]          # [plain,] reasoning, evidence, synthesis: they add up to total (s)
     raw: dict[str, str]                # raw model text of reasoning and synthesis
     prompts: dict[str, str] = field(default_factory=dict)   # exact prompt text per phase
     cache: CacheStats = field(default_factory=CacheStats)
     warnings: list[str] = field(default_factory=list)
     images: list[int] = field(default_factory=lambda: [0])   # the conversation images this turn is about
     plain_answer: str | None = None    # the plain one-phase answer, when asked for
+    timeline: list[Span] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -140,6 +158,7 @@ class TurnResult:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "raw": dict(self.raw),
             "cache": self.cache.to_json(),
+            "timeline": [span.to_json() for span in self.timeline],
             "warnings": list(self.warnings),
         }
 
@@ -173,6 +192,12 @@ class StepStreamed:
 
 
 @dataclass
+class SpanTimed:
+    """A timeline span just ended (live timeline)."""
+    span: Span
+
+
+@dataclass
 class StepsParsed:
     result: ReasoningResult
 
@@ -194,5 +219,5 @@ class TurnFinished:
     result: TurnResult
 
 
-Event = Union[PhaseStarted, TextDelta, PhaseFinished, StepStreamed, StepsParsed, EvidenceReady,
+Event = Union[PhaseStarted, TextDelta, PhaseFinished, StepStreamed, SpanTimed, StepsParsed, EvidenceReady,
               AnswerReady, TurnFinished]

@@ -37,7 +37,7 @@ pipeline: {max_steps: 3, max_regions: 3, reasoning_max_new_tokens: 64, evidence_
            synthesis_max_new_tokens: 48, max_thinking_chars: 30}
 ui: {max_upload_mb: 0.1, idle_timeout_s: 600}
 """
-CHAT, TIMINGS, DEBUG_JSON = 0, 3, 5
+CHAT, TIMINGS, DEBUG_JSON, TRACE = 0, 3, 5, 6
 
 
 def question_text(case: dict) -> str:
@@ -220,15 +220,19 @@ def last_turn(out) -> dict | None:
 @pytest.mark.parametrize("case", IMAGE_CASES, ids=[c["file"] for c in IMAGE_CASES])
 def test_ui_images(case, client):
     from gradio_client import handle_file
-    out = client.predict(handle_file(str(image_file(case))), api_name="/set_image")
+    client.predict(api_name="/new_conversation")      # each case starts a conversation (else it joins)
+    out = client.predict([handle_file(str(image_file(case)))], api_name="/set_image")
     shown = texts(out[CHAT])
     if case["outcome"] == "error":
         assert case["error"].lower() in shown[-1].lower(), shown[-1]
         assert shown[-1].count("annot be used") == 1, shown[-1]         # one message, said once
         assert not any("encoded and ready" in t for t in shown)
-        # The session has no image now, and says so instead of failing.
+        # The bad file changed nothing: no image (and it says so), or the images it had before.
         out = client.predict({"text": IMAGE_QUESTION, "files": []}, api_name="/ask")
-        assert "There is no image yet" in texts(out[CHAT])[-1]
+        if "There is no image yet" not in texts(out[CHAT])[-1]:
+            trace = json.loads(Path(out[TRACE]["value"]).read_text(encoding="utf-8"))
+            assert case["file"] not in trace["images"], trace["images"]
+            check_answer(last_turn(out), IMAGE_QUESTION)
         return
     width, height = case["size"]
     assert f"**{case['file']}** ({width}x{height} pixels) is encoded and ready" in shown[-1], shown[-1]
@@ -244,7 +248,7 @@ def test_ui_images(case, client):
 def question_session(client):
     """The question cases share one conversation on QUESTION_IMAGE, one ordinary turn in."""
     from gradio_client import handle_file
-    client.predict(handle_file(str(QUESTION_IMAGE)), api_name="/set_image")
+    client.predict([handle_file(str(QUESTION_IMAGE))], api_name="/set_image")
     client.predict(api_name="/new_conversation")
     out = client.predict({"text": "How many shapes are there?", "files": []}, api_name="/ask")
     assert list(out[DEBUG_JSON]) == ["turn 1"]
@@ -276,6 +280,7 @@ def test_ui_images_attached_to_a_question(name, client):
     checks; the question is not asked about a picture that could not be used."""
     from gradio_client import handle_file
     case = next(c for c in IMAGE_CASES if c["file"] == name)
+    client.predict(api_name="/new_conversation")
     out = client.predict({"text": IMAGE_QUESTION, "files": [handle_file(str(image_file(case)))]}, api_name="/ask")
     shown = texts(out[CHAT])
     assert case["error"].lower() in shown[-1].lower(), shown[-1]
@@ -287,7 +292,8 @@ def test_ui_keeps_serving_after_the_corpus(client, server):
     from gradio_client import Client, handle_file
     assert server.alive()
     for c in (client, Client(server.url, verbose=False)):
-        out = c.predict(handle_file(str(REPO / "assets" / "street-scene.png")), api_name="/set_image")
+        c.predict(api_name="/new_conversation")
+        out = c.predict([handle_file(str(REPO / "assets" / "street-scene.png"))], api_name="/set_image")
         assert "encoded and ready" in texts(out[CHAT])[-1]
         out = c.predict({"text": "What colour is the car?", "files": []}, api_name="/ask")
         check_answer(last_turn(out), "What colour is the car?")

@@ -75,7 +75,7 @@ def client_for(server):
 
 def run_session(client, image: str, questions: list[str]) -> list[dict]:
     from gradio_client import handle_file
-    out = client.predict(handle_file(image_path(image)), api_name="/set_image")
+    out = client.predict([handle_file(image_path(image))], api_name="/set_image")
     assert any("encoded and ready" in t for t in texts(out[CHAT])), texts(out[CHAT])
     records = []
     for n, question in enumerate(questions, 1):

@@ -140,7 +140,7 @@ def session(server):
     """A logged-in client that has asked one question; file paths as the server sees them."""
     from gradio_client import handle_file
     client = server.client(auth=(USER, PASSWORD), download_files=False)
-    client.predict(handle_file(str(REPO / "assets" / "shapes.png")), api_name="/set_image")
+    client.predict([handle_file(str(REPO / "assets" / "shapes.png"))], api_name="/set_image")
     out = client.predict({"text": "How many shapes are there?", "files": []}, api_name="/ask")
     yield client, out
     client.close()
@@ -240,7 +240,7 @@ def test_session_routes_need_the_login_and_api_inputs_are_checked(server, sessio
     config = httpx.get(f"{server.url}/config", cookies=client.cookies).json()
     fn = {d.get("api_name"): i for i, d in enumerate(config["dependencies"])}
     for api, data, reason in [
-            ("set_image", [None, {"path": str(REPO / "assets" / "shapes.png"), "meta": {"_type": "gradio.FileData"}}],
+            ("set_image", [None, [{"path": str(REPO / "assets" / "shapes.png"), "meta": {"_type": "gradio.FileData"}}]],
              "is not a file uploaded to this server"),
             ("set_image", [None, "/etc/passwd"], "is not valid input"),
             ("ask", [None, {"text": "q", "files": []}, None, 3, 48, 4, 48], "must be a number from 1 to 20, not None")]:

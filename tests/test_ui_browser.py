@@ -1,7 +1,9 @@
 """The web UI in a real browser: Debian's chromium driven by Playwright (never `playwright install`:
 there is no browser download here). Uploads an image, stops a turn, asks, watches the phases
-stream in, checks the answer, the boxes panel and the timings, asks a follow-up, saves
-test-artifacts/ui.png, opens the debug view and closes the tab.
+stream in, checks the answer, the boxes panel and the timeline, asks a follow-up, saves
+test-artifacts/ui.png, opens the debug view and closes the tab; a second image joins a
+conversation and a step is picked; a big phone photo stays small on the wire. Screenshots in
+tests/artifacts/ (look at them).
 """
 from __future__ import annotations
 
@@ -37,21 +39,17 @@ def browser():
         browser.close()
 
 
-def timings_column(page, header: str) -> dict[str, str]:
-    table = page.locator("#timings")
-    headers = table.get_by_role("columnheader").all_inner_texts()
-    index = [h.strip() for h in headers].index(header)
-    out = {}
-    for row in table.get_by_role("row").all()[1:]:
-        cells = [c.strip() for c in row.get_by_role("gridcell").all_inner_texts()]
-        if len(cells) > index:
-            out[cells[0]] = cells[index]
-    return out
+def timeline_row(page, label: str) -> str | None:
+    """The text of the timeline row whose head starts with `label` (None while absent)."""
+    for row in page.locator("#timeline .tl-row").all():
+        text = row.inner_text()
+        if text.strip().startswith(label):
+            return text
+    return None
 
 
-def finished_column(page, header: str) -> dict[str, str] | None:
-    column = timings_column(page, header)
-    return column if column.get("vision misses") else None
+def upload(page, *paths) -> None:
+    page.get_by_test_id("Upload image(s)-upload-button").set_input_files([str(p) for p in paths])
 
 
 def wait_for(probe, timeout: float = WAIT_MS / 1000):
@@ -83,28 +81,38 @@ def test_a_conversation_in_the_browser(server, browser):
     expect.set_options(timeout=WAIT_MS)
     page.goto(server.url)
     chat = page.locator("#chat")
+    expect(page.locator("#stop")).to_be_disabled()                     # nothing to stop yet
+    expect(page.locator("#regenerate")).to_be_disabled()               # nothing to redo yet
 
-    page.locator("#image-input input[type=file]").set_input_files(str(ASSETS / "street-scene.png"))
+    upload(page, ASSETS / "street-scene.png")
     expect(chat.get_by_text("encoded and ready")).to_be_visible()
     expect(page.locator("#boxes img").first).to_be_visible()            # the image in the side panel
-    expect(page.locator("#timings")).to_contain_text("image")
+    expect(page.locator("#images")).to_contain_text("street-scene.png (current)")
+    expect(page.locator("#timeline")).to_contain_text("image, at upload")
 
     # Stop as soon as the first phase shows (this first turn of a fresh server also compiles the
     # grammar, so it is still running): the chat says so, nothing keeps spinning.
     ask(page, "What does the sign say?")
     expect(chat.locator(".loading-spinner").first).to_be_visible()       # a pending phase, at once
+    expect(page.locator("#stop")).to_be_enabled()
     page.locator("#stop").click()
     expect(chat.get_by_text("Stopped. The conversation goes on from before this question.")).to_be_visible()
     expect(chat.locator(".loading-spinner")).to_have_count(0)
+    expect(page.locator("#stop")).to_be_disabled()
 
-    ask(page, "What colour is the car?")
+    # An example question fills the box; asking it streams the phases.
+    page.locator("#example-questions").get_by_text("What colour is the car?").click()
+    expect(page.locator("#question textarea")).to_have_value("What colour is the car?")
+    page.locator("#question textarea").press("Enter")
     expect(chat.get_by_text("What colour is the car?")).to_be_visible()   # echoed at once
     expect(page.locator("#question textarea")).to_have_value("")
     for title in ("Reasoning: steps and regions", "Evidence: reading the regions", "Synthesis: writing the answer"):
         expect(chat.get_by_text(title).first).to_be_visible()
-    # The turn is over when its column is in the timings and the trace can be downloaded.
-    expect(page.locator("#timings")).to_contain_text("turn 1")
+    # The turn is over when its row is in the timeline and the trace can be downloaded.
+    wait_for(lambda: (timeline_row(page, "turn 1") or "").find("running") < 0 and timeline_row(page, "turn 1"))
     expect(page.locator("#trace")).to_be_enabled()
+    expect(page.locator("#report")).to_be_enabled()
+    expect(page.locator("#regenerate")).to_be_enabled()
     expect(chat.locator(".loading-spinner")).to_have_count(0)          # every phase is done
     bot = chat.get_by_test_id("bot")
     assert bot.count() >= 5      # image note, three phases, the answer
@@ -113,10 +121,9 @@ def test_a_conversation_in_the_browser(server, browser):
 
     ask(page, "Describe the house.")
     expect(chat.get_by_text("Describe the house.")).to_be_visible()
-    # The turn's column appears at once and fills in phase by phase; cache counters come last.
-    turn2 = wait_for(lambda: finished_column(page, "turn 2"))
-    assert turn2["vision misses"] == "0", turn2
-    assert int(turn2["prefix reused"]) > 0, turn2
+    # The turn's row appears at once and fills in span by span; cache figures come at its end.
+    turn2 = wait_for(lambda: (row := timeline_row(page, "turn 2")) and "from the cache" in row and row)
+    assert "no image re-encoded" in turn2 and "prefill" in turn2 and "decode" in turn2, turn2
     expect(chat.locator(".loading-spinner")).to_have_count(0)
 
     artifacts = REPO / "test-artifacts"
@@ -124,11 +131,20 @@ def test_a_conversation_in_the_browser(server, browser):
     page.screenshot(path=str(artifacts / "ui.png"), full_page=True)
 
     # Debugging is one click away: the exact prompts and raw outputs of each turn.
-    page.get_by_text("Debug: prompts, raw output and parsed result per turn").click()
+    page.get_by_text("Debug: timings table, prompts, raw output and parsed result per turn").click()
     expect(page.get_by_text("######## turn 2: Describe the house.")).to_be_visible()
+    expect(page.locator("#timings")).to_contain_text("turn 2")
 
-    # An example image starts a new conversation about it.
-    page.get_by_role("button").filter(has=page.locator("img[src*='receipt']")).first.click()
+    # Presenter mode: larger text for a meeting-room screen.
+    size = lambda: page.locator("#chat").evaluate("e => parseFloat(getComputedStyle(e).fontSize)")  # noqa: E731
+    before = size()
+    page.locator("#presenter input").check()
+    wait_for(lambda: size() > before)
+
+    # New conversation keeps the image; an example image then starts a conversation about it.
+    page.locator("#new-conversation").click()
+    expect(chat.get_by_text("still loaded")).to_be_visible()
+    page.locator("#example-images").locator("img[src*='receipt']").first.click()
     expect(chat.get_by_text("receipt.png")).to_be_visible()
     expect(chat.get_by_text("Describe the house.")).to_have_count(0)
 
@@ -137,6 +153,43 @@ def test_a_conversation_in_the_browser(server, browser):
     before = server.log_text().count(closed)      # a shared server: other tests closed sessions too
     page.close()
     wait_for(lambda: server.log_text().count(closed) > before, timeout=30)
+
+
+def test_images_join_and_steps_pick_their_boxes_in_the_browser(server, browser):
+    """A second image attached with the clip joins the conversation (the first turn keeps its
+    image, the panel marks the new one current); steps are listed as they are written; picking
+    a step highlights its box (a new picture), selects its crop and shows its caption."""
+    from playwright.sync_api import expect
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.set_default_timeout(WAIT_MS)
+    expect.set_options(timeout=WAIT_MS)
+    page.goto(server.url)
+    chat = page.locator("#chat")
+    upload(page, ASSETS / "street-scene.png")
+    expect(chat.get_by_text("encoded and ready")).to_be_visible()
+    ask(page, "What colour is the car?")
+    wait_for(lambda: (row := timeline_row(page, "turn 1")) and "from the cache" in row)
+
+    page.locator("#question input[type=file]").set_input_files(str(ASSETS / "receipt.png"))
+    ask(page, "What is the total?")
+    expect(chat.get_by_text("joined the conversation")).to_be_visible()
+    expect(page.locator("#images")).to_contain_text("receipt.png (current)")
+    expect(page.locator("#images")).not_to_contain_text("street-scene.png (current)")
+    wait_for(lambda: (row := timeline_row(page, "turn 2")) and "from the cache" in row)
+    expect(chat.get_by_text("What colour is the car?")).to_be_visible()      # the first turn stays
+    page.screenshot(path=str(REPO / "tests" / "artifacts" / "two-images-1280x800.png"))
+
+    choices = page.locator("#step-pick label")
+    if choices.count() == 0:
+        pytest.skip("the twin wrote no steps this time")      # random weights: nothing to pick
+    before = page.locator("#boxes img").first.get_attribute("src")
+    choices.first.click()
+    expect(page.locator("#picked")).to_contain_text("S1")
+    if page.locator("#picked").inner_text().find("Its region") >= 0:      # a grounded step: its crop is marked
+        expect(page.locator("#regions")).to_contain_text("▶ S1")
+    wait_for(lambda: page.locator("#boxes img").first.get_attribute("src") != before)
+    page.screenshot(path=str(REPO / "tests" / "artifacts" / "picked-step-1280x800.png"))
+    page.close()
 
 
 def test_a_big_photo_turn_stays_small_in_the_browser(server, browser, tmp_path):
@@ -169,12 +222,13 @@ def test_a_big_photo_turn_stays_small_in_the_browser(server, browser, tmp_path):
             received.append((response.url, len(response.body())))
         except Exception:      # a stream still open (server-sent events): not an image
             pass
-    page.locator("#image-input input[type=file]").set_input_files(str(photo))
-    expect(chat.get_by_text("encoded and ready")).to_be_visible()
-    # One turn: from the question to the finished answer (the upload's own preview is not in it).
+    # The upload and one turn: from the file to the finished answer (every picture the page
+    # gets is a display-size JPEG or a thumbnail, never the upload itself).
     page.on("response", count)
+    upload(page, photo)
+    expect(chat.get_by_text("encoded and ready")).to_be_visible()
     ask(page, "What is in the photo?")
-    expect(page.locator("#timings")).to_contain_text("turn 1")
+    wait_for(lambda: (row := timeline_row(page, "turn 1")) and "from the cache" in row)
     expect(page.locator("#trace")).to_be_enabled()
     expect(chat.locator(".loading-spinner")).to_have_count(0)
     page.screenshot(path=str(artifacts / "big-photo-1280x800.png"))

@@ -16,11 +16,12 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import HYBRID_MODELS, TINY_MODELS
+from conftest import HYBRID_MODELS, MOE_MODELS, TINY_MODELS
 from server import ASSETS, texts
 
 # Outputs of every endpoint, in order (the session State is not sent to clients); /ask adds the textbox.
-CHAT, BOXES, GALLERY, TIMINGS, DEBUG_TEXT, DEBUG_JSON, TRACE = range(7)
+(CHAT, BOXES, GALLERY, TIMINGS, DEBUG_TEXT, DEBUG_JSON, TRACE, IMAGES, STEPS, PICKED, TIMELINE, REPORT,
+ STOP, REGENERATE) = range(14)
 HEAVY_MODEL = "small-qwen2.5-vl"      # many times the tiny twin's weights: what a page load must not copy
 # Its turn with the least work that is still a whole turn (one step, one region, a small image).
 HEAVY_CONFIG = """\
@@ -52,7 +53,7 @@ def column(timings, name) -> dict:
 
 def set_image(client, name="street-scene.png"):
     from gradio_client import handle_file
-    return client.predict(handle_file(str(ASSETS / name)), api_name="/set_image")
+    return client.predict([handle_file(str(ASSETS / name))], api_name="/set_image")
 
 
 def stream_ask(client, question, *settings):
@@ -79,7 +80,7 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     # While the reasoning phase is pending its text grows token by token (a step's raw JSON is
     # replaced by its readable line when the step closes, so it may shrink then; then it becomes
     # the step list).
-    growing = [len(m["content"][0]["text"]) for u in updates for m in u[CHAT][-1:]
+    growing = [len(m["content"][0]["text"]) for u in updates if isinstance(u[CHAT], list) for m in u[CHAT][-1:]
                if m.get("metadata", {}) and m["metadata"]["title"].startswith("Reasoning")
                and m["metadata"]["status"] == "pending"]
     assert len(growing) >= 3 and growing[-1] > growing[0]
@@ -113,7 +114,13 @@ def test_two_turn_conversation_streams_and_reuses_the_cache(client, server):
     assert [t["question"] for t in trace["turns"]] == ["What colour is the car?", "And what about the house?"]
     assert trace["turns"][1]["cache"]["vision_misses"] == 0
     assert set(trace["turns"][0]) == {"question", "images", "answer", "explanation", "steps", "evidence",
-                                      "key_evidence", "plain_answer", "timings", "raw", "cache", "warnings"}
+                                      "key_evidence", "plain_answer", "timings", "raw", "cache", "timeline",
+                                      "warnings"}
+    assert trace["images"] == ["street-scene.png"] and trace["settings"]["max_steps"] >= 1
+    # The shareable report: one self-contained HTML file of the conversation.
+    report = Path(final[REPORT]["value"]).read_text(encoding="utf-8")
+    assert report.startswith("<!DOCTYPE html>") and "And what about the house?" in report
+    assert "http://" not in report.split("</style>", 1)[1] and "<script" not in report
     # Regions: one gallery item per piece of evidence of the last turn.
     assert len(final[GALLERY] or []) == len(trace["turns"][1]["evidence"])
 
@@ -157,12 +164,12 @@ def test_bad_input_is_answered_in_the_chat(client, tmp_path):
 
     not_image = tmp_path / "notes.png"
     not_image.write_text("this is not a picture")
-    out = client.predict(handle_file(str(not_image)), api_name="/set_image")
+    out = client.predict([handle_file(str(not_image))], api_name="/set_image")
     assert any("This file cannot be used" in t and "notes.png" in t for t in texts(out[CHAT]))
 
     big = tmp_path / "noise.png"
     big.write_bytes(os.urandom(9 * 1024 * 1024))     # 9 MB, limit 8 MB (size is checked first)
-    out = client.predict(handle_file(str(big)), api_name="/set_image")
+    out = client.predict([handle_file(str(big))], api_name="/set_image")
     assert any("the limit is 8 MB" in t for t in texts(out[CHAT]))
 
     set_image(client)
@@ -179,7 +186,7 @@ def test_bad_input_is_answered_in_the_chat(client, tmp_path):
 def test_a_model_failure_is_shown_and_the_session_stays_usable():
     """In-process, with a chat whose model raises: the turn ends with a clear message."""
     from chatbot.app import CorgiApp
-    from chatbot.sessions import UserSession
+    from chatbot.sessions import ShownImage, UserSession
     from corgi.config import Config
     from corgi.types import Phase, PhaseStarted
 
@@ -195,7 +202,8 @@ def test_a_model_failure_is_shown_and_the_session_stays_usable():
                                                 dtype="torch.float32", device="cpu"))
     app = CorgiApp(engine, Config())
     session = UserSession("k")
-    session.image, session.chat = Image.new("RGB", (32, 32)), BrokenChat()
+    session.set_images([ShownImage("x.png", Image.new("RGB", (32, 32)), "d")])
+    session.chat = BrokenChat()
     with session.lock:
         updates = list(app._turn(session, "q", Config().pipeline))
     chat = updates[-1][1]
@@ -360,27 +368,26 @@ def test_idle_expiry_does_not_keep_the_app_alive():
 
 
 def test_an_image_sent_again_is_not_rewritten_while_it_downloads(tmp_path, monkeypatch):
-    """Gradio rewrote a content-named image file in place on every postprocess, so a browser
-    fetching the boxes image while a turn streamed got a cut-off file. The app's replacement
-    keeps an existing file as it is and writes new ones under a temporary name."""
-    import chatbot.app  # noqa: F401  (installs the replacement)
-    from gradio import processing_utils
+    """Gradio 6.31 rewrote a content-named image file in place on every postprocess of a PIL
+    image, so a browser fetching the boxes image while a turn streamed got a cut-off file. The
+    app hands Gradio files it wrote once: an existing one is kept as it is, new ones are written
+    under a temporary name and renamed into place (and Gradio itself copies paths atomically)."""
+    from chatbot.display_files import save_jpeg
     image = Image.new("RGB", (40, 30), "red")
-    first = processing_utils.save_pil_to_cache(image, str(tmp_path), format="png")
+    first = save_jpeg(image, tmp_path, "boxes")
     with open(first, "rb") as download:                  # a browser, half-way through the file
         head = download.read(16)
 
         def written(*args, **kwargs):
-            raise AssertionError("the cached image was written again")
-        monkeypatch.setattr(Path, "write_bytes", written)
+            raise AssertionError("the image was written again")
         monkeypatch.setattr(os, "fdopen", written)
-        again = processing_utils.save_pil_to_cache(image, str(tmp_path), format="png")
+        again = save_jpeg(image, tmp_path, "boxes")
         monkeypatch.undo()
         assert again == first
         assert head + download.read() == Path(first).read_bytes()
-    other = processing_utils.save_pil_to_cache(Image.new("RGB", (40, 30), "blue"), str(tmp_path), format="png")
-    assert Path(other).parent != Path(first).parent and Image.open(other).getpixel((0, 0)) == (0, 0, 255)
-    assert [p.name for p in Path(first).parent.iterdir()] == ["image.png"]     # no staging file left
+    other = save_jpeg(Image.new("RGB", (40, 30), "blue"), tmp_path, "boxes")
+    assert other != first and Image.open(other).getpixel((0, 0))[2] > 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(first).name, Path(other).name])   # no staging file
 
 
 # ---- every family, and a heavier checkpoint, through a launched server ------------------------------
@@ -413,7 +420,7 @@ def check_served_turn(server, model: str) -> None:
     assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
 
 
-@pytest.mark.parametrize("model", TINY_MODELS + HYBRID_MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS + HYBRID_MODELS + MOE_MODELS)
 def test_every_family_serves_a_turn(model, launch):
     """Each tiny twin: a launched UI (one server per model for the run; the first one is the
     shared ui_server), the page and its config, one turn through gradio_client."""

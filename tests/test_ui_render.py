@@ -116,7 +116,7 @@ def test_turn_view_streams_text_and_closes_each_phase():
     answer = messages[-1]
     assert answer["role"] == "assistant" and "metadata" not in answer
     assert answer["content"].startswith("**blue**") and "The car is blue." in answer["content"]
-    assert "- the car" in answer["content"]
+    assert "- **K1** the car" in answer["content"]          # its box is drawn green, labelled K1
     assert view.result is not None
 
 
@@ -197,7 +197,7 @@ def test_reasoning_steps_draw_nothing():
 
 def test_gallery_items_are_captioned_crops():
     image = Image.new("RGB", (200, 100), "white")
-    items = render.gallery_items(image, EVIDENCE, padding=0.0)
+    items = render.gallery_items([image], EVIDENCE, padding=0.0)
     assert [caption for _, caption in items] == ["S1 sees: a blue car", "S2 reads: STOP"]
     assert items[0][0].size == (80, 60)
 
@@ -336,5 +336,28 @@ def test_big_images_are_drawn_at_display_size_and_labels_do_not_overlap():
     assert max(out.size) == render.DISPLAY_LONG_SIDE and out.size == (1600, 1200)
     red = [(x, y) for x in range(0, 1600, 2) for y in range(0, 1200, 2) if out.getpixel((x, y)) == (220, 38, 38)]
     assert red
-    crops = render.gallery_items(image, [Evidence(1, Box(0.0, 0.0, 1.0, 1.0), StepKind.OBJECT, "x")], 0.25)
+    crops = render.gallery_items([image], [Evidence(1, Box(0.0, 0.0, 1.0, 1.0), StepKind.OBJECT, "x")], 0.25)
     assert max(crops[0][0].size) <= render.CROP_LONG_SIDE
+
+
+def test_two_images_side_by_side_and_a_click_picks_the_box_under_it():
+    """The boxes panel of a two-image turn: both images at one height, each with its own boxes;
+    a click maps back through the tiles to the smallest step box under it, on the right image."""
+    wide, tall = Image.new("RGB", (800, 400), "white"), Image.new("RGB", (300, 600), "white")
+    steps = [Step(1, "car", StepKind.OBJECT, Box(0.0, 0.0, 0.5, 0.5, image=0)),
+             Step(2, "wheel", StepKind.OBJECT, Box(0.1, 0.1, 0.2, 0.2, image=0)),
+             Step(3, "total", StepKind.TEXT, Box(0.5, 0.5, 1.0, 1.0, image=1)),
+             Step(4, "so", StepKind.REASONING)]
+    picture, tiles = render.boxes_view([(0, wide), (1, tall)], steps, highlight=3)
+    assert [t.image for t in tiles] == [0, 1] and tiles[0].height == tiles[1].height == picture.height
+    assert tiles[1].x > tiles[0].x + tiles[0].width - 1 and max(picture.size) <= render.DISPLAY_LONG_SIDE
+    first, second = tiles
+    assert render.step_at(tiles, steps, first.x + 0.15 * first.width, 0.15 * first.height) == 2   # smallest
+    assert render.step_at(tiles, steps, first.x + 0.4 * first.width, 0.4 * first.height) == 1
+    assert render.step_at(tiles, steps, second.x + 0.75 * second.width, 0.75 * second.height) == 3
+    assert render.step_at(tiles, steps, second.x + 0.25 * second.width, 0.25 * second.height) is None
+    # The highlighted step's box is shaded (blue tint inside it), the others are not.
+    x, y = second.x + int(0.75 * second.width), int(0.75 * second.height)
+    r, g, b = picture.getpixel((x, y))
+    assert b > r + 20, (r, g, b)
+    assert picture.getpixel((first.x + int(0.3 * first.width), int(0.3 * first.height))) == (255, 255, 255)

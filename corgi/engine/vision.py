@@ -7,6 +7,7 @@ All misses of one call go through the vision tower together (one batched call).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ class VisionEncoder:
         self.hits = 0
         self.misses = 0
         self.tower_calls = 0     # vision-tower forwards: several images of one prefill are one call
+        self.seconds = 0.0       # wall time in the tower, all calls (the timeline reads its deltas)
 
     @property
     def cached_bytes(self) -> int:
@@ -78,7 +80,12 @@ class VisionEncoder:
                 missing[key] = image
                 self.misses += 1
         if missing:
-            for key, features in zip(missing, self._run_tower(list(missing.values()), min_pixels, max_pixels)):
+            t0 = time.perf_counter()
+            encoded = self._run_tower(list(missing.values()), min_pixels, max_pixels)
+            if self.loaded.device.type == "cuda":
+                torch.cuda.synchronize()    # once per tower call: the time is the tower's, not a launch's
+            self.seconds += time.perf_counter() - t0
+            for key, features in zip(missing, encoded):
                 found[key] = features
                 self._store(key, features)
         return [found[key] for key in keys]
