@@ -4,9 +4,11 @@ Loads the model once (logging each step, since a real checkpoint takes a while),
 the UI, by default on http://127.0.0.1:7860. Bad configuration or model: one line, exit 2.
 
 Safe defaults (docs/reliability.md): only 127.0.0.1 unless --host / ui.host say otherwise; a
-login when CORGI_USERNAME and CORGI_PASSWORD are set; uploads capped by ui.max_upload_mb; only
-files this process produced are served (Gradio's upload/cache folder is a private temporary
-folder of this process, no allowed_paths); no monitoring dashboard.
+login when CORGI_USERNAME and CORGI_PASSWORD are set, failed logins slowed down; uploads capped by
+ui.max_upload_mb each and ui.upload_quota_mb together; only files this process produced are
+served (Gradio's upload/cache folder is a private temporary folder of this process; allowed_paths
+is that folder, so GRADIO_ALLOWED_PATHS cannot widen it); no monitoring dashboard. The limits
+between clients (chatbot/limits.py) are installed here.
 """
 from __future__ import annotations
 
@@ -103,24 +105,34 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("building the UI ...")
     files = private_gradio_folder()
+    from starlette.middleware import Middleware
+
     from .app import CSS, build_app
+    from .limits import Guard, share_model_queue
     demo = build_app(engine, config)
     ui = config.ui
     if not is_loopback(ui.host) and auth is None:
         log.warning("serving on %s without a login: anyone who can reach it can use the model "
                     "(set CORGI_USERNAME and CORGI_PASSWORD to require one)", ui.host)
+    if os.environ.get("GRADIO_ALLOWED_PATHS"):
+        # Gradio serves those paths whenever allowed_paths is empty; it is never empty here.
+        log.warning("GRADIO_ALLOWED_PATHS is set and ignored: CoRGI Chat serves only its own files")
     log.info("login %s; served files only from %s", "required" if auth else "off", files)
+    guard = Middleware(Guard, files=files, quota_bytes=int(ui.upload_quota_mb * 1024 * 1024))
     try:
         demo.launch(server_name=ui.host, server_port=ui.port, prevent_thread_lock=True,
                     auth=auth, auth_message="CoRGI Chat: please log in." if auth else None,
                     # The handler answers uploads over ui.max_upload_mb in the chat; Gradio's own
                     # limit only keeps absurd files off the disk.
                     max_file_size=int(ui.max_upload_mb * 2 * 1024 * 1024),
-                    allowed_paths=[], enable_monitoring=False, share=False,
+                    # Not empty: an empty list makes Gradio read GRADIO_ALLOWED_PATHS instead.
+                    allowed_paths=[files], enable_monitoring=False, share=False,
+                    app_kwargs={"middleware": [guard]},
                     state_session_capacity=max(ui.max_sessions * 4, 100), footer_links=["api"], css=CSS)
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", ui.host, ui.port, exc)
         return EXIT_BAD_INPUT
+    share_model_queue(demo)
     log.info("CoRGI Chat is ready: http://%s:%d (Ctrl+C stops it)", ui.host, ui.port)
     # SIGTERM (service managers, `kill`) stops like Ctrl+C, so the exit clean-up runs: the
     # private file folder (uploads, traces) is removed instead of left on the disk.

@@ -50,7 +50,7 @@ from corgi.images import ImageError, image_digest, load_image
 from corgi.pipeline import ChatSession, InputError, clean_question
 from corgi.types import TextDelta
 
-from . import render
+from . import limits, render
 from .display_files import save_jpeg
 from .render import BOXES, CHAT, DEBUG, GALLERY, TIMINGS
 from .report import report_html
@@ -294,6 +294,22 @@ class CorgiApp:
 
     # ---- outputs ---------------------------------------------------------------------
     def outputs(self, session: UserSession, panels=ALL) -> tuple:
+        """The update for `panels`. The pictures are files this app writes; when the disk is
+        full they are left out of this update (one warning per turn), nothing else fails."""
+        try:
+            return self._outputs(session, panels)
+        except OSError as exc:
+            pictures = {BOXES, GALLERY, IMAGES}
+            for panel in pictures:
+                session.sent.pop(panel, None)       # not shown: send them again when there is room
+            turn = len(session.turns)
+            if getattr(session, "disk_warned", None) != turn:
+                session.disk_warned = turn
+                log.warning("pictures for the browser could not be written (%s)", exc.strerror or type(exc).__name__)
+                gr.Warning(limits.DISK_FULL)
+            return self._outputs(session, frozenset(panels) - pictures)
+
+    def _outputs(self, session: UserSession, panels=ALL) -> tuple:
         s, skip = session, gr.skip()
         results = s.results
         evidence = s.live.evidence_list() if s.live is not None else (results[-1].evidence if results else [])
@@ -374,7 +390,7 @@ class CorgiApp:
         return gr.Radio(choices=choices, value=s.selected if any(c[1] == s.selected for c in choices) else None)
 
     def session(self, state: Any, request: gr.Request | None) -> UserSession:
-        if isinstance(state, UserSession) and not state.closed:
+        if isinstance(state, UserSession) and not state.closed and not state.refused:
             return state
         key = getattr(request, "session_hash", None) or uuid.uuid4().hex
         return self.store.get(key)
@@ -552,16 +568,21 @@ class CorgiApp:
             return {"kv_bytes": engine.kv_bytes_total(), "kv_budget_bytes": engine.kv_budget,
                     "snapshot_bytes": engine.snapshot_bytes_total(), "static_bytes": engine.static_bytes(),
                     "vision_bytes": engine.vision.cached_bytes, "vision_budget_bytes": engine.vision.cache_bytes,
-                    "sessions": len(self.store)}
+                    "sessions": len(self.store), "image_bytes": self.store.image_bytes()}
 
     # ---- the work ------------------------------------------------------------------------
-    def _read_image(self, path: str, name: str):
-        """Check and decode one upload; ImageError (or OSError) with a message for the chat."""
-        limit = self.config.ui.max_upload_mb
-        size = os.path.getsize(path)
-        if size > limit * MB:
-            raise ImageError(f"The file {name!r} is {size / MB:.1f} MB; the limit is {limit:g} MB.")
-        return load_image(path, self.config.image.max_input_pixels)
+    def _read_image(self, session: UserSession, path: str, name: str):
+        """Check and decode one upload (ImageError with a message for the chat): only a file
+        this server holds, at most min(ui.max_upload_mb, image.max_file_mb), reduced at load to
+        image.max_kept_pixels. A refused upload is deleted."""
+        cfg = self.config.image
+        try:
+            limits.check_upload(session, path, name, ASSETS)
+            return load_image(path, cfg.max_input_pixels, max_kept_pixels=cfg.max_kept_pixels,
+                              max_file_mb=min(self.config.ui.max_upload_mb, cfg.max_file_mb))
+        except ImageError:
+            limits.discard_upload(path, limits.upload_folder())    # refused: not kept on the disk
+            raise
 
     def _add_images(self, session: UserSession, found: list[tuple[str, str]]) -> Iterator[tuple]:
         """Check and load image files. Before the conversation's first question they start it
@@ -571,11 +592,10 @@ class CorgiApp:
         loaded = []
         for path, name in found:
             try:
-                image = self._read_image(path, name)
-            except (ImageError, OSError) as exc:
+                image = self._read_image(session, path, name)
+            except ImageError as exc:
                 with session.lock:
-                    hint = "" if any(w in str(exc).lower() for w in ("pixel", " mb")) else \
-                        " Please upload a PNG, JPEG or WebP image."
+                    hint = " Please upload a PNG, JPEG, WebP or GIF image." if "format" in str(exc) else ""
                     kept = " The conversation is unchanged." if session.images else ""
                     session.history.append(render.notice(f"This file cannot be used: {exc}{hint}{kept}"))
                 yield self.outputs(session)
@@ -703,18 +723,22 @@ class CorgiApp:
     def _write_trace(self, session: UserSession, settings: PipelineConfig) -> None:
         """The CLI's --json object for this session's turns (plus image names and settings), and
         the HTML report, for the Download buttons."""
-        folder = self._folder(session)
-        names = [x.name for x in session.images]
-        values = asdict(settings)
-        path = folder / "corgi-trace.json"
-        path.write_text(json.dumps(render.trace(self.model_info, session.results, names, values),
-                                   ensure_ascii=False, indent=1), encoding="utf-8")
-        session.trace_path = str(path)
-        report = folder / "corgi-report.html"
-        report.write_text(report_html({**self.model_info, "twin": self.twin}, values,
-                                      [(x.name, x.image) for x in session.images], session.results),
-                          encoding="utf-8")
-        session.report_path = str(report)
+        try:
+            folder = self._folder(session)
+            names = [x.name for x in session.images]
+            values = asdict(settings)
+            path = folder / "corgi-trace.json"
+            path.write_text(json.dumps(render.trace(self.model_info, session.results, names, values),
+                                       ensure_ascii=False, indent=1), encoding="utf-8")
+            session.trace_path = str(path)
+            report = folder / "corgi-report.html"
+            report.write_text(report_html({**self.model_info, "twin": self.twin}, values,
+                                          [(x.name, x.image) for x in session.images], session.results),
+                              encoding="utf-8")
+            session.report_path = str(report)
+        except OSError as exc:      # a full disk: the turn stands, only its downloads are missing
+            log.warning("the trace could not be written (%s)", exc.strerror or type(exc).__name__)
+            session.trace_path = session.report_path = None
 
 
 def build_app(engine: Engine, config: Config) -> gr.Blocks:

@@ -3,6 +3,13 @@
 A UserSession lives in a gr.State (whose time_to_live frees idle ones) and in a SessionStore
 keyed by Gradio's session hash, because demo.unload (tab closed) hands over only the request,
 not the State. Whichever comes first frees the memory; closing twice is harmless.
+
+The store's limit (ui.max_sessions) never costs anyone a conversation: to make room it lets go
+of the least recently used session that has no conversation (no turn asked, none running). When
+every session holds one, a new session is refused (`UserSession.refused`: the UI says the server
+is full) until one ends (New conversation, tab closed, idle time-out). So a client that opens
+many cheap sessions only pushes out other cheap sessions, its own first; what it costs to push
+out conversations is a model turn per session, in the shared queue.
 """
 from __future__ import annotations
 
@@ -62,6 +69,12 @@ class UserSession:
         self.live: TurnView | None = None                    # the turn being streamed
         self.trace_path: str | None = None                   # its folder is this session's alone
         self.report_path: str | None = None                  # the HTML report, in the same folder
+        self.refused = False     # the store was full of conversations: this session is not kept
+
+    @property
+    def has_conversation(self) -> bool:
+        """Whether closing it would lose work: a turn asked, or one under way."""
+        return bool(self.turns) or self.live is not None or self.lock.locked()
 
     # ---- what the panels show -------------------------------------------------------
     @property
@@ -162,7 +175,8 @@ class UserSession:
 
 
 class SessionStore:
-    """Live sessions by Gradio session hash, at most `max_sessions` (least recently used go)."""
+    """Live sessions by Gradio session hash, at most `max_sessions`: the least recently used
+    session without a conversation goes; when all have one, new sessions are refused."""
 
     def __init__(self, max_sessions: int):
         self.max_sessions = max_sessions
@@ -170,17 +184,26 @@ class SessionStore:
         self._lock = threading.Lock()
 
     def get(self, key: str) -> UserSession:
+        evicted = None
         with self._lock:
             session = self._sessions.get(key)
-            if session is None or session.closed:
-                session = self._sessions[key] = UserSession(key)
-            self._sessions.move_to_end(key)
-            evicted = []
-            while len(self._sessions) > self.max_sessions:
-                evicted.append(self._sessions.popitem(last=False)[1])
-        for old in evicted:
-            log.info("session limit reached: closing the least recently used session")
-            old.close()
+            if session is not None and not session.closed:
+                self._sessions.move_to_end(key)
+                return session
+            self._sessions.pop(key, None)
+            if len(self._sessions) >= self.max_sessions:
+                evicted = next((k for k, s in self._sessions.items() if not s.has_conversation), None)
+                if evicted is None:
+                    log.warning("session limit (%d) reached and every session has a conversation: "
+                                "a new session is refused", self.max_sessions)
+                    refused = UserSession(key)
+                    refused.refused = True
+                    return refused
+                evicted = self._sessions.pop(evicted)
+            session = self._sessions[key] = UserSession(key)
+        if evicted is not None:
+            log.info("session limit reached: closing the least recently used session without a conversation")
+            evicted.close()
         return session
 
     def close(self, key: str) -> bool:
@@ -190,6 +213,13 @@ class SessionStore:
         if session is not None:
             session.close()
         return session is not None
+
+    def image_bytes(self) -> int:
+        """Bytes of the decoded images the live sessions keep (Pillow holds RGB as 4 bytes a
+        pixel): at most max_sessions x image.max_kept_pixels x 4."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(4 * x.image.width * x.image.height for s in sessions for x in s.images)
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         for q in [args.question, *args.followup]:
             clean_question(q, config.pipeline.max_question_chars)
-        images = [load_image(path, config.image.max_input_pixels) for path in args.image]
+        images = [load_image(path, config.image.max_input_pixels, max_file_mb=config.image.max_file_mb,
+                             max_kept_pixels=config.image.max_kept_pixels) for path in args.image]
         model_source(config.model.id)
     except (ConfigError, ImageError, InputError, ModelLoadError) as exc:
         return _bad_input(exc)

@@ -7,6 +7,8 @@ nothing (a defect of the implementation this replaces).
 from __future__ import annotations
 
 import dataclasses
+import reprlib
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,26 @@ import yaml
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+MAX_CONFIG_BYTES = 1024 * 1024      # a config is a few hundred bytes; this bounds what is read
+
+# Values in error messages: short whatever the YAML built (an alias bomb is a small file that
+# expands to an exponentially large structure, and so would its repr).
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxdict, _repr.maxtuple, _repr.maxset = 2, 4, 4, 4, 4
+_repr.maxstring, _repr.maxother, _repr.maxlong = 60, 60, 40
+
+
+def _show(value: Any) -> str:
+    return _repr.repr(value)
+
+
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) and len(key) <= 60 else _show(key)
+
+
+def _short_path(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-57:]}"
 
 
 class ConfigError(ValueError):
@@ -40,7 +62,10 @@ class ImageConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 1280 * 28 * 28     # bounds the resolution fed to the model
     max_input_pixels: int = 40_000_000   # larger uploads are refused before decoding
-    max_file_mb: float = 30.0
+    # Larger images are reduced at load to this many pixels: what a session keeps of an upload
+    # (about 4 bytes a pixel) is bounded by it, whatever the file declares.
+    max_kept_pixels: int = 2048 * 2048
+    max_file_mb: float = 30.0            # larger image files are refused (CLI and UI)
 
 
 @dataclass
@@ -81,6 +106,8 @@ class UIConfig:
     idle_timeout_s: int = 1800
     max_sessions: int = 32
     max_upload_mb: float = 30.0
+    # All files the UI holds (uploads, examples, outputs) together; uploads past it are refused.
+    upload_quota_mb: float = 1024.0
 
 
 @dataclass
@@ -101,11 +128,12 @@ _CHOICES = {
     "model.quantization": {"none", "8bit", "4bit"},
 }
 _POSITIVE = {"image.min_pixels", "image.max_pixels", "image.max_input_pixels", "image.max_file_mb",
+             "image.max_kept_pixels",
              "pipeline.max_steps", "pipeline.max_regions", "pipeline.crop_max_pixels",
              "pipeline.reasoning_max_new_tokens", "pipeline.evidence_max_new_tokens",
              "pipeline.synthesis_max_new_tokens", "pipeline.max_thinking_chars", "pipeline.plain_max_new_tokens",
              "pipeline.max_question_chars", "cache.vision_cache_mb", "cache.kv_cache_mb",
-             "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb"}
+             "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb", "ui.upload_quota_mb"}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -115,9 +143,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]} "
+        raise ConfigError(f"unknown config key {where + '.' if where else ''}{_key(unknown[0])} "
                           f"(known: {', '.join(sorted(names))})")
     values = {}
     for name, raw in data.items():
@@ -143,11 +171,11 @@ def _check_scalar(key: str, kind: type, raw: Any) -> Any:
         ok = isinstance(raw, str) and raw.strip() != ""
     if not ok:
         raise ConfigError(f"config key {key} must be {kind.__name__}"
-                          f"{' (non-empty)' if kind is str else ''}, got {raw!r}")
+                          f"{' (non-empty)' if kind is str else ''}, got {_show(raw)}")
     if key in _CHOICES and raw not in _CHOICES[key]:
-        raise ConfigError(f"config key {key} must be one of {sorted(_CHOICES[key])}, got {raw!r}")
+        raise ConfigError(f"config key {key} must be one of {sorted(_CHOICES[key])}, got {_show(raw)}")
     if key in _POSITIVE and raw <= 0:
-        raise ConfigError(f"config key {key} must be positive, got {raw!r}")
+        raise ConfigError(f"config key {key} must be positive, got {_show(raw)}")
     return raw
 
 
@@ -171,6 +199,31 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     return _validate(_build(Config, data or {}, ""))
 
 
+def _read_config(path: Path) -> str:
+    """The file's text. Only a regular file is read (a FIFO would block forever, /dev/zero never
+    end), and at most MAX_CONFIG_BYTES of it."""
+    shown = _short_path(path)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"config file {shown} is not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {shown} is {info.st_size:,} bytes; a config is at most "
+                              f"{MAX_CONFIG_BYTES:,}")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {shown}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {shown} is over {MAX_CONFIG_BYTES:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config file {shown}: it is not UTF-8 text") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load YAML (configs/default.yaml when path is None) and apply dotted overrides like
     {"model.id": ...}."""
@@ -179,18 +232,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = DEFAULT_CONFIG
     if path is not None:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        text = _read_config(path)
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"config file {_short_path(path)} is not valid YAML: "
+                              f"{_show(str(exc).splitlines()[0])}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {_short_path(path)} is nested too deeply") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+            raise ConfigError(f"config file {_short_path(path)} must hold a mapping at the top level")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})

@@ -2,17 +2,37 @@
 
 Sizes are checked from the file header before any pixels are decoded, so an oversized
 image or a decompression bomb costs nothing. PIL's own bomb protection is left as it is.
+
+Only the formats in ALLOWED_FORMATS are opened, chosen by content (Pillow's `formats=`), never
+by the file's name: Pillow's other plugins include EPS (which runs Ghostscript), PSD, TIFF and a
+long tail of rarely used parsers, none of which a chat upload needs. Error messages never carry
+a path (beyond the file's own name) or a command line.
+
+An image larger than `max_kept_pixels` is reduced at load (JPEGs decode at a reduced scale
+directly), so what is kept per image is bounded by that, not by what the file declares: a few-KB
+6300x6300 1-bit PNG would otherwise become a 160 MB RGB image held for the whole session.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import re
 from pathlib import Path
 from typing import Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
+
+# PNG, JPEG, WebP, GIF. (Many camera JPEGs come back as "MPO", a JPEG with extra multi-picture
+# frames: Pillow's JPEG opener makes those, and the first frame is read as a plain JPEG.)
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+FORMAT_NAMES = "PNG, JPEG, WebP or GIF"
+# Past this many pixels an image is reduced at load (see the module docstring). 2048x2048: a
+# region a quarter of the image wide and high still has pipeline.crop_max_pixels (448x448).
+DEFAULT_MAX_KEPT_PIXELS = 2048 * 2048
+_PATH_LIKE = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"]*")
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -22,45 +42,68 @@ class ImageError(ValueError):
     """The input cannot be used as an image; the message is one sentence for the user."""
 
 
-def load_image(source: ImageSource, max_input_pixels: int) -> Image.Image:
-    """A fully loaded RGB copy of `source` (path, bytes or PIL image), upright, first frame.
+def load_image(source: ImageSource, max_input_pixels: int, *, max_file_mb: float | None = None,
+               max_kept_pixels: int | None = DEFAULT_MAX_KEPT_PIXELS) -> Image.Image:
+    """A fully loaded RGB copy of `source` (path, bytes or PIL image), upright, first frame,
+    reduced to at most `max_kept_pixels` pixels (None: kept at full size).
 
-    Raises ImageError for a missing file, data that is not a readable image, a
-    decompression bomb, or more than `max_input_pixels` pixels.
+    Raises ImageError for a missing file, a file over `max_file_mb`, data that is not an image
+    in ALLOWED_FORMATS, a decompression bomb, or more than `max_input_pixels` pixels.
     """
     if isinstance(source, Image.Image):
         _check_size(source.size, max_input_pixels)
-        return _to_rgb(source)
+        return _to_rgb(source, max_kept_pixels)
+    limit = None if max_file_mb is None else int(max_file_mb * 1024 * 1024)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError("The image data is empty.")
-        return _open(io.BytesIO(bytes(source)), "The image data", max_input_pixels)
+        if limit is not None and len(source) > limit:
+            raise ImageError(f"The image data is {len(source) / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
+        return _open(io.BytesIO(bytes(source)), "The image data", max_input_pixels, max_kept_pixels)
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"No image file at {str(path)!r}.")
-        if path.stat().st_size == 0:
-            raise ImageError(f"The image file {path.name!r} is empty.")
-        return _open(path, f"The file {path.name!r}", max_input_pixels)
+        name = _short(path.name)
+        try:
+            if not path.is_file():
+                raise ImageError(f"No image file at {_short(str(path))!r}.")
+            size = path.stat().st_size
+        except OSError as error:        # a name over NAME_MAX / PATH_MAX, a loop of links, ...
+            raise ImageError(f"Cannot open the image file {_short(str(path))!r}: "
+                             f"{error.strerror or errno.errorcode.get(error.errno, 'error')}.") from None
+        if size == 0:
+            raise ImageError(f"The image file {name!r} is empty.")
+        if limit is not None and size > limit:
+            raise ImageError(f"The file {name!r} is {size / 2**20:.1f} MB; the limit is {max_file_mb:g} MB.")
+        return _open(path, f"The file {name!r}", max_input_pixels, max_kept_pixels)
     raise ImageError(f"Cannot read an image from a {type(source).__name__}.")
 
 
-def _open(fp: io.BytesIO | Path, what: str, max_input_pixels: int) -> Image.Image:
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit // 2] + "..." + text[-(limit // 2):]
+
+
+def _reason(error: BaseException) -> str:
+    """An exception's message without paths (a plugin's OSError can name the server's file)."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return _short(_PATH_LIKE.sub("<file>", text), 120) or type(error).__name__
+
+
+def _open(fp: io.BytesIO | Path, what: str, max_input_pixels: int, max_kept_pixels: int | None) -> Image.Image:
     try:
         # `with` closes the file: the returned image is a converted copy, detached from it.
-        with Image.open(fp) as image:
+        with Image.open(fp, formats=ALLOWED_FORMATS) as image:
             _check_size(image.size, max_input_pixels)
-            return _to_rgb(image)
+            return _to_rgb(image, max_kept_pixels)
     except (ImageError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL raises past twice its limit (and warns past it, an error under `-W error`).
         raise ImageError(f"{what} declares an implausibly large size (a decompression bomb).") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{what} is not an image format that can be read.") from None
+        raise ImageError(f"{what} is not an image format that can be read (accepted: {FORMAT_NAMES}).") from None
     except Exception as error:
         # Mostly OSError; plugins can leak other types on odd headers.
-        raise ImageError(f"{what} could not be read ({error}).") from None
+        raise ImageError(f"{what} could not be read ({_reason(error)}).") from None
 
 
 def _check_size(size: tuple[int, int], max_input_pixels: int) -> None:
@@ -78,26 +121,57 @@ def _check_size(size: tuple[int, int], max_input_pixels: int) -> None:
                          f"the limit is {max_input_pixels:,}.")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Decode and convert to upright RGB; always returns a new image."""
+def _to_rgb(image: Image.Image, max_kept_pixels: int | None = None) -> Image.Image:
+    """Decode, reduce to max_kept_pixels and convert to upright RGB; always returns a new image."""
+    target = _kept_size(image.size, max_kept_pixels)
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)
+        if target is not None and image.format in ("JPEG", "MPO"):
+            image.draft(image.mode, target)     # decode at 1/2, 1/4 or 1/8 scale (not below target)
         image.load()
     except MemoryError:
         raise
     except Exception as error:
         # PIL plugins raise a zoo of types on corrupt data (OSError, SyntaxError,
         # struct.error, IndexError, ...): all mean the same thing to the user.
-        raise ImageError(f"The image data is damaged or truncated ({error}).") from None
+        raise ImageError(f"The image data is damaged or truncated ({_reason(error)}).") from None
+    source = image
     try:
-        upright = ImageOps.exif_transpose(image)
-    except Exception:
-        upright = image     # malformed EXIF: the pixels are still good, just maybe sideways
-    try:
+        if target is not None and image.size != target:
+            image = _reduce(image, target)
+        try:
+            upright = ImageOps.exif_transpose(image)
+        except Exception:
+            upright = image     # malformed EXIF: the pixels are still good, just maybe sideways
         return _convert(upright if upright is not None else image)
     except ValueError as error:
-        raise ImageError(f"The image's colour mode {image.mode} cannot be converted ({error}).") from None
+        raise ImageError(f"The image's colour mode {source.mode} cannot be converted ({_reason(error)}).") from None
+
+
+def _kept_size(size: tuple[int, int], max_kept_pixels: int | None) -> tuple[int, int] | None:
+    """The reduced size of an image over max_kept_pixels (aspect ratio kept), else None."""
+    width, height = size
+    if max_kept_pixels is None or width * height <= max_kept_pixels:
+        return None
+    scale = (max_kept_pixels / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _reduce(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """`image` resized to `target` (area-averaged), in a mode that keeps its look: 1-bit and
+    wide modes go to 8-bit grey first, palettes to RGB(A); the EXIF travels with it."""
+    info, mode = dict(image.info), image.mode
+    if image.mode in _WIDE_MODES:
+        image = _to_8bit(image)
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    reduced = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    keep = ("exif", "transparency") if image.mode == mode else ("exif",)
+    reduced.info = {k: v for k, v in info.items() if k in keep}
+    return reduced
 
 
 def _convert(image: Image.Image) -> Image.Image:

@@ -153,6 +153,48 @@ def test_ui_launcher_refuses_bad_configs_with_one_line(case, caplog, monkeypatch
     assert "\n" not in errors[0]
 
 
+def _launcher_error(caplog, monkeypatch, argv) -> str:
+    import logging
+
+    import chatbot.__main__ as launcher
+    monkeypatch.setattr(launcher, "private_gradio_folder", lambda: pytest.fail("got as far as serving"))
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    code = launcher.main(argv)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert code == 2 and len(errors) == 1 and "\n" not in errors[0], (code, errors)
+    return errors[0]
+
+
+def test_cli_and_launcher_special_inputs(tmp_path, capsys, caplog, monkeypatch):
+    """Inputs a corpus file cannot hold (issue 13, item 9): each one line and exit 2, in seconds:
+    a FIFO or /dev/zero as config (would block / read forever), an image path over PATH_MAX, a
+    CORGI_CACHE that cannot be used, a relative path to a file as model id (was 29 s of hub
+    retries), all before any model is loaded."""
+    import os
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    image = ["--image", str(QUESTION_IMAGE), "--question", "What is this?"]
+    for config in (fifo, "/dev/zero"):
+        code, _, err = cli(capsys, *image, "--config", str(config))
+        assert "is not a regular file" in error_line(code, err)
+        assert "is not a regular file" in _launcher_error(caplog, monkeypatch, ["--config", str(config)])
+    code, _, err = cli(capsys, "--image", "/" + "d/" * 3000 + "x.png", "--question", "What is this?")
+    line = error_line(code, err)
+    assert "File name too long" in line and len(line) < 300
+    monkeypatch.chdir(REPO)
+    for model in ("tests/server.py", "README.md"):
+        code, _, err = cli(capsys, *image, "--model", model)
+        assert f"model {model} is not a folder" in error_line(code, err)
+        assert f"model {model} is not a folder" in _launcher_error(caplog, monkeypatch, ["--model", model])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CORGI_CACHE", str(blocker / "cache"))
+    code, _, err = cli(capsys, *image, "--model", "tiny-qwen3-vl")
+    assert "the cache" in error_line(code, err) and "(CORGI_CACHE) is inside a file" in err
+    assert "(CORGI_CACHE) is inside a file" in _launcher_error(caplog, monkeypatch, ["--model", "tiny-qwen3-vl"])
+
+
 # ---- the UI -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

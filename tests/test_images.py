@@ -241,3 +241,88 @@ def test_image_digest():
     wide, tall = Image.frombytes("L", (6, 1), a.tobytes()), Image.frombytes("L", (3, 2), a.tobytes())
     assert image_digest(wide) != image_digest(tall)
     assert image_digest(wide) != digest
+
+
+# ---- formats by content, never by name (issue 13, item 2) ---------------------------------------
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n")
+
+
+@pytest.mark.parametrize("name, data", [
+    ("photo.png", EPS),                                             # Pillow would run Ghostscript on it
+    ("photo.jpg", None),                                            # a TIFF under a JPEG name
+    ("photo.webp", b"8BPS" + b"\x00" * 60),                         # a PSD header
+], ids=["eps-named-png", "tiff-named-jpg", "psd-named-webp"])
+def test_only_allowed_formats_open_whatever_the_name(tmp_path, name, data):
+    path = tmp_path / name
+    if data is None:
+        Image.new("RGB", (8, 8), RED).save(path, format="TIFF")
+    else:
+        path.write_bytes(data)
+    with pytest.raises(ImageError) as error:
+        load_image(path, LIMIT)
+    message = str(error.value)
+    assert "not an image format that can be read (accepted: PNG, JPEG, WebP or GIF)" in message, message
+    assert str(tmp_path) not in message and "gs " not in message
+    with pytest.raises(ImageError, match="not an image format"):
+        load_image(path.read_bytes(), LIMIT)
+
+
+def test_error_messages_carry_no_server_paths(tmp_path):
+    path = tmp_path / "deep" / ("x" * 300) / "photo.png"
+    with pytest.raises(ImageError) as error:
+        load_image(path, LIMIT)
+    assert len(str(error.value)) < 200                             # shortened, one line
+    with pytest.raises(ImageError, match="File name too long"):    # over NAME_MAX: no traceback
+        load_image("/" + "a" * 5000 + ".png", LIMIT)
+    big = tmp_path / "big.png"
+    save(Image.effect_noise((300, 300), 60).convert("L"), big)
+    with pytest.raises(ImageError, match=r"is 0\.\d MB; the limit is 0\.01 MB"):
+        load_image(big, LIMIT, max_file_mb=0.01)                   # image.max_file_mb is honoured
+
+
+# ---- memory per upload (issue 13, item 1) ---------------------------------------------------------
+
+def test_a_huge_sparse_png_is_reduced_at_load(tmp_path):
+    """A few-KB 6300x6300 1-bit PNG: kept at <= max_kept_pixels (aspect kept), not as the
+    160 MB RGB image its header implies."""
+    path = tmp_path / "huge-1bit.png"
+    image = Image.new("1", (6300, 4200), 1)
+    image.paste(0, (0, 0, 3150, 4200))                             # left half black
+    image.save(path, optimize=True)
+    assert path.stat().st_size < 20_000
+    result = load_image(path, LIMIT, max_kept_pixels=2048 * 2048)
+    assert result.mode == "RGB" and result.width * result.height <= 2048 * 2048
+    assert abs(result.width / result.height - 1.5) < 0.01
+    assert result.getpixel((10, 10)) == (0, 0, 0) and result.getpixel((result.width - 10, 10)) == WHITE
+    assert load_image(path, LIMIT, max_kept_pixels=None).size == (6300, 4200)    # opt-out kept
+
+
+@pytest.mark.parametrize("mode, suffix", [("RGB", "jpg"), ("P", "png"), ("I;16", "png"), ("RGBA", "webp")])
+def test_reduction_keeps_colours_orientation_and_transparency(tmp_path, mode, suffix):
+    base = Image.new("RGB", (400, 200), RED)
+    base.paste(BLUE, (200, 0, 400, 200))
+    if mode == "P":
+        image = base.quantize(4)
+    elif mode == "I;16":
+        image = Image.new("I;16", (400, 200), 65535)
+    elif mode == "RGBA":
+        image = base.convert("RGBA")
+        image.paste((0, 0, 0, 0), (0, 0, 200, 200))                # left half transparent
+    else:
+        image = base
+    exif = Image.Exif()
+    exif[0x0112] = 6                                               # turn 90 degrees to display
+    path = save(image, tmp_path / f"big.{suffix}", exif=exif.tobytes()) if suffix != "png" else \
+        save(image, tmp_path / f"big.{suffix}")
+    result = load_image(path, LIMIT, max_kept_pixels=5000)
+    assert result.width * result.height <= 5000
+    if suffix != "png":
+        assert result.width < result.height                        # upright: EXIF applied after reducing
+        top, bottom = result.getpixel((result.width // 2, 2)), result.getpixel((result.width // 2, result.height - 3))
+        assert close_to(top, WHITE if mode == "RGBA" else RED, 40) and close_to(bottom, BLUE, 40), (top, bottom)
+    elif mode == "P":
+        assert close_to(result.getpixel((2, 2)), RED) and close_to(result.getpixel((result.width - 3, 2)), BLUE)
+    else:
+        assert result.getpixel((2, 2)) == WHITE

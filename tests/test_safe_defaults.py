@@ -91,6 +91,9 @@ def test_launch_arguments(monkeypatch, tmp_path, caplog):
         monkeypatch.delenv(name)
     monkeypatch.setenv("CORGI_USERNAME", USER)
     monkeypatch.setenv("CORGI_PASSWORD", PASSWORD)
+    # Gradio serves GRADIO_ALLOWED_PATHS whenever allowed_paths is empty: it must not widen anything.
+    monkeypatch.setenv("GRADIO_ALLOWED_PATHS", "/etc,/")
+    caplog.set_level(logging.INFO)
     config = tmp_path / "app.yaml"
     config.write_text(CONFIG)
     assert launcher.main(["--config", str(config)]) == 0
@@ -98,14 +101,21 @@ def test_launch_arguments(monkeypatch, tmp_path, caplog):
     assert kwargs["server_name"] == "127.0.0.1"
     assert kwargs["auth"] == (USER, PASSWORD)
     assert kwargs["max_file_size"] == int(0.1 * 2 * 1024 * 1024)
-    assert kwargs["allowed_paths"] == [] and kwargs.get("blocked_paths") is None
+    folder = os.environ["GRADIO_TEMP_DIR"]
+    assert kwargs["allowed_paths"] == [folder] and kwargs.get("blocked_paths") is None
+    assert any("GRADIO_ALLOWED_PATHS is set and ignored" in r.getMessage() for r in caplog.records)
+    served = [r.getMessage() for r in caplog.records if "served files only from" in r.getMessage()]
+    assert served and served[-1].endswith(folder)
+    from chatbot.limits import Guard
+    (guard,) = kwargs["app_kwargs"]["middleware"]
+    assert guard.cls is Guard and guard.kwargs["files"] == folder
     assert kwargs["enable_monitoring"] is False and kwargs["share"] is False
     with pytest.raises(KeyboardInterrupt):             # SIGTERM stops it like Ctrl+C
         handlers[launcher.signal.SIGTERM](launcher.signal.SIGTERM, None)
-    folder = os.environ["GRADIO_TEMP_DIR"]
     assert Path(folder).name.startswith("corgi-chat-files-") and (os.stat(folder).st_mode & 0o077) == 0
 
     # Told otherwise: it serves where it is told, and warns when that is open without a login.
+    monkeypatch.delenv("GRADIO_ALLOWED_PATHS")
     monkeypatch.delenv("CORGI_USERNAME")
     monkeypatch.delenv("CORGI_PASSWORD")
     caplog.set_level(logging.INFO)
@@ -214,6 +224,47 @@ def test_uploads_far_over_the_limit_are_refused(server, session):
                           cookies=client.cookies)
     assert response.status_code == 200
     assert server.alive()
+
+
+def test_session_routes_need_the_login_and_api_inputs_are_checked(server, session):
+    """Routes Gradio leaves open that act on a session (closing a heartbeat frees that session;
+    cancel) need the login; an API call naming a file the server does not hold, or a null
+    slider, is refused with one 400 and no traceback in the log."""
+    client, _ = session
+    victim = client.session_hash
+    response = httpx.get(f"{server.url}/gradio_api/heartbeat/{victim}", timeout=10)
+    assert response.status_code == 401
+    response = httpx.post(f"{server.url}/gradio_api/cancel",
+                          json={"session_hash": victim, "fn_index": 0, "event_id": "x"})
+    assert response.status_code == 401
+    config = httpx.get(f"{server.url}/config", cookies=client.cookies).json()
+    fn = {d.get("api_name"): i for i, d in enumerate(config["dependencies"])}
+    for api, data, reason in [
+            ("set_image", [None, [{"path": str(REPO / "assets" / "shapes.png"), "meta": {"_type": "gradio.FileData"}}]],
+             "is not a file uploaded to this server"),
+            ("set_image", [None, "/etc/passwd"], "is not valid input"),
+            ("ask", [None, {"text": "q", "files": []}, None, 3, 48, 4, 48], "must be a number from 1 to 20, not None")]:
+        response = httpx.post(f"{server.url}/gradio_api/queue/join", cookies=client.cookies,
+                              json={"data": data, "fn_index": fn[api], "session_hash": victim})
+        assert response.status_code == 400 and reason in response.json()["detail"], (api, response.text)
+    out = client.predict(api_name="/stop")                     # nothing to stop: shows the session
+    assert list(out[5]) == ["turn 1"]                          # the victim's conversation is intact
+    assert "Traceback" not in server.log_text()
+
+
+def test_failed_logins_are_slowed_down(server, session):
+    """A few failed logins are free; then the address is locked out (HTTP 429, Retry-After),
+    the right password included, for twice as long each time."""
+    codes = []
+    for _ in range(12):
+        codes.append(httpx.post(server.url + "/login", data={"username": USER, "password": "wrong"}).status_code)
+        if codes[-1] == 429:
+            break
+    assert codes[-1] == 429 and set(codes[:-1]) <= {400}, codes
+    locked = httpx.post(server.url + "/login", data={"username": USER, "password": PASSWORD})
+    assert locked.status_code == 429 and int(locked.headers["retry-after"]) >= 1
+    assert "Too many failed logins" in locked.json()["detail"]
+    assert PASSWORD not in server.log_text()
 
 
 def test_stopping_the_server_removes_its_files(server, session):

@@ -81,7 +81,11 @@ def _resolve_path(model_id: str) -> str:
     else shaped like "org/name" is a hub id for from_pretrained."""
     from .tiny import ensure_tiny_checkpoint
     if model_source(model_id) == "tiny":
-        return str(ensure_tiny_checkpoint(model_id))
+        try:
+            return str(ensure_tiny_checkpoint(model_id))
+        except OSError as exc:      # the cache became unusable (disk full, permissions) while building
+            raise ModelLoadError(f"cannot build the twin {model_id} in its cache: "
+                                 f"{exc.strerror or type(exc).__name__}") from None
     return model_id
 
 
