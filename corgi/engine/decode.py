@@ -173,13 +173,16 @@ class Row:
 class Stepper(Protocol):
     """Feeds one token per row and returns the next logits; counts what it fed.
 
-    extend(ids [B, T]) feeds T tokens per row in one forward: logits [B, T, V] of every position.
+    extend(ids [B, T]) feeds T tokens per row in one forward: logits [B, T, V] of every position
+    (`spare`: columns a static bucket must leave free after it, for the steps still to come).
     keep(kept) then keeps the first kept[b] of them in row b (the rest are cut off or masked out);
-    `rewindable`: whether keep() can keep fewer than T."""
+    `rewindable`: whether keep() can keep fewer than T; `last_forwards`: the model forwards the
+    latest extend() + keep() took (1, or more where state had to be replayed)."""
     fed: int
     rewindable: bool
+    last_forwards: int
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...  # [B] -> [B, V]
-    def extend(self, ids: torch.Tensor) -> torch.Tensor: ...   # [B, T] -> [B, T, V]
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor: ...   # [B, T] -> [B, T, V]
     def keep(self, kept: list[int]) -> None: ...
 
 
@@ -200,6 +203,7 @@ class EagerStepper:
         # the kept tokens again; a batch of hybrid rows verifies no drafts.
         self.rewindable = not self.hybrid or next_positions.shape[0] == 1
         self._pending = None     # (ids [B, T], columns before, snapshot) of the last extend()
+        self.last_forwards = 1   # model forwards of the latest extend() and keep()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
@@ -215,7 +219,7 @@ class EagerStepper:
         self.fed += 1
         return logits
 
-    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
         rows, width = ids.shape
         offsets = torch.arange(width, device=ids.device)
         positions = (self.next_positions.view(-1, 1) + offsets).unsqueeze(0).expand(3, -1, -1)   # [3, B, T]
@@ -231,6 +235,7 @@ class EagerStepper:
             raise
         self.mask = mask
         self._pending = (ids, columns, snapshot)
+        self.last_forwards = 1
         return logits                                                          # [B, T, V]
 
     def keep(self, kept: list[int]) -> None:
@@ -242,6 +247,7 @@ class EagerStepper:
             if n < width:
                 if snapshot is not None:      # hybrid: back to the state before, feed the kept tokens again
                     state.restore(self.cache, snapshot)
+                    self.last_forwards += 1
                     positions = (self.next_positions + torch.arange(n, device=ids.device)).view(1, 1, -1).expand(3, 1, -1)
                     try:
                         forward(self.model, ids[:, :n], positions, self.cache)
@@ -276,7 +282,7 @@ class StaticStepper:
     def __init__(self, bucket):
         self.bucket, self.fed, self.broken = bucket, 0, False
         self.rewindable = bucket.rewindable
-        self._width = 0
+        self.last_forwards = 1      # model forwards of the latest extend() (and keep())
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self.bucket.step(tokens)
@@ -287,13 +293,14 @@ class StaticStepper:
         """Columns left in the bucket (a multi-token forward must fit)."""
         return self.bucket.room()
 
-    def extend(self, ids: torch.Tensor) -> torch.Tensor:
-        self._width = ids.shape[1]
-        return self.bucket.extend(ids)
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+        logits = self.bucket.extend(ids, spare)
+        self.last_forwards = self.bucket.last_forwards     # a hybrid bucket steps token by token
+        return logits
 
     def keep(self, kept: list[int]) -> None:
-        self.bucket.keep(kept, self._width)
-        self.fed += kept[0] if len(kept) == 1 else self._width
+        self.bucket.keep(kept)
+        self.fed += kept[0] if len(kept) == 1 else self.bucket.last_width
 
 
 class TokenFetch:
@@ -374,11 +381,12 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             continue
         # What each live row adds after its token: forced tokens (already accepted) or drafts,
         # as many as fit the row's budget and the stepper's columns.
-        columns = max_new_tokens
+        columns, spare = max_new_tokens, 0
         if hasattr(stepper, "room"):
             # A static bucket: the chunk must fit, and with several rows the columns a row does
             # not keep stay used, so the one-token steps still to come must fit after it.
             need = max((max_new_tokens - row.count for row in rows if not row.done), default=0)
+            spare = 0 if batch == 1 else max(need - 1, 0)
             columns = stepper.room() - (1 if batch == 1 else need)
         forced: list[list[int]] = [[] for _ in rows]
         drafts: list[list[int]] = [[] for _ in rows]
@@ -404,8 +412,7 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             ids[b, 0] = values[b]
             if extra:
                 ids[b, 1:1 + len(extra)] = torch.tensor(extra, dtype=torch.long)
-        every = stepper.extend(ids.to(device))                               # [B, T, V]
-        tally.model_steps += 1
+        every = stepper.extend(ids.to(device), spare)                        # [B, T, V]
         # Decide every row first, cut the stepper back, then yield (a generator closed while
         # yielding must leave the stepper's count true).
         out: list[list[int]] = [[] for _ in rows]
@@ -429,6 +436,7 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             kept.append(1 + len(out[b]))
             nxt.append(every[b, len(out[b])])
         stepper.keep(kept)
+        tally.model_steps += stepper.last_forwards
         logits = torch.stack(nxt)                                            # [B, V]
         for b, row in enumerate(rows):
             for token in out[b]:

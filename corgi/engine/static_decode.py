@@ -32,6 +32,7 @@ from .linear_attention import (fused_delta_rule_available, gated_attention_layer
 
 LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
+WIDTH_BUCKETS = (2, 4, 8, 16, 32)       # multi-token forwards (jump-forward chunks, drafts)
 CAPACITY_BUCKETS = (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
@@ -231,7 +232,7 @@ class Bucket:
     """Static buffers (and, on CUDA, the captured graph) for B rows x C columns.
 
     `extend(ids [B, T])` feeds T tokens per row in one forward (`layer_extend`; on CUDA one graph
-    per T, captured on first use); `keep(kept, T)` then keeps the first kept[b] of them."""
+    per padded width, captured on first use); `keep(kept)` then keeps the first kept[b] of them."""
     rewindable = True
 
     def __init__(self, stack: TextStack, batch: int, capacity: int, device, dtype, layer_fn, extend_fn=None):
@@ -252,6 +253,7 @@ class Bucket:
         self.dtype = dtype
         self.columns = torch.arange(capacity, device=device)                  # [C]
         self.wide: dict[int, tuple] = {}       # T -> (ids [B, T], graph, logits [B, T, V]) on CUDA
+        self.last_width, self.last_forwards = 0, 0      # of the latest extend()
 
     def _step(self) -> torch.Tensor:
         s = self.stack
@@ -325,32 +327,37 @@ class Bucket:
         """Columns left for new tokens."""
         return self.capacity - int(self.write)
 
-    def extend(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [rows, T] -> logits [rows, T, V], a copy the caller may mask in place."""
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+        """ids [rows, T] -> logits [rows, T, V], a copy the caller may mask in place. T is padded
+        up to a width of WIDTH_BUCKETS (one compilation and one graph per width, not per T) where
+        `spare` columns stay free after it: the padding's columns are dropped by keep() like
+        rejected drafts."""
         rows, width = ids.shape
         if width > self.room():
             raise ValueError(f"{width} tokens do not fit the {self.room()} columns left")
+        padded = next((w for w in WIDTH_BUCKETS if width <= w <= self.room() - spare), width)
+        self.last_width, self.last_forwards = padded, 1
         with torch.inference_mode():
             if self.graph is not None:
-                if width not in self.wide:
-                    self.wide[width] = self._capture_extend(width)
-                buffer, graph, logits = self.wide[width]
+                if padded not in self.wide:
+                    self.wide[padded] = self._capture_extend(padded)
+                buffer, graph, logits = self.wide[padded]
                 buffer.zero_()
-                buffer[:rows].copy_(ids)
+                buffer[:rows, :width].copy_(ids)
                 graph.replay()
-                logits = logits[:rows]
+                logits = logits[:rows, :width]
             else:
-                full = ids.new_zeros((self.batch, width))
-                full[:rows] = ids
-                logits = self._extend(full)[:rows]
+                full = ids.new_zeros((self.batch, padded))
+                full[:rows, :width] = ids
+                logits = self._extend(full)[:rows, :width]
         return logits.clone()
 
     @torch.inference_mode()
-    def keep(self, kept: list[int], width: int) -> None:
-        """After extend(): row b keeps the first kept[b] of its `width` tokens. One row: the write
-        column and position go back to just after them. Several rows share the write column: a
-        row's other columns are masked out and its positions continue after its kept tokens."""
-        rows = len(kept)
+    def keep(self, kept: list[int]) -> None:
+        """After extend(): row b keeps the first kept[b] of its tokens. One row: the write column
+        and position go back to just after them. Several rows share the write column: a row's
+        other columns are masked out and its positions continue after its kept tokens."""
+        rows, width = len(kept), self.last_width
         start = int(self.write) - width
         if rows == 1:
             drop = width - kept[0]
@@ -446,13 +453,14 @@ class HybridBucket(Bucket):
         self.write.add_(1)
         return logits
 
-    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
         if ids.shape[1] > self.room():
             raise ValueError(f"{ids.shape[1]} tokens do not fit the {self.room()} columns left")
+        self.last_width = self.last_forwards = ids.shape[1]
         return torch.stack([self.step(ids[:, t]) for t in range(ids.shape[1])], dim=1)   # [B, T, V]
 
-    def keep(self, kept: list[int], width: int) -> None:
-        if any(n != width for n in kept):
+    def keep(self, kept: list[int]) -> None:
+        if any(n != self.last_width for n in kept):
             raise ValueError("a hybrid bucket cannot take tokens back (its linear states moved on)")
 
     @torch.inference_mode()
