@@ -179,7 +179,8 @@ class Engine:
             stepper = decode.EagerStepper(self.lm.model, conv.kv,
                                           torch.tensor([start + conv.rope_delta], device=self.lm.device))
         row = decode.Row(self._row_constraints(constraint, min_new_tokens),
-                         jump_forward=self.jump_forward and hasattr(constraint, "forced"),
+                         jump_forward=self.jump_forward and hasattr(constraint, "forced")
+                         and (bucket is None or bucket.multi_token),
                          lookup=self._lookup(conv.token_ids, sampling))
         tally = decode.Tally()
         try:
@@ -212,7 +213,8 @@ class Engine:
 
     @property
     def jump_forward(self) -> bool:
-        """pipeline.jump_forward: the grammar's forced tokens go in without model steps."""
+        """pipeline.jump_forward: the grammar's forced tokens go in without model steps (not on a
+        hybrid static bucket, which feeds several tokens one step at a time)."""
         return self.config.pipeline.jump_forward
 
     def _lookup(self, context: list[int], sampling: Sampling) -> decode.PromptLookup | None:

@@ -234,6 +234,7 @@ class Bucket:
     `extend(ids [B, T])` feeds T tokens per row in one forward (`layer_extend`; on CUDA one graph
     per padded width, captured on first use); `keep(kept)` then keeps the first kept[b] of them."""
     rewindable = True
+    multi_token = True        # extend() is one forward: T tokens cost about one step's weight reads
 
     def __init__(self, stack: TextStack, batch: int, capacity: int, device, dtype, layer_fn, extend_fn=None):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
@@ -417,8 +418,10 @@ class HybridBucket(Bucket):
 
     extend() runs one step per token (the recurrent states move token by token; exact, but no
     fewer weight reads), and keep() keeps everything: the linear states cannot go back, so a
-    hybrid bucket verifies no drafts (jump-forward only)."""
+    hybrid bucket verifies no drafts, and the engine uses no jump-forward on it (it would save no
+    weight reads and lose the overlap of host work with the GPU)."""
     rewindable = False
+    multi_token = False
 
     def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn,
                  fused: bool = False, extend_fn=None):
