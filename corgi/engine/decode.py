@@ -355,7 +355,6 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
         if done_t is not None:
             tokens = torch.where(done_t, torch.full_like(tokens, pad_id), tokens)
         fetch.start(tokens)
-        values = None
         last = all(row.done or row.count + 1 >= max_new_tokens for row in rows)
         if overlap and not last:
             logits = stepper.step(tokens)
