@@ -181,7 +181,7 @@ class Engine:
         row = decode.Row(self._row_constraints(constraint, min_new_tokens),
                          jump_forward=self.jump_forward and hasattr(constraint, "forced")
                          and (bucket is None or bucket.multi_token),
-                         lookup=self._lookup(conv.token_ids, sampling))
+                         lookup=self._lookup(conv.token_ids, sampling) if stepper.rewindable else None)
         tally = decode.Tally()
         try:
             for _, token in decode.decode_rows(logits, [row], stepper, max_new_tokens,
@@ -366,7 +366,9 @@ class Engine:
             stepper = decode.StaticStepper(bucket)
         else:
             stepper = decode.EagerStepper(lm.model, cache, next_pos, attention_mask=mask)
-        decode_rows = [decode.Row(self._row_constraints(None, min_new_tokens), lookup=self._lookup(row, sampling))
+        # Drafts only where the stepper can take rejected tokens back (not hybrid batches or buckets).
+        decode_rows = [decode.Row(self._row_constraints(None, min_new_tokens),
+                                  lookup=self._lookup(row, sampling) if stepper.rewindable else None)
                        for row in rows]
         tally = decode.Tally()
         try:
