@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -38,7 +37,6 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.gpu_pipeline import FOLLOW_UP, QUESTION, W1, W2, Geometry, test_image  # noqa: E402
-from corgi import boxes  # noqa: E402
 from corgi.config import load_config  # noqa: E402
 from corgi.engine.engine import Engine  # noqa: E402
 from corgi.pipeline import ChatSession  # noqa: E402
