@@ -266,3 +266,105 @@ def run_script(parse_args, run, print_report, argv=None) -> dict:
     print_report(data)
     print(f"wrote {write_json(args.out, data)}")
     return data
+
+
+# ---- scripted output under the real grammar (jump-forward measurements) --------------------
+
+class GrammarScript:
+    """A constraint that makes the model write `text` (the canonical tokens of what is left of
+    it: every other logit is -inf) while the phase's real grammar decoder follows along: so
+    jump-forward (`forced()`, from the real grammar) and prompt-lookup drafts (kept when they
+    match the script) act exactly as they would on a model that wrote this text. The same text
+    whichever way it is decoded, so arms with the switches on and off do the same work."""
+
+    def __init__(self, decoder, tokenizer, text: str):
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.data, self.pos = text.encode("utf-8"), 0
+        self.pieces = decoder.cache.decoded_vocab
+        self._next: dict[int, int] = {}          # byte position -> the script's token there
+
+    def _token(self) -> int:
+        token = self._next.get(self.pos)
+        if token is None:       # after a forced chunk that ended inside one of our tokens
+            ids = self.tokenizer.encode(self.data[self.pos:].decode("utf-8"), add_special_tokens=False)
+            at = self.pos
+            for tid in ids:
+                self._next.setdefault(at, tid)
+                at += len(self.pieces[tid])
+            token = self._next[self.pos]
+        return token
+
+    @torch.inference_mode()
+    def mask(self, logits: torch.Tensor) -> None:       # logits [1, V]
+        token = self._token()
+        logits.fill_(float("-inf"))
+        logits[..., token] = 0.0
+
+    def accept(self, token: int) -> bool:
+        piece = self.pieces[token]
+        if self.data[self.pos:self.pos + len(piece)] != piece or not self.decoder.accept(token):
+            return False
+        self.pos += len(piece)
+        return True
+
+    def forced(self) -> list[int]:
+        return self.decoder.forced()
+
+    def is_finished(self) -> bool:
+        return self.decoder.is_finished()
+
+    def __getattr__(self, name):        # text(), completion_text(), finish(): the decoder's
+        return getattr(self.decoder, name)
+
+
+def _fill_text(engine: Engine, n_tokens: int) -> str:
+    filler = engine.encode_text(FILLER)
+    while len(filler) < n_tokens:
+        filler = filler + filler
+    return engine.decode_text(filler[:max(n_tokens, 0)])
+
+
+def reasoning_text(engine: Engine, convention: BoxConvention, n_tokens: int, boxes) -> str:
+    """<think>filler</think>\\n{"steps": [...]} of about n_tokens (canonical tokens), one object
+    step per box: the grammar's own separators (json.dumps spells them the same way)."""
+    head, tail = _reasoning_parts(convention, len(boxes), boxes)
+    fixed = len(engine.encode_text(head)) + len(engine.encode_text(tail))
+    return head + _fill_text(engine, n_tokens - fixed) + tail
+
+
+def synthesis_text(engine: Engine, convention: BoxConvention, n_tokens: int, boxes) -> str:
+    """{"answer", "explanation", "key_evidence": [up to 3 items with boxes]} of about n_tokens,
+    within the grammar's string limits: the explanation takes filler up to its limit, then each
+    item's description, then the answer."""
+    from corgi.formats import MAX_EXPLANATION_CHARS, MAX_KEY_EVIDENCE, MAX_STRING_CHARS
+
+    def build(expl: str, descs: list[str]) -> str:
+        items = [{"description": d, "bbox_2d": _native(b, convention)} for d, b in zip(descs, boxes)]
+        return json.dumps({"answer": "red", "explanation": expl, "key_evidence": items})
+
+    fill = _fill_text(engine, n_tokens + 8)
+    n_items = min(MAX_KEY_EVIDENCE, len(boxes))
+    expl, descs = "", ["" for _ in range(n_items)]
+    for i in range(len(fill)):
+        if len(engine.encode_text(build(expl, descs))) >= n_tokens:
+            break
+        if len(expl) < MAX_EXPLANATION_CHARS - 10:
+            expl = fill[:len(expl) + 1]
+        else:
+            j = next((j for j, d in enumerate(descs) if len(d) < MAX_STRING_CHARS - 10), None)
+            if j is None:
+                break
+            descs[j] = fill[:len(descs[j]) + 1]
+    return build(expl.strip() or "x", [d.strip() or "x" for d in descs])
+
+
+class GrammarScriptEngine(ForcedEngine):
+    """ForcedEngine whose phase 1+2 / 4 scripts (`texts[phase]`) run under the real grammar."""
+
+    def __init__(self, loaded: LoadedModel, config):
+        super().__init__(loaded, config)
+        self.texts: dict[str, str] = {}
+
+    def constraint(self, phase, settings, convention, images=()):
+        return GrammarScript(Engine.constraint(self, phase, settings, convention, images),
+                             self.lm.tokenizer, self.texts[phase])

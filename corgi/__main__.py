@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="re-encode and re-read everything per phase")
     run.add_argument("--plain-answer", action="store_true",
                      help="also answer each question plainly (one phase from the same warm prefix), for comparison")
+    run.add_argument("--no-jump-forward", action="store_true",
+                     help="one model step per token even where the grammar forces the text")
+    run.add_argument("--no-prompt-lookup", action="store_true",
+                     help="no prompt-lookup drafts (greedy output is the same either way)")
     run.add_argument("--verbose", action="store_true", help="with --json, stream the phases to stderr")
     return parser
 
@@ -83,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["cache.enabled"] = False
     if args.plain_answer:
         overrides["pipeline.plain_answer"] = True
+    if args.no_jump_forward:
+        overrides["pipeline.jump_forward"] = False
+    if args.no_prompt_lookup:
+        overrides["pipeline.prompt_lookup"] = False
     try:
         config = load_config(args.config, overrides)
         for q in [args.question, *args.followup]:

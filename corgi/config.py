@@ -82,6 +82,12 @@ class PipelineConfig:
     # (structured output) or the family's no-thinking prompt form (Qwen3.5 opens <think> itself).
     thinking: bool = True
     structured_output: bool = True       # grammar-constrained phases 1+2 and 4
+    # Jump-forward: where the grammar allows one continuation only (keys, quotes, brackets), its
+    # tokens go in as one multi-token forward instead of one model step each.
+    jump_forward: bool = True
+    # Prompt-lookup drafts (greedy only): tokens copied from the context are verified several
+    # per forward; the output is what one-token steps give.
+    prompt_lookup: bool = True
     temperature: float = 0.0             # 0 = greedy
     top_p: float = 1.0
     seed: int = 0

@@ -106,6 +106,12 @@ class CacheStats:
     prefix_tokens_reused: int = 0      # of those, tokens whose K/V came from the cache
     region_vision_hits: int = 0        # phase 3 crops found in the vision cache
     region_vision_misses: int = 0      # phase 3 crops sent through the vision tower
+    # The decode loops (every phase; a batch of rows counts one model step per forward):
+    decode_model_steps: int = 0        # forwards after the prefills (one-token steps + multi-token)
+    decode_output_tokens: int = 0      # tokens they produced, all rows
+    forced_tokens: int = 0             # of those, forced by the grammar (jump-forward: no model step)
+    drafted_tokens: int = 0            # prompt-lookup drafts verified
+    accepted_drafts: int = 0           # of those, kept (equal to what one-token steps give)
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)

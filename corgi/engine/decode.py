@@ -12,6 +12,14 @@ after the image use the same value on all three rows, `index + rope_delta`.
 conversation), phase 3 with one row per region crop. Each row carries its own constraints
 (grammar, minimum length) and stop state; the stepper is either the eager HF step over a
 DynamicCache or a static compiled bucket (engine/static_decode.py).
+
+Fewer model steps than tokens, in the same loop (greedy output is unchanged by the second):
+  - jump-forward: where a row's grammar allows exactly one continuation, its tokens
+    (`Constraint.forced()`, canonically tokenised, the last ones held back) go in with the
+    sampled token as one multi-token forward, `stepper.extend(ids [B, 1+m])`;
+  - prompt lookup: a row's `PromptLookup` drafts the k tokens that followed the latest earlier
+    occurrence of its last n-gram; [token, d1..dk] is one forward, draft j is kept while it is
+    the masked argmax of the logits before it, and `stepper.keep()` cuts the rest off.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from typing import Iterator, Protocol, Sequence
 import torch
 from transformers import DynamicCache
 
+from . import state
 from .vision import EncoderOutput
 
 
@@ -39,16 +48,17 @@ def text_positions(start: int, stop: int, delta: int | torch.Tensor, batch: int,
 @torch.inference_mode()
 def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
             attention_mask: torch.Tensor | None = None,
-            images: EncoderOutput | None = None) -> torch.Tensor:
-    """Run input_ids [B, T] on top of `cache` (extended in place); logits [B, V] of the last position.
+            images: EncoderOutput | None = None, every_position: bool = False) -> torch.Tensor:
+    """Run input_ids [B, T] on top of `cache` (extended in place); logits [B, V] of the last position
+    ([B, T, V] of every position with every_position: a multi-token decode forward).
 
     Only the last position goes through lm_head: a 1500-token prefill would otherwise build a
     [1500, 151k] logits tensor nobody reads."""
     out = model.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
                       attention_mask=attention_mask, use_cache=True,
                       mm_encoder_outputs={"image": images} if images is not None else None)
-    hidden = out.last_hidden_state[:, -1]          # [B, hidden]
-    return model.lm_head(hidden).float()           # [B, V]
+    hidden = out.last_hidden_state if every_position else out.last_hidden_state[:, -1]   # [B, (T,) hidden]
+    return model.lm_head(hidden).float()           # [B, (T,) V]
 
 
 class Sampler:
@@ -75,7 +85,8 @@ class Sampler:
 
 
 class Constraint(Protocol):
-    """What a row's constraint does each step (grammar.ConstrainedDecoder is one)."""
+    """What a row's constraint does each step (grammar.ConstrainedDecoder is one). It may also
+    have `forced() -> list[int]`: tokens it allows as the only continuation (jump-forward)."""
     def mask(self, logits: torch.Tensor) -> None: ...          # logits [1, V], in place
     def accept(self, token: int) -> bool: ...
     def is_finished(self) -> bool: ...
@@ -100,17 +111,79 @@ class MinLength:
         return False
 
 
+DRAFT_TOKENS = 4        # prompt-lookup drafts verified per forward
+
+
+class PromptLookup:
+    """Draft tokens from the row's own context (prompt-lookup decoding, no draft model): the k
+    tokens that followed the latest earlier occurrence of the context's last n tokens, for the
+    longest n in `ngrams` that occurred before. One dict per n maps an n-gram to the index just
+    after its latest occurrence, so `push` and `draft` cost O(n), not a scan of the context."""
+
+    def __init__(self, context: Sequence[int], k: int = 4, ngrams: Sequence[int] = (3, 2)):
+        self.k, self.ngrams = k, tuple(sorted(ngrams, reverse=True))
+        self.ids: list[int] = []
+        self.index: dict[int, dict[tuple, int]] = {n: {} for n in self.ngrams}
+        self.found: dict[int, int | None] = {n: None for n in self.ngrams}
+        for token in context:
+            self.push(token)
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        end = len(self.ids)
+        for n in self.ngrams:
+            if end >= n:
+                key = tuple(self.ids[end - n:])
+                self.found[n] = self.index[n].get(key)     # an earlier occurrence, before this one
+                self.index[n][key] = end
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to min(k, limit) tokens to verify (empty: no n-gram seen before)."""
+        for n in self.ngrams:
+            start = self.found[n]
+            if start is not None:
+                return self.ids[start:start + min(self.k, limit)]
+        return []
+
+
+@dataclass
+class Tally:
+    """What the decode loop did: model forwards (one step or one multi-token forward each,
+    over all rows), tokens yielded (all rows), of which forced by the grammar (jump-forward)
+    or drafts accepted; drafts proposed."""
+    model_steps: int = 0
+    output_tokens: int = 0
+    forced_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+
+
 @dataclass
 class Row:
-    """One sequence being decoded: its constraints and whether it has stopped."""
+    """One sequence being decoded: its constraints and whether it has stopped. jump_forward:
+    take the grammar's forced tokens without model steps; lookup: verify prompt-lookup drafts
+    (greedy only)."""
     constraints: list[Constraint] = field(default_factory=list)
     done: bool = False
+    jump_forward: bool = False
+    lookup: PromptLookup | None = None
+    count: int = 0                 # tokens yielded
 
 
 class Stepper(Protocol):
-    """Feeds one token per row and returns the next logits; counts what it fed."""
+    """Feeds one token per row and returns the next logits; counts what it fed.
+
+    extend(ids [B, T]) feeds T tokens per row in one forward: logits [B, T, V] of every position
+    (`spare`: columns a static bucket must leave free after it, for the steps still to come).
+    keep(kept) then keeps the first kept[b] of them in row b (the rest are cut off or masked out);
+    `rewindable`: whether keep() can keep fewer than T; `last_forwards`: the model forwards the
+    latest extend() + keep() took (1, or more where state had to be replayed)."""
     fed: int
+    rewindable: bool
+    last_forwards: int
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...  # [B] -> [B, V]
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor: ...   # [B, T] -> [B, T, V]
+    def keep(self, kept: list[int]) -> None: ...
 
 
 class EagerStepper:
@@ -125,6 +198,12 @@ class EagerStepper:
         self.next_positions = next_positions.clone()
         self.fed = 0
         self.broken = False      # a forward failed part-way: the cache matches no prefix
+        self.hybrid = any(state.is_linear(layer) for layer in cache.layers)
+        # Hybrid rows cannot cut linear state back: one row goes back to a snapshot and feeds
+        # the kept tokens again; a batch of hybrid rows verifies no drafts.
+        self.rewindable = not self.hybrid or next_positions.shape[0] == 1
+        self._pending = None     # (ids [B, T], columns before, snapshot) of the last extend()
+        self.last_forwards = 1   # model forwards of the latest extend() and keep()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
@@ -140,17 +219,88 @@ class EagerStepper:
         self.fed += 1
         return logits
 
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+        rows, width = ids.shape
+        offsets = torch.arange(width, device=ids.device)
+        positions = (self.next_positions.view(-1, 1) + offsets).unsqueeze(0).expand(3, -1, -1)   # [3, B, T]
+        columns = self._columns()
+        snapshot = state.take_snapshot(self.cache, columns) if self.hybrid and self.rewindable else None
+        mask = self.mask
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((rows, width))], dim=1)
+        try:
+            logits = forward(self.model, ids, positions, self.cache, attention_mask=mask, every_position=True)
+        except BaseException:
+            self.broken = True
+            raise
+        self.mask = mask
+        self._pending = (ids, columns, snapshot)
+        self.last_forwards = 1
+        return logits                                                          # [B, T, V]
+
+    def keep(self, kept: list[int]) -> None:
+        ids, columns, snapshot = self._pending
+        self._pending = None
+        rows, width = ids.shape
+        if rows == 1:
+            n = kept[0]
+            if n < width:
+                if snapshot is not None:      # hybrid: back to the state before, feed the kept tokens again
+                    state.restore(self.cache, snapshot)
+                    self.last_forwards += 1
+                    positions = (self.next_positions + torch.arange(n, device=ids.device)).view(1, 1, -1).expand(3, 1, -1)
+                    try:
+                        forward(self.model, ids[:, :n], positions, self.cache)
+                    except BaseException:
+                        self.broken = True
+                        raise
+                else:
+                    state.cut_attention(self.cache, columns + n)
+                if self.mask is not None:
+                    self.mask = self.mask[:, :columns + n]
+            self.next_positions += n
+            self.fed += n
+            return
+        # Several rows share the cache's columns: the ones a row did not keep are masked out.
+        if self.mask is None:
+            self.mask = torch.ones((rows, columns + width), dtype=torch.long, device=ids.device)
+        for b, n in enumerate(kept):
+            self.mask[b, columns + n:columns + width] = 0
+        self.next_positions += torch.tensor(kept, device=self.next_positions.device)
+        self.fed += width
+
+    def _columns(self) -> int:
+        for layer in self.cache.layers:
+            if not state.is_linear(layer) and getattr(layer, "is_initialized", False):
+                return layer.get_seq_length()
+        return 0
+
 
 class StaticStepper:
     """A static bucket (engine/static_decode.py): compiled step, CUDA graph on GPUs."""
 
     def __init__(self, bucket):
         self.bucket, self.fed, self.broken = bucket, 0, False
+        self.rewindable = bucket.rewindable
+        self.last_forwards = 1      # model forwards of the latest extend() (and keep())
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self.bucket.step(tokens)
         self.fed += 1
         return logits
+
+    def room(self) -> int:
+        """Columns left in the bucket (a multi-token forward must fit)."""
+        return self.bucket.room()
+
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+        logits = self.bucket.extend(ids, spare)
+        self.last_forwards = self.bucket.last_forwards     # a hybrid bucket steps token by token
+        return logits
+
+    def keep(self, kept: list[int]) -> None:
+        self.bucket.keep(kept)
+        self.fed += kept[0] if len(kept) == 1 else self.bucket.last_width
 
 
 class TokenFetch:
@@ -174,22 +324,29 @@ class TokenFetch:
 
 def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new_tokens: int,
                 sample: Sampler, stop_ids: Sequence[int], pad_id: int,
-                overlap: bool = False) -> Iterator[tuple[int, int]]:
+                overlap: bool = False, tally: Tally | None = None) -> Iterator[tuple[int, int]]:
     """The decode loop. logits [B, V] after each row's prompt. Yields (row, token) for every
-    row still running; a row stops at a stop token or when its constraints are finished; the
-    loop ends when all rows stopped or after max_new_tokens steps.
+    row still running; a row stops at a stop token, when its constraints are finished, or after
+    max_new_tokens tokens; the loop ends when all rows stopped.
 
-    overlap (CUDA, static bucket): the next step is launched before the host reads this
-    step's tokens, so the CPU work per token (grammar, detokenising, the caller) runs while
-    the GPU computes. Closing the generator stops at once; `stepper.fed` says how many
-    tokens per row reached the cache."""
+    Each iteration samples one token per row; then, where a row has more to add, the next model
+    call feeds [token, more...] as one multi-token forward instead of a one-token step: the
+    grammar's forced tokens (Row.jump_forward) or prompt-lookup drafts (Row.lookup; kept while
+    each is the masked argmax before it, so greedy output is what one-token steps give).
+
+    overlap (CUDA, static bucket, rows without jump-forward or lookup): the next step is launched
+    before the host reads this step's tokens, so the CPU work per token (grammar, detokenising,
+    the caller) runs while the GPU computes. Closing the generator stops at once; `stepper.fed`
+    says how many tokens per row reached the cache."""
     device = logits.device
     batch = len(rows)
+    tally = tally if tally is not None else Tally()
     fetch = TokenFetch(batch, device)
     stop = set(stop_ids)
+    greedy = sample.temperature <= 0
+    overlap = overlap and not any(row.jump_forward or row.lookup for row in rows)
     done_t = None                                    # [B] bool on the device, once a row ends
-    for i in range(max_new_tokens):
-        last = i == max_new_tokens - 1
+    while True:
         for b, row in enumerate(rows):
             if not row.done:
                 for constraint in row.constraints:
@@ -198,26 +355,130 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
         if done_t is not None:
             tokens = torch.where(done_t, torch.full_like(tokens, pad_id), tokens)
         fetch.start(tokens)
+        last = all(row.done or row.count + 1 >= max_new_tokens for row in rows)
         if overlap and not last:
             logits = stepper.step(tokens)
+            tally.model_steps += 1
         values = fetch.wait()
         ended = False
         for b, row in enumerate(rows):
             if row.done:
                 continue
             token = values[b]
-            finished = token in stop
-            if not finished:
-                for constraint in row.constraints:
-                    if not constraint.accept(token):   # cannot happen after mask(); never silently
-                        raise RuntimeError(f"a constraint refused token {token} that its own mask allowed")
-                    finished = finished or constraint.is_finished()
+            finished = token in stop or not _take(row, token, stop)
+            row.count += 1          # forced tokens and drafts never reach past the budget
+            finished = finished or row.count >= max_new_tokens
             row.done = finished
             ended = ended or finished
+            tally.output_tokens += 1
             yield b, token
-        if all(row.done for row in rows) or last:
+        if all(row.done for row in rows):
             return
         if ended:
             done_t = torch.tensor([row.done for row in rows], device=device)
-        if not overlap:
+        if overlap:
+            continue
+        # What each live row adds after its token: forced tokens (already accepted) or drafts,
+        # as many as fit the row's budget and the stepper's columns.
+        columns, spare = max_new_tokens, 0
+        if hasattr(stepper, "room"):
+            # A static bucket: the chunk must fit, and with several rows the columns a row does
+            # not keep stay used, so the one-token steps still to come must fit after it.
+            need = max((max_new_tokens - row.count for row in rows if not row.done), default=0)
+            spare = 0 if batch == 1 else max(need - 1, 0)
+            columns = stepper.room() - (1 if batch == 1 else need)
+        forced: list[list[int]] = [[] for _ in rows]
+        drafts: list[list[int]] = [[] for _ in rows]
+        for b, row in enumerate(rows):
+            limit = min(max_new_tokens - row.count, columns)
+            if row.done or limit <= 0:
+                continue
+            if row.jump_forward:
+                forced[b] = _accept_forced(row, limit, stop)
+            if not forced[b] and row.lookup is not None and greedy and stepper.rewindable:
+                drafts[b] = row.lookup.draft(limit)
+                cut = next((i for i, t in enumerate(drafts[b]) if t in stop), None)
+                if cut is not None:
+                    drafts[b] = drafts[b][:cut]
+        width = 1 + max(len(f) + len(d) for f, d in zip(forced, drafts))
+        if width == 1:
             logits = stepper.step(tokens)
+            tally.model_steps += 1
+            continue
+        ids = torch.full((batch, width), pad_id, dtype=torch.long)             # [B, T]
+        for b in range(batch):
+            extra = forced[b] + drafts[b]
+            ids[b, 0] = values[b]
+            if extra:
+                ids[b, 1:1 + len(extra)] = torch.tensor(extra, dtype=torch.long)
+        every = stepper.extend(ids.to(device), spare)                        # [B, T, V]
+        # Decide every row first, cut the stepper back, then yield (a generator closed while
+        # yielding must leave the stepper's count true).
+        out: list[list[int]] = [[] for _ in rows]
+        kept, nxt = [], []
+        for b, row in enumerate(rows):
+            if forced[b]:
+                out[b] = forced[b]
+                tally.forced_tokens += len(forced[b])
+            elif drafts[b]:
+                tally.drafted_tokens += len(drafts[b])
+                for j, token in enumerate(drafts[b]):
+                    here = every[b, j:j + 1].clone()                         # [1, V] before draft j
+                    for constraint in row.constraints:
+                        constraint.mask(here)
+                    if int(sample(here)[0]) != token:
+                        break
+                    out[b].append(token)
+                    if not _take(row, token, stop):
+                        break
+                tally.accepted_drafts += len(out[b])
+            kept.append(1 + len(out[b]))
+            nxt.append(every[b, len(out[b])])
+        stepper.keep(kept)
+        tally.model_steps += stepper.last_forwards
+        logits = torch.stack(nxt)                                            # [B, V]
+        for b, row in enumerate(rows):
+            for token in out[b]:
+                row.count += 1
+                tally.output_tokens += 1
+                row.done = row.count >= max_new_tokens or _finished(row)
+                yield b, token
+        if all(row.done for row in rows):
+            return
+        if any(row.done for row in rows):
+            done_t = torch.tensor([row.done for row in rows], device=device)
+
+
+def _take(row: Row, token: int, stop: set) -> bool:
+    """Accept a sampled token into the row's constraints and lookup; False: the row is finished."""
+    for constraint in row.constraints:
+        if not constraint.accept(token):   # cannot happen after mask(); never silently
+            raise RuntimeError(f"a constraint refused token {token} that its own mask allowed")
+    if row.lookup is not None:
+        row.lookup.push(token)
+    return not _finished(row)
+
+
+def _finished(row: Row) -> bool:
+    return any(constraint.is_finished() for constraint in row.constraints)
+
+
+def _accept_forced(row: Row, room: int, stop: set) -> list[int]:
+    """The row's forced continuation (at most `room` tokens), accepted into every constraint."""
+    if not row.constraints or _finished(row):
+        return []
+    source = row.constraints[0]
+    forced = getattr(source, "forced", None)
+    ids = forced()[:room] if forced is not None else []
+    taken = []
+    for token in ids:
+        if token in stop or not source.accept(token):    # a limit the grammar does not know: stop here
+            break
+        if not all(constraint.accept(token) for constraint in row.constraints[1:]):
+            raise RuntimeError(f"a constraint refused forced token {token}")
+        taken.append(token)
+        if row.lookup is not None:
+            row.lookup.push(token)
+        if _finished(row):
+            break
+    return taken

@@ -178,14 +178,20 @@ class Engine:
         else:
             stepper = decode.EagerStepper(self.lm.model, conv.kv,
                                           torch.tensor([start + conv.rope_delta], device=self.lm.device))
-        row = decode.Row(self._row_constraints(constraint, min_new_tokens))
+        row = decode.Row(self._row_constraints(constraint, min_new_tokens),
+                         jump_forward=self.jump_forward and hasattr(constraint, "forced")
+                         and (bucket is None or bucket.multi_token),
+                         lookup=self._lookup(conv.token_ids, sampling) if stepper.rewindable else None)
+        tally = decode.Tally()
         try:
             for _, token in decode.decode_rows(logits, [row], stepper, max_new_tokens,
                                                self._sampler(sampling), self.lm.special.stop_ids,
-                                               self.lm.special.end_of_text, overlap=self._overlap(bucket)):
+                                               self.lm.special.end_of_text, overlap=self._overlap(bucket),
+                                               tally=tally):
                 conv.token_ids.append(token)
                 yield token
         finally:
+            self._count(stats, tally)
             if stepper.broken:
                 conv.kv_len = start + stepper.fed      # a step failed part-way: cut what it wrote
                 conv.rewind_kv(conv.kv_len, dirty=True)
@@ -204,6 +210,28 @@ class Engine:
         """Static buckets a default conversation touches: one row up to 8k columns, and the
         region-caption batches."""
         return [(1, c) for c in (1536, 2048, 3072, 4096, 6144, 8192)] + [(b, 512) for b in (1, 2, 4, 8)]
+
+    @property
+    def jump_forward(self) -> bool:
+        """pipeline.jump_forward: the grammar's forced tokens go in without model steps (not on a
+        hybrid static bucket, which feeds several tokens one step at a time)."""
+        return self.config.pipeline.jump_forward
+
+    def _lookup(self, context: list[int], sampling: Sampling) -> decode.PromptLookup | None:
+        """pipeline.prompt_lookup (greedy only): drafts from the row's own context."""
+        if not self.config.pipeline.prompt_lookup or sampling.temperature > 0:
+            return None
+        return decode.PromptLookup(context, k=self.draft_tokens)
+
+    draft_tokens = decode.DRAFT_TOKENS
+
+    @staticmethod
+    def _count(stats: CacheStats, tally: decode.Tally) -> None:
+        stats.decode_model_steps += tally.model_steps
+        stats.decode_output_tokens += tally.output_tokens
+        stats.forced_tokens += tally.forced_tokens
+        stats.drafted_tokens += tally.drafted_tokens
+        stats.accepted_drafts += tally.accepted_drafts
 
     def _sampler(self, sampling: Sampling) -> decode.Sampler:
         return decode.Sampler(sampling.temperature, sampling.top_p, sampling.seed, self.lm.device)
@@ -338,9 +366,16 @@ class Engine:
             stepper = decode.StaticStepper(bucket)
         else:
             stepper = decode.EagerStepper(lm.model, cache, next_pos, attention_mask=mask)
-        decode_rows = [decode.Row(self._row_constraints(None, min_new_tokens)) for _ in range(batch)]
-        yield from decode.decode_rows(logits, decode_rows, stepper, max_new_tokens, self._sampler(sampling),
-                                      lm.special.stop_ids, pad, overlap=self._overlap(bucket))
+        # Drafts only where the stepper can take rejected tokens back (not hybrid batches or buckets).
+        decode_rows = [decode.Row(self._row_constraints(None, min_new_tokens),
+                                  lookup=self._lookup(row, sampling) if stepper.rewindable else None)
+                       for row in rows]
+        tally = decode.Tally()
+        try:
+            yield from decode.decode_rows(logits, decode_rows, stepper, max_new_tokens, self._sampler(sampling),
+                                          lm.special.stop_ids, pad, overlap=self._overlap(bucket), tally=tally)
+        finally:
+            self._count(stats, tally)
 
     # ---- helpers ---------------------------------------------------------------------
     def _image_block(self, before: str, n_image_tokens: int, after: str) -> list[int]:

@@ -32,6 +32,7 @@ from .linear_attention import (fused_delta_rule_available, gated_attention_layer
 
 LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
+WIDTH_BUCKETS = (2, 4, 8, 16, 32)       # multi-token forwards (jump-forward chunks, drafts)
 CAPACITY_BUCKETS = (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
@@ -77,6 +78,37 @@ def layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     h = h + F.linear(out, wo)
     x = rms_norm(h, ln2, eps)
     gate, up = F.linear(x, wgu).chunk(2, dim=-1)                     # one GEMV for gate and up
+    return h + F.linear(F.silu(gate) * up, wd)
+
+
+def layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
+                 k_cache, v_cache, cos, sin, write, mask, eps: float, n_heads: int, n_kv: int):
+    """`layer_step` for T new tokens per row (a jump-forward chunk or draft verification).
+    h [B, T, H]; cos/sin [B, T, D]; write [T] (columns); mask [B, 1, T, C] (causal inside the chunk)."""
+    batch, width = h.shape[:2]
+    head_dim = k_cache.shape[-1]
+    group = n_heads // n_kv
+    x = rms_norm(h, ln1, eps)
+    q, k, v = F.linear(x, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.reshape(batch, width, n_heads, head_dim)                  # [B, T, Hq, D]
+    k = k.reshape(batch, width, n_kv, head_dim)                     # [B, T, Hkv, D]
+    v = v.reshape(batch, width, n_kv, head_dim)
+    if qn is not None:
+        q, k = rms_norm(q, qn, eps), rms_norm(k, kn, eps)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]               # [B, T, 1, D]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    k_cache.index_copy_(2, write, k.transpose(1, 2))                # columns write[0..T-1]
+    v_cache.index_copy_(2, write, v.transpose(1, 2))
+    # Query rows ordered (group, token): [B, Hkv, G*T, D] x [B, Hkv, D, C], K/V not repeated.
+    q = q.view(batch, width, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv, group * width, head_dim)
+    scores = torch.matmul(q, k_cache.transpose(-1, -2)) * head_dim ** -0.5   # [B, Hkv, G*T, C]
+    probs = torch.softmax(scores.float() + mask.repeat(1, 1, group, 1), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v_cache)                              # [B, Hkv, G*T, D]
+    out = out.view(batch, n_kv, group, width, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, width, n_heads * head_dim)
+    h = h + F.linear(out, wo)
+    x = rms_norm(h, ln2, eps)
+    gate, up = F.linear(x, wgu).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, wd)
 
 
@@ -197,10 +229,16 @@ class HybridTextStack:
 
 
 class Bucket:
-    """Static buffers (and, on CUDA, the captured graph) for B rows x C columns."""
+    """Static buffers (and, on CUDA, the captured graph) for B rows x C columns.
 
-    def __init__(self, stack: TextStack, batch: int, capacity: int, device, dtype, layer_fn):
+    `extend(ids [B, T])` feeds T tokens per row in one forward (`layer_extend`; on CUDA one graph
+    per padded width, captured on first use); `keep(kept)` then keeps the first kept[b] of them."""
+    rewindable = True
+    multi_token = True        # extend() is one forward: T tokens cost about one step's weight reads
+
+    def __init__(self, stack: TextStack, batch: int, capacity: int, device, dtype, layer_fn, extend_fn=None):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
+        self.extend_fn = extend_fn or layer_extend
         shape = (batch, stack.n_kv, capacity, stack.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in stack.layers]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in stack.layers]
@@ -214,6 +252,9 @@ class Bucket:
         self.logits = None                                                     # graph output
         self.graph = None
         self.dtype = dtype
+        self.columns = torch.arange(capacity, device=device)                  # [C]
+        self.wide: dict[int, tuple] = {}       # T -> (ids [B, T], graph, logits [B, T, V]) on CUDA
+        self.last_width, self.last_forwards = 0, 0      # of the latest extend()
 
     def _step(self) -> torch.Tensor:
         s = self.stack
@@ -244,6 +285,91 @@ class Bucket:
             self.logits = self._step()
         for t, value in zip((self.mask, self.positions, self.write), saved):
             t.copy_(value)
+
+    def _extend(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] at columns write..write+T-1 -> logits [B, T, V]; advances write and positions by T."""
+        s = self.stack
+        width = ids.shape[1]
+        offsets = self.columns[:width]                                         # [T]
+        cols = self.write + offsets                                            # [T]
+        # Query t sees the valid columns before the chunk and the chunk's columns up to its own.
+        inside = (self.columns >= self.write) & (self.columns[None, :] <= cols[:, None])   # [T, C]
+        mask = torch.maximum(self.mask, torch.where(inside, 0.0, float("-inf"))[None, None])  # [B, 1, T, C]
+        h = F.embedding(ids, s.embed)                                          # [B, T, H]
+        positions = self.positions[:, None] + offsets                          # [B, T]
+        cos, sin = s.rope(positions.reshape(-1), self.dtype)
+        cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)  # [B, T, D]
+        for i, weights in enumerate(s.layers):
+            h = self.extend_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
+        h = rms_norm(h, s.norm, s.eps)
+        logits = F.linear(h, s.lm_head).float()                                # [B, T, V]
+        self.mask.index_fill_(-1, cols, 0.0)          # kept until keep() masks the rejected ones
+        self.positions.add_(width)
+        self.write.add_(width)
+        return logits
+
+    def _capture_extend(self, width: int) -> tuple:
+        saved = [t.clone() for t in (self.mask, self.positions, self.write)]
+        ids = torch.zeros((self.batch, width), dtype=torch.long, device=self.tokens.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self._extend(ids)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            logits = self._extend(ids)
+        for t, value in zip((self.mask, self.positions, self.write), saved):
+            t.copy_(value)
+        return ids, graph, logits
+
+    def room(self) -> int:
+        """Columns left for new tokens."""
+        return self.capacity - int(self.write)
+
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+        """ids [rows, T] -> logits [rows, T, V], a copy the caller may mask in place. T is padded
+        up to a width of WIDTH_BUCKETS (one compilation and one graph per width, not per T) where
+        `spare` columns stay free after it: the padding's columns are dropped by keep() like
+        rejected drafts."""
+        rows, width = ids.shape
+        if width > self.room():
+            raise ValueError(f"{width} tokens do not fit the {self.room()} columns left")
+        padded = next((w for w in WIDTH_BUCKETS if width <= w <= self.room() - spare), width)
+        self.last_width, self.last_forwards = padded, 1
+        with torch.inference_mode():
+            if self.graph is not None:
+                if padded not in self.wide:
+                    self.wide[padded] = self._capture_extend(padded)
+                buffer, graph, logits = self.wide[padded]
+                buffer.zero_()
+                buffer[:rows, :width].copy_(ids)
+                graph.replay()
+                logits = logits[:rows, :width]
+            else:
+                full = ids.new_zeros((self.batch, padded))
+                full[:rows, :width] = ids
+                logits = self._extend(full)[:rows, :width]
+        return logits.clone()
+
+    @torch.inference_mode()
+    def keep(self, kept: list[int]) -> None:
+        """After extend(): row b keeps the first kept[b] of its tokens. One row: the write column
+        and position go back to just after them. Several rows share the write column: a row's
+        other columns are masked out and its positions continue after its kept tokens."""
+        rows, width = len(kept), self.last_width
+        start = int(self.write) - width
+        if rows == 1:
+            drop = width - kept[0]
+            if drop:
+                self.mask[..., start + kept[0]:start + width] = float("-inf")
+                self.write.sub_(drop)
+                self.positions.sub_(drop)
+            return
+        for b, n in enumerate(kept):
+            self.mask[b, ..., start + n:start + width] = float("-inf")
+            self.positions[b] -= width - n
 
     @torch.inference_mode()
     def load(self, cache, length: int, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -288,10 +414,17 @@ class Bucket:
 class HybridBucket(Bucket):
     """Bucket for the Qwen3.5 hybrid stack: per row, conv + recurrent states for the linear
     layers, K/V columns for the full-attention layers. `layer_fn` maps layer kind -> function.
-    Same capture / step protocol as Bucket; `load` and `append_to` also move the linear states."""
+    Same capture / step protocol as Bucket; `load` and `append_to` also move the linear states.
+
+    extend() runs one step per token (the recurrent states move token by token; exact, but no
+    fewer weight reads), and keep() keeps everything: the linear states cannot go back, so a
+    hybrid bucket verifies no drafts, and the engine uses no jump-forward on it (it would save no
+    weight reads and lose the overlap of host work with the GPU)."""
+    rewindable = False
+    multi_token = False
 
     def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn,
-                 fused: bool = False):
+                 fused: bool = False, extend_fn=None):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
         self.fused = fused            # the delta rule as one Triton kernel (CUDA)
         kv = (batch, stack.n_kv, capacity, stack.head_dim)
@@ -322,6 +455,16 @@ class HybridBucket(Bucket):
         self.positions.add_(1)
         self.write.add_(1)
         return logits
+
+    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+        if ids.shape[1] > self.room():
+            raise ValueError(f"{ids.shape[1]} tokens do not fit the {self.room()} columns left")
+        self.last_width = self.last_forwards = ids.shape[1]
+        return torch.stack([self.step(ids[:, t]) for t in range(ids.shape[1])], dim=1)   # [B, T, V]
+
+    def keep(self, kept: list[int]) -> None:
+        if any(n != self.last_width for n in kept):
+            raise ValueError("a hybrid bucket cannot take tokens back (its linear states moved on)")
 
     @torch.inference_mode()
     def load(self, cache, length: int, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -412,6 +555,8 @@ class StaticDecoder:
                 self.layer_fn = {kind: _compiled(fn) for kind, fn in self.layer_fn.items()}
             else:
                 self.layer_fn = _compiled_layer_step()
+        # One compilation per chunk width T (dynamic=False), like one per bucket shape.
+        self.extend_fn = _compiled(layer_extend) if compile_layers and not self.hybrid else layer_extend
         self.buckets: dict[tuple[int, int], Bucket] = {}
 
     @staticmethod
@@ -426,7 +571,7 @@ class StaticDecoder:
             return None          # too long or too wide: the caller decodes eagerly
         if shape not in self.buckets:
             with torch.inference_mode():    # buffers are written only under inference mode
-                extra = {"fused": self.fused_delta_rule} if self.hybrid else {}
+                extra = {"fused": self.fused_delta_rule} if self.hybrid else {"extend_fn": self.extend_fn}
                 bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn, **extra)
                 if self.use_graphs:
                     bucket.capture()

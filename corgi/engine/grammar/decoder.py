@@ -24,6 +24,9 @@ from .lengths import LengthTables, Lexer, LexState, incomplete_need, incomplete_
 from .schemas import GrammarSpec, reasoning_spec, synthesis_spec
 
 COMPILE_THREADS = 2
+# Jump-forward: tokens of a forced text left to normal steps, and the continuations tried after it.
+JUMP_HOLD = 1
+JUMP_PROBES = ("a", "A", "0", " ", " a", '"', "'", ",", ".", "(", "[", "{", "}", "]", ":", "\n", "é", "_", "-")
 
 
 def _token_id(tokenizer, text: str) -> int | None:
@@ -69,6 +72,33 @@ class Vocabulary:
         self.allow_row = pack(allow)                        # int32 [words]
         self.lengths = LengthTables(self.decoded_vocab, self.words)
         self._byte_token: dict[int, int] | None = None
+        self._chunks: dict[str, list[int]] = {}       # forced text -> its jump-forward tokens
+
+    def chunk(self, tokenizer, text: str, hold: int = JUMP_HOLD) -> list[int]:
+        """The tokens of forced `text` that are safe to append without model steps (jump-forward).
+
+        Canonical: the tokenizer's own tokens of the text. Safe: the chunk ends where the
+        tokenisation of `text` followed by anything stops changing, so a token the model would
+        have written across the end is never split. Found as the tokens that the text alone and
+        the text followed by each of `JUMP_PROBES` (letters, digits, space, quotes, brackets, a
+        newline, a non-ASCII letter) share at the start, less the last `hold` tokens of the
+        text, which are left to normal (masked) steps. Cached per text."""
+        key = f"{hold}\0{text}"
+        found = self._chunks.get(key)
+        if found is None:
+            encode = lambda t: tokenizer.encode(t, add_special_tokens=False)   # noqa: E731
+            base = encode(text)
+            common = len(base) - hold
+            for probe in JUMP_PROBES:
+                ids = encode(text + probe)
+                same = 0
+                while same < min(common, len(ids)) and ids[same] == base[same]:
+                    same += 1
+                common = same
+            found = base[:max(common, 0)]
+            if len(self._chunks) < 4096:
+                self._chunks[key] = found
+        return found
 
     def byte_token(self, byte: int) -> int:
         """A token whose text is exactly this one byte (byte-level vocabularies have all 256)."""
@@ -305,6 +335,25 @@ class ConstrainedDecoder:
     def is_finished(self) -> bool:
         """The whole structure has been accepted: stop here (the engine appends <|im_end|>)."""
         return self.matcher.is_terminated()
+
+    def forced(self) -> list[int]:
+        """Tokens to append without model steps: the canonical, safe start of the text the
+        grammar allows as the only continuation (`Vocabulary.chunk`), checked against this
+        sequence's limits; not accepted here. Empty when nothing is forced, at the end, or
+        inside a split UTF-8 character."""
+        if self.matcher.is_terminated() or incomplete_need(self._bytes):
+            return []
+        text = self.matcher.find_jump_forward_string()
+        if not text:
+            return []
+        ids = self.cache.vocab.chunk(self.cache.tokenizer, text)
+        # Every forced token must pass this sequence's checks (banned ids, length limits).
+        probe, taken = self.matcher.fork(), []
+        for tid in ids:
+            if tid in self.cache.banned_ids or not probe.accept_token(tid):
+                break
+            taken.append(tid)
+        return taken
 
     @property
     def num_tokens(self) -> int:
