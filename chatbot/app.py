@@ -361,7 +361,7 @@ class CorgiApp:
             s.tiles = []
             return None
         picture, s.tiles = render.boxes_view([(i, s.images[i].image) for i in shown], steps, keys, s.selected)
-        return save_jpeg(picture, self._folder(s), "boxes")
+        return save_jpeg(picture, self._folder(s), "boxes", quality=80)
 
     def _gallery(self, s: UserSession, evidence) -> Any:
         key = (tuple((e.step_index, tuple(e.bbox.to_list()), e.bbox.image, e.text) for e in evidence), s.selected)

@@ -35,6 +35,7 @@ PHASE_TITLES = {
 CHAT, BOXES, GALLERY, TIMINGS, DEBUG = "chat", "boxes", "gallery", "timings", "debug"
 
 DISPLAY_LONG_SIDE = 1600     # no image sent to the browser is larger than this on its long side
+BOXES_LONG_SIDE = 1280       # the boxes picture, re-sent as steps stream: a panel, and full screen
 CROP_LONG_SIDE = 480         # region crops in the gallery
 
 NOISE_WARNING = ("**This model has random weights: its words are noise.** It is an embedded twin "
@@ -375,7 +376,7 @@ def boxes_view(images: list[tuple[int, Image.Image]], steps: list[Step], key_evi
                highlight: int | None = None) -> tuple[Image.Image, list[Tile]]:
     """The images a turn is about, side by side at one height (one image: itself), each with
     the boxes that lie on it; at most display size in all. Returns the picture and its tiles."""
-    drawn = [(i, draw_boxes(image, [s for s in steps if s.bbox and s.bbox.image == i],
+    drawn = [(i, draw_boxes(display_size(image, BOXES_LONG_SIDE), [s for s in steps if s.bbox and s.bbox.image == i],
                             [(n, k) for n, k in enumerate(key_evidence, 1) if k.bbox and k.bbox.image == i],
                             highlight))
              for i, image in images]
@@ -398,7 +399,7 @@ def boxes_view(images: list[tuple[int, Image.Image]], steps: list[Step], key_evi
         draw.text((x + 4 - left, height - (bottom - top) - 4 - top), label, fill=(255, 255, 255), font=font)
         tiles.append(Tile(i, x, p.width, p.height))
         x += p.width + gap
-    picture = display_size(picture)
+    picture = display_size(picture, BOXES_LONG_SIDE)
     if picture.width != x - gap:      # scaled down to display size: so are the tiles
         f = picture.width / (x - gap)
         tiles = [Tile(t.image, round(t.x * f), round(t.width * f), round(t.height * f)) for t in tiles]

@@ -25,7 +25,7 @@ from corgi.types import AnswerReady, EvidenceReady, Phase, PhaseStarted, StepsPa
 from test_load import REPO
 
 MODEL = "tiny-qwen2.5-vl"
-QUESTIONS = ["What does the sign say?", "What colour is the car?"]
+QUESTIONS = ["Read the receipt.", "What is the total?"]     # turn 2 reads two regions: every phase runs the model
 OOM_MESSAGE = "The model ran out of memory on this turn."
 
 

@@ -548,3 +548,17 @@ def test_random_sampling_with_two_images_parses(phase):
             boxes = [k.bbox for k in result.key_evidence if k.bbox]
         assert result.ok and not [w for w in result.warnings if "image" in w]
         assert all(b.image in (0, 1) for b in boxes)
+
+
+def test_a_budget_cut_at_an_image_number_still_closes():
+    """Out of tokens right after `"image": ` of a turn about images 2 and 3 (a joined pair):
+    the closing text names one of them, and the whole output parses."""
+    from corgi.parsing import ImageConventions, parse_reasoning
+    cache = grammar_cache("qwen2.5-vl")
+    later = tuple((n + 1, convention) for n, (_, convention) in enumerate(TWO_IMAGES, 1))     # images 2, 3
+    decoder = cache.reasoning_decoder(3, PIXELS, 10, later)
+    assert _accepts(decoder, '<think>x</think>\n{"steps": [{"statement": "a", "kind": "object", "image": ')
+    closed = decoder.closed_text()
+    assert closed.split('"image": ', 1)[1][:1] in "23"
+    images = ImageConventions({1: TWO_IMAGES[0][1], 2: TWO_IMAGES[1][1]})
+    assert parse_reasoning(closed, PIXELS, 3, images=images).ok

@@ -255,7 +255,7 @@ class GrammarCache:
 # -- per-sequence decoder -------------------------------------------------------------------
 
 # Tried in this order when closing a structure; each is checked against the grammar.
-_CLOSERS = (THINK_CLOSE + "\n", '"', "]", "}", KIND_REASONING, ", ", "0", "null")
+_CLOSERS = (THINK_CLOSE + "\n", "\"", "]", "}", KIND_REASONING, ", ", "null", *"0123456789")   # digits: box numbers, image numbers
 _MAX_CLOSING_MOVES = 200
 
 
