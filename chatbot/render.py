@@ -113,7 +113,7 @@ def status_message(title: str, text: str, done: bool, seconds: float | None = No
     """A collapsible message with a spinner while pending and its duration once done."""
     meta: dict[str, Any] = {"title": title, "status": "done" if done else "pending"}
     if seconds is not None:
-        meta["duration"] = round(seconds, 2)
+        meta["log"] = seconds_text(seconds)       # the UI's one duration format (Gradio's "duration" has its own)
     if msg_id:
         meta["id"] = msg_id
     return {"role": "assistant", "content": text, "metadata": meta}

@@ -87,7 +87,7 @@ def test_turn_view_streams_text_and_closes_each_phase():
 
     view.apply(events[3])
     msg = phase_messages(view.messages())["reasoning"]
-    assert msg["metadata"]["status"] == "done" and msg["metadata"]["duration"] == 1.23
+    assert msg["metadata"]["status"] == "done" and msg["metadata"]["log"] == "1.23 s"
 
     assert render.BOXES in view.apply(events[4])                  # boxes as soon as steps parse
     msg = phase_messages(view.messages())["reasoning"]
