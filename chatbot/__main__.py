@@ -134,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     share_model_queue(demo)
     log.info("CoRGI Chat is ready: http://%s:%d (Ctrl+C stops it)", ui.host, ui.port)
-    # SIGTERM (service managers, `kill`) stops like Ctrl+C, so the exit clean-up runs: the
-    # private file folder (uploads, traces) is removed instead of left on the disk.
+    # SIGTERM (service managers, `kill`) and SIGHUP (the terminal went away) stop like Ctrl+C,
+    # so the exit clean-up runs: the private file folder (uploads, traces) is removed instead of
+    # left on the disk.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     try:
         while demo.is_running:      # demo.block_thread(), minus its slow close
             time.sleep(0.1)

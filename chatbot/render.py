@@ -87,9 +87,10 @@ def step_line(step: Step, image_numbers: bool = False) -> str:
 
 
 def escape_md(text: str) -> str:
-    """Model-written text for a chat line: no HTML tags, no images, no links."""
+    """Model-written text for a chat line: no HTML tags, no images, no links (markdown brackets
+    escaped; "://" written with entities, so a bare URL is not auto-linked either)."""
     return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("![", "!\\[").replace("\n", " "))
+            .replace("[", "\\[").replace("]", "\\]").replace("://", ":&#47;&#47;").replace("\n", " "))
 
 
 def code_block(text: str) -> str:

