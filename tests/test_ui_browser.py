@@ -167,8 +167,16 @@ def test_images_join_and_steps_pick_their_boxes_in_the_browser(server, browser):
     chat = page.locator("#chat")
     upload(page, ASSETS / "street-scene.png")
     expect(chat.get_by_text("encoded and ready")).to_be_visible()
+    # Steps as they are written: a step's readable line shows while its phase still writes
+    # ("writing ..." under the lines), not only once the phase is over.
+    page.evaluate("""() => { window.__liveStep = false;
+      new MutationObserver(() => { if (document.querySelector('#chat').innerText.includes('writing ...'))
+        window.__liveStep = true; }).observe(document.querySelector('#chat'),
+        {subtree: true, childList: true, characterData: true}); }""")
     ask(page, "What colour is the car?")
     wait_for(lambda: (row := timeline_row(page, "turn 1")) and "from the cache" in row)
+    if page.locator("#step-pick label").count():          # the twin wrote steps: one showed live
+        assert page.evaluate("() => window.__liveStep")
 
     page.locator("#question input[type=file]").set_input_files(str(ASSETS / "receipt.png"))
     ask(page, "What is the total?")
