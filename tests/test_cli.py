@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, ROOT
+from conftest import ALL_TWINS, FAST, ROOT
 
 IMAGE = str(ROOT / "assets" / "street-scene.png")
 
@@ -42,13 +42,7 @@ def two_turn_run(model: str, config_file: str, *extra: str):
     return _two_turn_runs[key]
 
 
-# The CLI does not branch by family: one twin per code path below it. Qwen2.5-VL (K/V cache,
-# absolute-pixel boxes), Qwen3-VL (relative 0..1000 boxes, deepstack), Qwen3.5-MoE (hybrid linear
-# attention and expert MLPs). Every twin runs whole turns in-process and through the UI too.
-CLI_TWINS = ("tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5-moe")
-
-
-@pytest.mark.parametrize("model", CLI_TWINS)
+@pytest.mark.parametrize("model", ALL_TWINS)        # every family's twin: two turns through the CLI
 def test_json_output_with_followup(model, fast_config_file):
     proc = two_turn_run(model, fast_config_file)
     assert proc.returncode == 0, proc.stderr
