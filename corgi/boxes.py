@@ -15,6 +15,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from .images import fit_aspect
 from .types import Box
 
 MIN_SIDE = 0.01   # canonical units; a zero-area box is widened to this around its centre
@@ -108,19 +109,10 @@ def pad(box: Box, fraction: float) -> Box:
                min(1.0, box.x2 + dx), min(1.0, box.y2 + dy))
 
 
-MAX_ASPECT = 100   # the Qwen image processor refuses aspect ratios over 200:1
-
-
 def crop(image: Image.Image, box: Box, padding: float) -> Image.Image:
     """The padded region of the original image: at least 1x1 pixel, aspect ratio at most
-    MAX_ASPECT (a thin region is centred on a white canvas so the processor accepts it)."""
+    images.MAX_ASPECT (a thin region is centred on a white canvas so the processor accepts it)."""
     x1, y1, x2, y2 = pad(box, padding).to_pixels(image.width, image.height)
     x1, y1 = min(x1, image.width - 1), min(y1, image.height - 1)
     x2, y2 = min(max(x2, x1 + 1), image.width), min(max(y2, y1 + 1), image.height)
-    region = image.crop((x1, y1, x2, y2))
-    w, h = region.size
-    if max(w, h) > MAX_ASPECT * min(w, h):
-        canvas = Image.new("RGB", (max(w, -(-h // MAX_ASPECT)), max(h, -(-w // MAX_ASPECT))), "white")
-        canvas.paste(region, ((canvas.width - w) // 2, (canvas.height - h) // 2))
-        region = canvas
-    return region
+    return fit_aspect(image.crop((x1, y1, x2, y2)))

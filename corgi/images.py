@@ -121,6 +121,21 @@ def _check_size(size: tuple[int, int], max_input_pixels: int) -> None:
                          f"the limit is {max_input_pixels:,}.")
 
 
+MAX_ASPECT = 100   # the Qwen image processor refuses aspect ratios over 200:1; keep a margin
+
+
+def fit_aspect(image: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
+    """`image`, or (when one side is over max_aspect times the other) `image` centred on a white
+    canvas just wide or tall enough: what the processor accepts. Thin uploads and thin region
+    crops are padded alike."""
+    w, h = image.size
+    if max(w, h) <= max_aspect * min(w, h):
+        return image
+    canvas = Image.new("RGB", (max(w, -(-h // max_aspect)), max(h, -(-w // max_aspect))), "white")
+    canvas.paste(image, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+    return canvas
+
+
 def _to_rgb(image: Image.Image, max_kept_pixels: int | None = None) -> Image.Image:
     """Decode, reduce to max_kept_pixels and convert to upright RGB; always returns a new image."""
     target = _kept_size(image.size, max_kept_pixels)
@@ -144,7 +159,7 @@ def _to_rgb(image: Image.Image, max_kept_pixels: int | None = None) -> Image.Ima
             upright = ImageOps.exif_transpose(image)
         except Exception:
             upright = image     # malformed EXIF: the pixels are still good, just maybe sideways
-        return _convert(upright if upright is not None else image)
+        return fit_aspect(_convert(upright if upright is not None else image))
     except ValueError as error:
         raise ImageError(f"The image's colour mode {source.mode} cannot be converted ({_reason(error)}).") from None
 

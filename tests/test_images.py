@@ -118,11 +118,12 @@ def test_animated_pil_image_at_later_frame_gives_first_frame(tmp_path):
     assert close_to(result.getpixel((4, 4)), RED, 8)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 10000)])
-def test_extreme_shapes(tmp_path, size):
+@pytest.mark.parametrize("size, loaded", [((1, 1), (1, 1)), ((10000, 10), (10000, 100)), ((10, 10000), (100, 10000))])
+def test_extreme_shapes(tmp_path, size, loaded):
+    """Any shape loads; one over the processor's aspect limit is padded (see the test below)."""
     result = load_image(save(Image.new("L", size, 200), tmp_path / "shape.png"), LIMIT)
-    assert result.size == size and result.mode == "RGB"
-    assert result.getpixel((0, 0)) == (200, 200, 200)
+    assert result.size == loaded and result.mode == "RGB"
+    assert result.getpixel((loaded[0] // 2, loaded[1] // 2)) == (200, 200, 200)
 
 
 def test_sources_path_str_bytes_and_pil(tmp_path):
@@ -326,3 +327,16 @@ def test_reduction_keeps_colours_orientation_and_transparency(tmp_path, mode, su
         assert close_to(result.getpixel((2, 2)), RED) and close_to(result.getpixel((result.width - 3, 2)), BLUE)
     else:
         assert result.getpixel((2, 2)) == WHITE
+
+
+def test_a_thin_upload_is_padded_like_a_thin_crop():
+    """Qwen's processor refuses aspect ratios over 200:1. A 10000x10 strip is centred on a white
+    canvas of 100:1 at load (the pixels kept, nothing scaled), so it can be asked about."""
+    from corgi.images import MAX_ASPECT
+    strip = Image.new("RGB", (10000, 10), (255, 0, 0))
+    loaded = load_image(strip, 10**8)
+    assert loaded.size == (10000, 100) and max(loaded.size) <= MAX_ASPECT * min(loaded.size)
+    assert loaded.getpixel((5000, 50)) == (255, 0, 0) and loaded.getpixel((5000, 0)) == (255, 255, 255)
+    tall = load_image(Image.new("RGB", (3, 900), (0, 0, 255)), 10**8)
+    assert tall.size == (9, 900) and tall.getpixel((4, 450)) == (0, 0, 255)
+    assert load_image(Image.new("RGB", (640, 480)), 10**8).size == (640, 480)      # others as they are
