@@ -56,12 +56,63 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+STALE_PREFIXES = ("corgi-chat-files-", "corgi-chat-")   # the launcher's and the app's folders
+OWNER_FILE = ".owner-pid"
+STALE_AGE_S = 24 * 3600     # a folder of ours with no owner file (killed before writing it)
+
+
+def mark_owner(folder: str) -> None:
+    """Record this process as the folder's owner, so a later start can tell it is stale."""
+    with open(os.path.join(folder, OWNER_FILE), "w") as out:
+        out.write(str(os.getpid()))
+
+
+def sweep_stale_folders(parent: str | None = None) -> list[str]:
+    """Remove this user's CoRGI temp folders whose owner process is gone (SIGKILL, a crash,
+    power loss: no exit clean-up ran), and owner-less ones older than a day. Returns them."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if not name.startswith(STALE_PREFIXES) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                pid = int(f.read().strip() or 0)
+            stale = pid <= 0 or not _alive(pid)
+        except FileNotFoundError:
+            stale = time.time() - os.stat(path).st_mtime > STALE_AGE_S
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True       # someone else's process: not ours to judge
+    return True
+
+
 def private_gradio_folder() -> str:
     """Gradio serves files from its upload/cache folder (/tmp/gradio, shared by every Gradio app
     of this user, by default). Give this process its own, removed at exit, unless the operator
     chose one. Must run before gradio is imported: some of its modules read it at import."""
     if not os.environ.get("GRADIO_TEMP_DIR"):
         folder = tempfile.mkdtemp(prefix="corgi-chat-files-")     # mode 0700
+        mark_owner(folder)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         os.environ["GRADIO_TEMP_DIR"] = folder
     os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(os.environ["GRADIO_TEMP_DIR"], "examples"))
@@ -104,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
              lm.family.name, lm.device, str(lm.dtype).removeprefix("torch."))
 
     log.info("building the UI ...")
+    for path in sweep_stale_folders():
+        log.info("removed a stale folder of a process that is gone: %s", path)
     files = private_gradio_folder()
     from starlette.middleware import Middleware
 

@@ -176,6 +176,8 @@ class CorgiApp:
         # Traces, reports and the pictures sent to the browser, one folder per session; all
         # removed at exit.
         self._files = tempfile.TemporaryDirectory(prefix="corgi-chat-")
+        with open(os.path.join(self._files.name, ".owner-pid"), "w") as out:     # see sweep_stale_folders
+            out.write(str(os.getpid()))
         lm = engine.lm
         self.twin = is_twin(lm.model_id, config.model.id)
         self.model_info = {"id": lm.model_id, "family": lm.family.name,

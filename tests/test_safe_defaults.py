@@ -343,3 +343,30 @@ def test_no_pickle_based_loader_in_the_code():
                     and (node.value.id, node.attr) in banned_calls:
                 offences.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not offences, offences
+
+
+def test_start_up_sweeps_the_folders_of_processes_that_are_gone(tmp_path):
+    """A SIGKILLed or crashed server leaves its folders (uploads, traces) behind; the next start
+    removes those whose owner is gone and owner-less ones older than a day, nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    import chatbot.__main__ as launcher
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folders = {}
+    for name, owner, age in [("corgi-chat-files-dead", gone.pid, 0), ("corgi-chat-live", os.getpid(), 0),
+                             ("corgi-chat-files-old", None, 2 * 86400), ("corgi-chat-new", None, 0),
+                             ("someone-elses", gone.pid, 0)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "upload.png").write_bytes(b"x")
+        if owner is not None:
+            (folder / launcher.OWNER_FILE).write_text(str(owner))
+        if age:
+            os.utime(folder, (time.time() - age, time.time() - age))
+        folders[name] = folder
+    removed = launcher.sweep_stale_folders(str(tmp_path))
+    assert sorted(Path(p).name for p in removed) == ["corgi-chat-files-dead", "corgi-chat-files-old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corgi-chat-live", "corgi-chat-new", "someone-elses"]
