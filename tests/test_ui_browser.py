@@ -253,3 +253,56 @@ def test_a_big_photo_turn_stays_small_in_the_browser(server, browser, tmp_path):
     print(f"page received {total} bytes in {len(received)} responses; files: {images}")
     assert total < 3 * 1024 * 1024, (total, sorted(received, key=lambda r: -r[1])[:5])
     page.close()
+
+
+def test_model_text_that_carries_markup_stays_inert_in_the_browser(browser, tmp_path):
+    """A twin scripted (under the real grammar, benchmarks.common.GrammarScriptEngine) to write
+    steps, an answer and key evidence that carry a remote image, a link, a login form and a
+    script: the page shows them as text; nothing loads, no form or link appears."""
+    import json
+
+    from playwright.sync_api import expect
+
+    from benchmarks.common import GrammarScriptEngine, _native
+    from conftest import loaded_model
+    from corgi import prompts
+    from corgi.config import load_config
+    from corgi.formats import MAX_EXPLANATION_CHARS as EXPLANATION, MAX_STRING_CHARS as STRING
+    from server import UI_CONFIG, InProcessServer, config_for
+    path = tmp_path / "app.yaml"
+    path.write_text(config_for(UI_CONFIG.replace("reasoning_max_new_tokens: 96", "reasoning_max_new_tokens: 400")
+                               .replace("synthesis_max_new_tokens: 64", "synthesis_max_new_tokens: 300"),
+                               "tiny-qwen2.5-vl"))
+    config = load_config(str(path))
+    engine = GrammarScriptEngine(loaded_model("tiny-qwen2.5-vl"), config)
+    server = InProcessServer(engine, config)
+    leak = f"{server.url}/leak"
+    payload = (f"![x]({leak}?secret=1) <img src={leak}/i> <form action={leak}/f><input type=password></form> "
+               f"[login]({leak}/a) <script>fetch('{leak}/j')</script>")
+    requests: list[str] = []
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(WAIT_MS)
+        expect.set_options(timeout=WAIT_MS)
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(server.url)
+        upload(page, ASSETS / "street-scene.png")
+        expect(page.locator("#chat").get_by_text("encoded and ready")).to_be_visible()
+        steps = [{"statement": payload[:STRING], "kind": "reasoning", "bbox_2d": None}]
+        engine.texts = {
+            "reasoning": prompts.THINK_OPEN + "x" + prompts.THINK_CLOSE + "\n" + json.dumps({"steps": steps}),
+            "synthesis": json.dumps({"answer": payload[:STRING], "explanation": payload[:EXPLANATION],
+                                     "key_evidence": [{"description": payload[:STRING], "bbox_2d": None}]}),
+        }
+        ask(page, "What does the sign say?")
+        wait_for(lambda: (row := timeline_row(page, "turn 1")) and "from the cache" in row)
+        chat = page.locator("#chat")
+        expect(chat).to_contain_text("secret=1")                      # the text is shown, as text
+        for selector in ("#chat form", "#chat input[type=password]", f"#chat a[href^='{leak}']",
+                         f"#chat img[src^='{leak}']", "#chat script", "#picked a", "#picked img"):
+            assert page.locator(selector).count() == 0, selector
+        assert not [u for u in requests if "/leak" in u], requests
+        page.screenshot(path=str(REPO / "tests" / "artifacts" / "hostile-text-1280x800.png"))
+        page.close()
+    finally:
+        server.stop()
