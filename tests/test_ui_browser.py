@@ -263,7 +263,7 @@ def test_model_text_that_carries_markup_stays_inert_in_the_browser(browser, tmp_
 
     from playwright.sync_api import expect
 
-    from benchmarks.common import GrammarScriptEngine, _native
+    from benchmarks.common import GrammarScriptEngine
     from conftest import loaded_model
     from corgi import prompts
     from corgi.config import load_config
