@@ -120,11 +120,6 @@ def status_message(title: str, text: str, done: bool, seconds: float | None = No
     return {"role": "assistant", "content": text, "metadata": meta}
 
 
-def grounded_steps(steps: list[Step], max_regions: int) -> list[Step]:
-    """The steps phase 3 looks at, in the pipeline's order (region r is the r-th of these)."""
-    return [s for s in steps if s.bbox is not None and s.kind != StepKind.REASONING][:max_regions]
-
-
 def steps_markdown(result: ReasoningResult) -> str:
     """The model's thinking as a quote, then one line per step naming its box colour."""
     lines = [f"> {line}" for line in result.thinking.strip().splitlines()]
@@ -291,7 +286,7 @@ class TurnView:
                 return code_block(text) + "\n\n*No reasoning steps could be read from this output.*"
             return code_block(text) if text else ""
         if phase == Phase.EVIDENCE:
-            regions = grounded_steps(self.steps, self.max_regions)
+            regions = boxes.grounded_steps(self.steps, self.max_regions)   # region r: the r-th
             if not regions and phase in self.seconds:
                 return "No step marked a region, so there was nothing to look at."
             lines = []

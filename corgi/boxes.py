@@ -16,7 +16,7 @@ from typing import Sequence
 from PIL import Image
 
 from .images import fit_aspect
-from .types import Box
+from .types import Box, Step, StepKind
 
 MIN_SIDE = 0.01   # canonical units; a zero-area box is widened to this around its centre
 
@@ -116,3 +116,10 @@ def crop(image: Image.Image, box: Box, padding: float) -> Image.Image:
     x1, y1 = min(x1, image.width - 1), min(y1, image.height - 1)
     x2, y2 = min(max(x2, x1 + 1), image.width), min(max(y2, y1 + 1), image.height)
     return fit_aspect(image.crop((x1, y1, x2, y2)))
+
+
+def grounded_steps(steps: list[Step], max_regions: int | None) -> list[Step]:
+    """The steps whose regions phase 3 examines, in order: those with a box that look at an
+    object or read text, at most `max_regions`."""
+    grounded = [s for s in steps if s.bbox is not None and s.kind != StepKind.REASONING]
+    return grounded if max_regions is None else grounded[:max_regions]

@@ -17,19 +17,13 @@ from typing import Iterator
 from PIL import Image
 
 from . import boxes, parsing, prompts
+from .boxes import grounded_steps  # noqa: F401  (also re-exported: phase 3's regions)
 from .prompts import InputError, clean_question  # noqa: F401  (InputError: re-exported)
 from .config import PipelineConfig
 from .engine.engine import Engine, Sampling
 from .types import (AnswerReady, CacheStats, Event, Evidence, EvidenceReady, Phase, PhaseFinished,
-                    PhaseStarted, Span, SpanTimed, Step, StepKind, StepsParsed, StepStreamed, TextDelta,
+                    PhaseStarted, Span, SpanTimed, StepsParsed, StepStreamed, TextDelta,
                     TurnFinished, TurnResult)
-
-
-def grounded_steps(steps: list[Step], max_regions: int | None) -> list[Step]:
-    """The steps whose regions phase 3 examines, in order: those with a box that look at an
-    object or read text, at most `max_regions`."""
-    grounded = [s for s in steps if s.bbox is not None and s.kind != StepKind.REASONING]
-    return grounded if max_regions is None else grounded[:max_regions]
 
 
 class TextStream:
