@@ -17,7 +17,7 @@ from typing import Iterator
 from PIL import Image
 
 from . import boxes, parsing, prompts
-from .boxes import grounded_steps  # noqa: F401  (also re-exported: phase 3's regions)
+from .boxes import grounded_steps
 from .prompts import InputError, clean_question  # noqa: F401  (InputError: re-exported)
 from .config import PipelineConfig
 from .engine.engine import Engine, Sampling
