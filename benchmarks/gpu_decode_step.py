@@ -63,9 +63,25 @@ def check_kernel(n_k: int, n_v: int, d_k: int, d_v: int, rows: int = 2) -> dict:
     s_torch, s_triton = state.clone(), state.clone()
     out_torch = delta_rule_step(q, k, v, g, beta, s_torch)
     out_triton = delta_rule_token(q, k, v, g, beta, s_triton)
+    # The multi-token kernel (jump-forward chunks), 5 tokens with the last 2 masked as padding.
+    from corgi.engine.delta_rule_kernel import delta_rule_chunk
+    from corgi.engine.linear_attention import delta_rule_chunk as torch_chunk
+    width = 5
+    cq, ck, cv = rnd(rows, width, n_k, d_k), rnd(rows, width, n_k, d_k), rnd(rows, width, n_v, d_v)
+    valid = (torch.arange(width, device="cuda") < 3)[None, :, None]
+    cg = torch.where(valid, -torch.rand(rows, width, n_v, device="cuda", generator=gen), 0.0)
+    cb = torch.where(valid, torch.rand(rows, width, n_v, device="cuda", generator=gen), 0.0)
+    c_torch, c_triton = state.clone(), state.clone()
+    chunk_torch = torch_chunk(cq, ck, cv, cg, cb, c_torch)
+    chunk_triton = delta_rule_chunk(cq, ck, cv, cg, cb, c_triton)
+    c_three = state.clone()
+    torch_chunk(cq[:, :3], ck[:, :3], cv[:, :3], cg[:, :3], cb[:, :3], c_three)
     return {"out_max_abs_diff": (out_torch - out_triton).abs().max().item(),
             "state_max_abs_diff": (s_torch - s_triton).abs().max().item(),
-            "out_max_abs": out_torch.abs().max().item()}
+            "out_max_abs": out_torch.abs().max().item(),
+            "chunk_out_max_abs_diff": (chunk_torch - chunk_triton).abs().max().item(),
+            "chunk_state_max_abs_diff": (c_torch - c_triton).abs().max().item(),
+            "chunk_padding_moves_state": (c_triton - c_three).abs().max().item()}
 
 
 # ---- the static step ------------------------------------------------------------------------

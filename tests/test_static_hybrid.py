@@ -168,6 +168,42 @@ def test_handing_back_then_continuing_with_hf_equals_never_using_the_static_path
             assert torch.allclose(layer.recurrent_states[0], ref.recurrent_states[0], atol=1e-4)
 
 
+@torch.inference_mode()
+def hf_feed(model, cache, tokens, start: int):
+    """Feed given tokens one at a time through HF: logits after each [len, V]."""
+    seen = []
+    for i, token in enumerate(tokens):
+        pos = torch.full((3, 1, 1), start + i)
+        seen.append(model(input_ids=torch.tensor([[token]]), position_ids=pos, past_key_values=cache,
+                          use_cache=True).logits[0, -1].float())
+    return torch.stack(seen)
+
+
+def test_a_chunk_of_uneven_rows_feeds_each_row_only_its_own_tokens(model):
+    """One multi-token forward (a jump-forward chunk) over two rows with 5 and 2 real tokens: each
+    row's logits and its next step equal HF fed that row's tokens alone, so the padding after
+    the short row never reached its linear states; keep() refuses to keep other counts."""
+    prompts = [list(range(3, 20)), list(range(40, 51))]
+    chunk = [[11, 22, 33, 44, 55], [66, 77]]
+    dec = decoder(model)
+    cache, logits, mask, next_pos = padded_prefill(model, prompts)
+    bucket = dec.bucket(2, mask.shape[1] + 16)
+    bucket.load(cache, mask.shape[1], next_pos, valid=mask)
+    ids = torch.tensor([chunk[0], chunk[1] + [0, 0, 0]])
+    wide = bucket.extend(ids, lengths=[5, 2])
+    assert bucket.last_width == 8 and bucket.last_forwards == 1                   # padded to a width bucket, one forward
+    with pytest.raises(ValueError, match="cannot take tokens back"):
+        bucket.keep([3, 2])
+    bucket.keep([5, 2])
+    after = bucket.step(torch.tensor([7, 8]))
+    for r, prompt in enumerate(prompts):
+        solo_cache, _, _, _ = padded_prefill(model, [prompt])
+        ref = hf_feed(model, solo_cache, chunk[r] + [(7, 8)[r]], len(prompt))
+        n = len(chunk[r])
+        assert torch.allclose(wide[r, :n], ref[:n], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(after[r], ref[n], atol=1e-4, rtol=1e-4)
+
+
 def test_layer_functions_trace_as_one_graph_each(model):
     """fullgraph compilation (no graph breaks, no host syncs, in-place state updates allowed) of
     the two layer functions; aot_eager instead of inductor keeps it quick on CPU."""
@@ -175,8 +211,10 @@ def test_layer_functions_trace_as_one_graph_each(model):
     torch._dynamo.reset()
     fns = {"linear_attention": la.linear_layer_step, "full_attention": la.gated_attention_layer_step}
     compiled = {k: torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager") for k, f in fns.items()}
+    wide = {"linear_attention": la.linear_layer_extend, "full_attention": la.gated_attention_layer_extend}
     dec = decoder(model)
     dec.layer_fn = compiled
+    dec.extend_fn = {k: torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager") for k, f in wide.items()}
     cache, logits, mask, pos = padded_prefill(model, [[3, 1, 4, 1, 5, 9, 2, 6]])
     ref_cache, ref_logits, _, _ = padded_prefill(model, [[3, 1, 4, 1, 5, 9, 2, 6]])
     bucket = dec.bucket(1, 32)
@@ -185,6 +223,10 @@ def test_layer_functions_trace_as_one_graph_each(model):
     hf_tokens, hf_logits = hf_decode(model, ref_cache, ref_logits, 8, 0, 4)
     assert tokens[0] == hf_tokens
     assert torch.allclose(seen[-1], hf_logits[-1], atol=1e-4)
+    chunk = bucket.extend(torch.tensor([[5, 6, 7]]))                               # a compiled multi-token forward
+    bucket.keep([3])
+    ref = hf_feed(model, ref_cache, [5, 6, 7], 12)                                # hf_decode fed 4 tokens from 8
+    assert torch.allclose(chunk[0], ref, atol=1e-4)
 
 
 def test_moe_text_stacks_are_not_covered():

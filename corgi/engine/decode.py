@@ -174,15 +174,17 @@ class Stepper(Protocol):
     """Feeds one token per row and returns the next logits; counts what it fed.
 
     extend(ids [B, T]) feeds T tokens per row in one forward: logits [B, T, V] of every position
-    (`spare`: columns a static bucket must leave free after it, for the steps still to come).
+    (`spare`: columns a static bucket must leave free after it, for the steps still to come;
+    `lengths[b]`: the most row b may keep, the rest being padding).
     keep(kept) then keeps the first kept[b] of them in row b (the rest are cut off or masked out);
-    `rewindable`: whether keep() can keep fewer than T; `last_forwards`: the model forwards the
+    `rewindable`: whether keep() can keep fewer than lengths; `last_forwards`: the model forwards the
     latest extend() + keep() took (1, or more where state had to be replayed)."""
     fed: int
     rewindable: bool
     last_forwards: int
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...  # [B] -> [B, V]
-    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor: ...   # [B, T] -> [B, T, V]
+    def extend(self, ids: torch.Tensor, spare: int = 0,
+               lengths: list[int] | None = None) -> torch.Tensor: ...   # [B, T] -> [B, T, V]
     def keep(self, kept: list[int]) -> None: ...
 
 
@@ -219,7 +221,7 @@ class EagerStepper:
         self.fed += 1
         return logits
 
-    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None) -> torch.Tensor:
         rows, width = ids.shape
         offsets = torch.arange(width, device=ids.device)
         positions = (self.next_positions.view(-1, 1) + offsets).unsqueeze(0).expand(3, -1, -1)   # [3, B, T]
@@ -293,8 +295,8 @@ class StaticStepper:
         """Columns left in the bucket (a multi-token forward must fit)."""
         return self.bucket.room()
 
-    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
-        logits = self.bucket.extend(ids, spare)
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None) -> torch.Tensor:
+        logits = self.bucket.extend(ids, spare, lengths)
         self.last_forwards = self.bucket.last_forwards     # a hybrid bucket steps token by token
         return logits
 
@@ -411,7 +413,9 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             ids[b, 0] = values[b]
             if extra:
                 ids[b, 1:1 + len(extra)] = torch.tensor(extra, dtype=torch.long)
-        every = stepper.extend(ids.to(device), spare)                        # [B, T, V]
+        # What each row can keep at most: its token and forced tokens (and drafts, if any).
+        lengths = [1 + len(f) + len(d) for f, d in zip(forced, drafts)]
+        every = stepper.extend(ids.to(device), spare, lengths)              # [B, T, V]
         # Decide every row first, cut the stepper back, then yield (a generator closed while
         # yielding must leave the stepper's count true).
         out: list[list[int]] = [[] for _ in rows]

@@ -213,8 +213,7 @@ class Engine:
 
     @property
     def jump_forward(self) -> bool:
-        """pipeline.jump_forward: the grammar's forced tokens go in without model steps (not on a
-        hybrid static bucket, which feeds several tokens one step at a time)."""
+        """pipeline.jump_forward: the grammar's forced tokens go in without model steps."""
         return self.config.pipeline.jump_forward
 
     def _lookup(self, context: list[int], sampling: Sampling) -> decode.PromptLookup | None:

@@ -60,6 +60,22 @@ def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor) -
     return F.silu(out).to(x.dtype)
 
 
+def conv_extend(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
+    """`conv_step` for T new columns per row, of which row b keeps the first lengths[b] (the
+    rest is padding: it gets an output but never enters the state).
+    x [B, T, C]; conv_state [B, C, K]; weight [C, K]; lengths [B] -> [B, T, C].
+    Column t sees the K inputs ending at itself, as T conv_steps in a row would."""
+    kernel = conv_state.shape[-1]
+    seq = torch.cat([conv_state, x.to(conv_state.dtype).transpose(1, 2)], dim=-1)   # [B, C, K+T]
+    windows = seq.float().unfold(-1, kernel, 1)[:, :, 1:]                      # [B, C, T, K]
+    out = (windows * weight.float()[None, :, None, :]).sum(-1)                 # [B, C, T]
+    # The new state: the K inputs ending at each row's last kept column (a gather: static shapes).
+    index = (lengths[:, None] + torch.arange(kernel, device=x.device))[:, None, :]   # [B, 1, K]
+    conv_state.copy_(seq.gather(-1, index.expand(-1, seq.shape[1], -1)))
+    return F.silu(out).transpose(1, 2).to(x.dtype)
+
+
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                     state: torch.Tensor) -> torch.Tensor:
     """Gated delta rule for one token, `state` [B, Hv, dk, dv] (float32) updated in place.
@@ -86,6 +102,15 @@ def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     return out.to(dtype)
 
 
+def delta_rule_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor) -> torch.Tensor:
+    """`delta_rule_step` for T tokens per row in order: q, k [B, T, Hk, dk]; v [B, T, Hv, dv];
+    g, beta [B, T, Hv] -> [B, T, Hv, dv]. A token with g = 0 and beta = 0 leaves the state as it
+    is exactly (decay e^0 = 1, delta 0): how padding is kept out."""
+    outs = [delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state) for t in range(q.shape[1])]
+    return torch.stack(outs, dim=1)
+
+
 def linear_layer_step(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, wgu, wd,
                       conv_state, rec_state, eps: float, n_k: int, n_v: int, d_k: int, d_v: int,
                       fused: bool = False):
@@ -106,6 +131,32 @@ def linear_layer_step(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, 
                v.reshape(batch, n_v, d_v), g, beta, rec_state)                     # [B, Hv, dv]
     out = gated_rms_norm(out, z.reshape(batch, n_v, d_v), norm_w, eps)
     h = h + F.linear(out.reshape(batch, value_dim), w_out)
+    x = zc_rms_norm(h, ln2, eps)
+    gate, up = F.linear(x, wgu).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, wd)
+
+
+def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, wgu, wd,
+                        conv_state, rec_state, lengths, eps: float, n_k: int, n_v: int, d_k: int, d_v: int,
+                        fused: bool = False):
+    """`linear_layer_step` for T new tokens per row in one forward (a jump-forward chunk): the
+    projections read their weights once for all T; the conv and the delta rule move the states
+    token by token over the first lengths[b] tokens of row b only.
+    h [B, T, H]; lengths [B] (1..T). Returns [B, T, H]."""
+    batch, width = h.shape[:2]
+    key_dim, value_dim = n_k * d_k, n_v * d_v
+    x = zc_rms_norm(h, ln1, eps)
+    mixed, z, b, a = F.linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
+    mixed = conv_extend(mixed, conv_state, conv_w, lengths)                    # [B, T, conv_dim]
+    q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
+    valid = (torch.arange(width, device=h.device)[None, :] < lengths[:, None])[..., None]   # [B, T, 1]
+    beta = torch.where(valid, b.sigmoid(), 0.0)
+    g = torch.where(valid, -a_log.float().exp() * F.softplus(a.float() + dt_bias), 0.0)     # [B, T, Hv]
+    chunk = delta_rule_kernel.delta_rule_chunk if fused else delta_rule_chunk
+    out = chunk(q.reshape(batch, width, n_k, d_k), k.reshape(batch, width, n_k, d_k),
+                v.reshape(batch, width, n_v, d_v), g, beta, rec_state)                    # [B, T, Hv, dv]
+    out = gated_rms_norm(out, z.reshape(batch, width, n_v, d_v), norm_w, eps)
+    h = h + F.linear(out.reshape(batch, width, value_dim), w_out)
     x = zc_rms_norm(h, ln2, eps)
     gate, up = F.linear(x, wgu).chunk(2, dim=-1)
     return h + F.linear(F.silu(gate) * up, wd)
@@ -146,6 +197,37 @@ def gated_attention_layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     probs = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
     out = torch.matmul(probs, v_cache).reshape(batch, n_heads * head_dim)
     out = out * torch.sigmoid(gate)                                 # output gate from q_proj
+    h = h + F.linear(out, wo)
+    x = zc_rms_norm(h, ln2, eps)
+    gate_, up = F.linear(x, wgu).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate_) * up, wd)
+
+
+def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
+                                 k_cache, v_cache, cos, sin, write, mask, eps: float, n_heads: int, n_kv: int):
+    """`gated_attention_layer_step` for T new tokens per row. h [B, T, H]; cos/sin [B, T, rot];
+    write [T] (columns); mask [B, 1, T, C] (causal inside the chunk)."""
+    batch, width = h.shape[:2]
+    head_dim = k_cache.shape[-1]
+    group = n_heads // n_kv
+    x = zc_rms_norm(h, ln1, eps)
+    qg, k, v = F.linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    qg = qg.reshape(batch, width, n_heads, 2 * head_dim)
+    q, gate = qg[..., :head_dim], qg[..., head_dim:].reshape(batch, width, n_heads * head_dim)
+    q = zc_rms_norm(q, qn, eps)                                                # [B, T, Hq, D]
+    k = zc_rms_norm(k.reshape(batch, width, n_kv, head_dim), kn, eps)          # [B, T, Hkv, D]
+    v = v.reshape(batch, width, n_kv, head_dim)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]                          # [B, T, 1, rot]
+    q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
+    k_cache.index_copy_(2, write, k.transpose(1, 2))                           # columns write[0..T-1]
+    v_cache.index_copy_(2, write, v.transpose(1, 2))
+    # Query rows ordered (group, token): [B, Hkv, G*T, D] x [B, Hkv, D, C], K/V not repeated.
+    q = q.view(batch, width, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv, group * width, head_dim)
+    scores = torch.matmul(q, k_cache.transpose(-1, -2)) * head_dim ** -0.5    # [B, Hkv, G*T, C]
+    probs = torch.softmax(scores.float() + mask.repeat(1, 1, group, 1), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v_cache)                                         # [B, Hkv, G*T, D]
+    out = out.view(batch, n_kv, group, width, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, width, n_heads * head_dim)
+    out = out * torch.sigmoid(gate)
     h = h + F.linear(out, wo)
     x = zc_rms_norm(h, ln2, eps)
     gate_, up = F.linear(x, wgu).chunk(2, dim=-1)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear_attention import (fused_delta_rule_available, gated_attention_layer_step, linear_layer_step,
-                               zc_rms_norm)
+from .linear_attention import (fused_delta_rule_available, gated_attention_layer_extend,
+                               gated_attention_layer_step, linear_layer_extend, linear_layer_step, zc_rms_norm)
 
 LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
@@ -324,21 +324,26 @@ class Bucket:
             t.copy_(value)
         return ids, graph, logits
 
+    def _set_lengths(self, rows: int, width: int, lengths: list[int]) -> None:
+        pass
+
     def room(self) -> int:
         """Columns left for new tokens."""
         return self.capacity - int(self.write)
 
-    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None) -> torch.Tensor:
         """ids [rows, T] -> logits [rows, T, V], a copy the caller may mask in place. T is padded
         up to a width of WIDTH_BUCKETS (one compilation and one graph per width, not per T) where
         `spare` columns stay free after it: the padding's columns are dropped by keep() like
-        rejected drafts."""
+        rejected drafts. lengths[b]: how many of row b's tokens keep() will keep at most (a
+        hybrid bucket feeds only those into its linear states; here every token is rewindable)."""
         rows, width = ids.shape
         if width > self.room():
             raise ValueError(f"{width} tokens do not fit the {self.room()} columns left")
         padded = next((w for w in WIDTH_BUCKETS if width <= w <= self.room() - spare), width)
         self.last_width, self.last_forwards = padded, 1
         with torch.inference_mode():
+            self._set_lengths(rows, width, lengths or [width] * rows)
             if self.graph is not None:
                 if padded not in self.wide:
                     self.wide[padded] = self._capture_extend(padded)
@@ -416,16 +421,19 @@ class HybridBucket(Bucket):
     layers, K/V columns for the full-attention layers. `layer_fn` maps layer kind -> function.
     Same capture / step protocol as Bucket; `load` and `append_to` also move the linear states.
 
-    extend() runs one step per token (the recurrent states move token by token; exact, but no
-    fewer weight reads), and keep() keeps everything: the linear states cannot go back, so a
-    hybrid bucket verifies no drafts, and the engine uses no jump-forward on it (it would save no
-    weight reads and lose the overlap of host work with the GPU)."""
+    extend(ids, lengths=...) is one forward for T tokens per row (`linear_layer_extend`,
+    `gated_attention_layer_extend`): the weights are read once, the linear states move over the
+    first lengths[b] tokens of row b only (the rest, padding to a width bucket or to the longest
+    row, gets masked attention columns and no state). The linear states cannot go back, so keep()
+    must keep exactly those tokens: a hybrid bucket takes jump-forward chunks (forced tokens,
+    always kept) but verifies no drafts."""
     rewindable = False
-    multi_token = False
+    multi_token = True
 
     def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn,
                  fused: bool = False, extend_fn=None):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
+        self.extend_fn = extend_fn or {LINEAR: linear_layer_extend, FULL: gated_attention_layer_extend}
         self.fused = fused            # the delta rule as one Triton kernel (CUDA)
         kv = (batch, stack.n_kv, capacity, stack.head_dim)
         full = [kind == FULL for kind in stack.kinds]
@@ -436,6 +444,10 @@ class HybridBucket(Bucket):
         self.rec = [None if f else torch.zeros((batch, stack.n_v, stack.d_k, stack.d_v), device=device,
                                                dtype=torch.float32) for f in full]
         self._init_io(batch, capacity, device, dtype)
+        # Graph input of extend(): tokens per row that enter the linear states. Zero while a
+        # width's graph is captured, so the warm-up forwards leave a loaded conversation's
+        # states as they are (their K/V columns lie past `write`, masked, like padding).
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
     def _step(self) -> torch.Tensor:
         s = self.stack
@@ -456,15 +468,53 @@ class HybridBucket(Bucket):
         self.write.add_(1)
         return logits
 
-    def extend(self, ids: torch.Tensor, spare: int = 0) -> torch.Tensor:
-        if ids.shape[1] > self.room():
-            raise ValueError(f"{ids.shape[1]} tokens do not fit the {self.room()} columns left")
-        self.last_width = self.last_forwards = ids.shape[1]
-        return torch.stack([self.step(ids[:, t]) for t in range(ids.shape[1])], dim=1)   # [B, T, V]
+    def _set_lengths(self, rows: int, width: int, lengths: list[int]) -> None:
+        if len(lengths) != rows or not all(1 <= n <= width for n in lengths):
+            raise ValueError(f"lengths {lengths} do not describe {rows} rows")
+        self._lengths = list(lengths)
+        self.lengths.fill_(1)                                 # the bucket's unused rows: anything
+        self.lengths[:rows].copy_(torch.tensor(lengths))
+
+    def _extend(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] at columns write..write+T-1 -> logits [B, T, V]; row b's linear states take
+        its first lengths[b] tokens. Advances write and positions by T (keep() goes back)."""
+        s = self.stack
+        linear_fn, attention_fn = self.extend_fn[LINEAR], self.extend_fn[FULL]
+        width = ids.shape[1]
+        offsets = self.columns[:width]                                         # [T]
+        cols = self.write + offsets                                            # [T]
+        inside = (self.columns >= self.write) & (self.columns[None, :] <= cols[:, None])   # [T, C]
+        mask = torch.maximum(self.mask, torch.where(inside, 0.0, float("-inf"))[None, None])  # [B, 1, T, C]
+        h = F.embedding(ids, s.embed)                                          # [B, T, H]
+        positions = self.positions[:, None] + offsets                          # [B, T]
+        cos, sin = s.rope(positions.reshape(-1), self.dtype)
+        cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)  # [B, T, rot]
+        for i, (kind, weights) in enumerate(zip(s.kinds, s.layers)):
+            if kind == LINEAR:
+                h = linear_fn(h, *weights, self.conv[i], self.rec[i], self.lengths, s.eps, s.n_k, s.n_v,
+                              s.d_k, s.d_v, fused=self.fused)
+            else:
+                h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
+        h = zc_rms_norm(h, s.norm, s.eps)
+        logits = F.linear(h, s.lm_head).float()                                # [B, T, V]
+        self.mask.index_fill_(-1, cols, 0.0)
+        self.positions.add_(width)
+        self.write.add_(width)
+        return logits
+
+    def _capture_extend(self, width: int) -> tuple:
+        saved = self.lengths.clone()
+        self.lengths.zero_()
+        try:
+            return super()._capture_extend(width)
+        finally:
+            self.lengths.copy_(saved)
 
     def keep(self, kept: list[int]) -> None:
-        if any(n != self.last_width for n in kept):
-            raise ValueError("a hybrid bucket cannot take tokens back (its linear states moved on)")
+        if kept != self._lengths:
+            raise ValueError(f"a hybrid bucket keeps the tokens its linear states took ({self._lengths}), "
+                             f"not {kept}: it cannot take tokens back")
+        super().keep(kept)
 
     @torch.inference_mode()
     def load(self, cache, length: int, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -556,7 +606,11 @@ class StaticDecoder:
             else:
                 self.layer_fn = _compiled_layer_step()
         # One compilation per chunk width T (dynamic=False), like one per bucket shape.
-        self.extend_fn = _compiled(layer_extend) if compile_layers and not self.hybrid else layer_extend
+        self.extend_fn = ({LINEAR: linear_layer_extend, FULL: gated_attention_layer_extend} if self.hybrid
+                          else layer_extend)
+        if compile_layers:
+            self.extend_fn = ({kind: _compiled(fn) for kind, fn in self.extend_fn.items()} if self.hybrid
+                              else _compiled(layer_extend))
         self.buckets: dict[tuple[int, int], Bucket] = {}
 
     @staticmethod
@@ -571,8 +625,9 @@ class StaticDecoder:
             return None          # too long or too wide: the caller decodes eagerly
         if shape not in self.buckets:
             with torch.inference_mode():    # buffers are written only under inference mode
-                extra = {"fused": self.fused_delta_rule} if self.hybrid else {"extend_fn": self.extend_fn}
-                bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn, **extra)
+                extra = {"fused": self.fused_delta_rule} if self.hybrid else {}
+                bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn,
+                                           extend_fn=self.extend_fn, **extra)
                 if self.use_graphs:
                     bucket.capture()
             self.buckets[shape] = bucket
