@@ -66,6 +66,10 @@ def records(demo) -> dict[str, int]:
         "event analytics": len(queue.event_analytics),
         "iterators": len(app.iterators),
         "diff streams": len(demo.pending_diff_streams),
+        # Python's own heap: if these stay flat while RSS grows, the growth is native (torch,
+        # Pillow, the allocator's fragmentation), not Python objects anyone holds.
+        "python blocks": sys.getallocatedblocks(),
+        "gc objects": len(gc.get_objects()),
     }
 
 

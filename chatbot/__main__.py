@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)    # one line per internal HTTP call otherwise
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no phoning home from offline hosts
+    # Gradio's queue keeps a record of each of the last 10 000 events for its monitoring
+    # dashboard, which is off here: 1000 bound that memory tighter and still show recent use.
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
     from corgi.config import ConfigError, load_config
     overrides = {"model.id": args.model, "ui.host": args.host, "ui.port": args.port}

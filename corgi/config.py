@@ -115,9 +115,10 @@ class UIConfig:
     # All files the UI holds (uploads, examples, outputs) together; uploads past it are refused.
     upload_quota_mb: float = 1024.0
     # Per client (its address: on loopback or behind a reverse proxy every client is one; 0 turns
-    # a limit off): sessions held in the store, model events waiting or running at once.
-    max_sessions_per_client: int = 8
-    max_queued_turns_per_client: int = 4
+    # a limit off): sessions held in the store (half of it: one client cannot hold every slot),
+    # model events (turns, uploads) waiting or running at once.
+    max_sessions_per_client: int = 16
+    max_queued_turns_per_client: int = 8
     # Uploads one session may attach, in total (0: no cap beyond upload_quota_mb).
     session_upload_mb: float = 256.0
 

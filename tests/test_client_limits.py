@@ -196,3 +196,14 @@ def test_uploads_per_session_stop_at_the_cap_and_the_extra_file_is_deleted(serve
     assert session.upload_bytes == first.stat().st_size
     other = corgi.store.get("t", "10.0.0.1")                                # its own allowance
     corgi._read_image(other, str(upload("c", 450)), "c.png")
+
+
+def test_the_per_client_settings_refuse_negative_values_with_one_line():
+    from corgi.config import ConfigError, from_dict
+    defaults = from_dict({}).ui
+    assert (defaults.max_sessions_per_client, defaults.max_queued_turns_per_client, defaults.session_upload_mb) == \
+        (16, 8, 256.0)
+    assert from_dict({"ui": {"max_sessions_per_client": 0}}).ui.max_sessions_per_client == 0     # off
+    for key in ("max_sessions_per_client", "max_queued_turns_per_client", "session_upload_mb"):
+        with pytest.raises(ConfigError, match=f"ui.{key} must be 0 \\(no limit\\) or positive"):
+            from_dict({"ui": {key: -1}})
