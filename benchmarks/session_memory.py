@@ -113,10 +113,12 @@ def drive(url: str, count: int) -> None:
         client.close()
 
 
-def whole_server(sessions: int, batch: int, warmup: int, top: int, trace: bool) -> None:
+def whole_server(sessions: int, batch: int, warmup: int, top: int, trace: bool, arenas: bool) -> None:
     import time
 
-    from chatbot.__main__ import private_gradio_folder
+    from chatbot.__main__ import limit_malloc_arenas, private_gradio_folder
+    if arenas:
+        limit_malloc_arenas()                # as the launcher does
     files = private_gradio_folder()          # before gradio is imported, as the launcher does
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import make_engine
@@ -179,13 +181,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=20, help="--server: sessions between two measurements")
     parser.add_argument("--warmup", type=int, default=10, help="--server: sessions before the baseline")
     parser.add_argument("--trace", action="store_true", help="--server: tracemalloc growth by traceback (slow)")
+    parser.add_argument("--default-arenas", action="store_true",
+                        help="--server: glibc's default malloc arenas, not the launcher's cap")
     parser.add_argument("--top", type=int, default=12, help="--server: tracebacks to show")
     parser.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)      # the client process
     args = parser.parse_args(argv)
     if args.drive:
         drive(args.drive, args.sessions)
     elif args.server:
-        whole_server(args.sessions, args.batch, args.warmup, args.top, args.trace)
+        whole_server(args.sessions, args.batch, args.warmup, args.top, args.trace, not args.default_arenas)
     else:
         app_alone(args.sessions)
 
