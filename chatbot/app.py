@@ -582,7 +582,8 @@ class CorgiApp:
     def _read_image(self, session: UserSession, path: str, name: str):
         """Check and decode one upload (ImageError with a message for the chat): only a file
         this server holds, at most min(ui.max_upload_mb, image.max_file_mb), reduced at load to
-        image.max_kept_pixels. A refused upload is deleted."""
+        image.max_kept_pixels, and no more than ui.session_upload_mb of uploads a session. A refused
+        upload is deleted."""
         cfg = self.config.image
         try:
             limits.check_upload(session, path, name, ASSETS, cap_bytes=int(self.config.ui.session_upload_mb * MB))
