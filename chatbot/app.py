@@ -54,7 +54,7 @@ from . import limits, render
 from .display_files import save_jpeg
 from .render import BOXES, CHAT, DEBUG, GALLERY, TIMINGS
 from .report import report_html
-from .sessions import ShownImage, SessionStore, UserSession
+from .sessions import ShownImage, SessionStore, UserSession, forget_gradio_session
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ def idle_expiry(store: SessionStore) -> Callable[[Any], None]:
 class CorgiApp:
     def __init__(self, engine: Engine, config: Config):
         self.engine, self.config = engine, config
-        self.store = SessionStore(config.ui.max_sessions)
+        self.store = SessionStore(config.ui.max_sessions, config.ui.max_sessions_per_client)
+        self.demo: gr.Blocks | None = None
         # Never a bound method of self in the Blocks config: see idle_expiry.
         self.expire = idle_expiry(self.store)
         # Gradio's queue already runs one model event at a time; this lock covers the moment
@@ -292,6 +293,7 @@ class CorgiApp:
             demo.unload(self.unload)
             # Read-only memory figures (no inputs, no session): the load test reads them.
             gr.api(self.stats, api_name="stats", queue=False)
+        self.demo = demo
         return demo
 
     # ---- outputs ---------------------------------------------------------------------
@@ -395,7 +397,7 @@ class CorgiApp:
         if isinstance(state, UserSession) and not state.closed and not state.refused:
             return state
         key = getattr(request, "session_hash", None) or uuid.uuid4().hex
-        return self.store.get(key)
+        return self.store.get(key, limits.client_key(request))
 
     # ---- handlers ------------------------------------------------------------------------
     def set_image(self, state, upload, request: gr.Request) -> Iterator[tuple]:
@@ -476,6 +478,8 @@ class CorgiApp:
             problem, settings = None, None
             if not text:
                 problem = "Please type a question about the image."
+            elif session.refused:
+                problem = session.refused
             elif session.image is None:
                 problem = ("There is no image yet (or this session was idle too long): upload an image "
                            "or pick an example, then ask about it.")
@@ -560,6 +564,8 @@ class CorgiApp:
         """The tab was closed or reloaded: free its session now rather than at the idle time-out."""
         if request is not None and request.session_hash and self.store.close(request.session_hash):
             log.info("a tab was closed: its session is freed")
+        if request is not None and request.session_hash and self.demo is not None:
+            forget_gradio_session(self.demo, request.session_hash)     # Gradio keeps it otherwise
 
     def stats(self) -> dict:
         """Cache memory in bytes against its configured budget, and the live session count."""
@@ -576,12 +582,15 @@ class CorgiApp:
     def _read_image(self, session: UserSession, path: str, name: str):
         """Check and decode one upload (ImageError with a message for the chat): only a file
         this server holds, at most min(ui.max_upload_mb, image.max_file_mb), reduced at load to
-        image.max_kept_pixels. A refused upload is deleted."""
+        image.max_kept_pixels, and no more than ui.session_upload_mb of uploads a session. A refused
+        upload is deleted."""
         cfg = self.config.image
         try:
-            limits.check_upload(session, path, name, ASSETS)
-            return load_image(path, cfg.max_input_pixels, max_kept_pixels=cfg.max_kept_pixels,
-                              max_file_mb=min(self.config.ui.max_upload_mb, cfg.max_file_mb))
+            limits.check_upload(session, path, name, ASSETS, cap_bytes=int(self.config.ui.session_upload_mb * MB))
+            image = load_image(path, cfg.max_input_pixels, max_kept_pixels=cfg.max_kept_pixels,
+                               max_file_mb=min(self.config.ui.max_upload_mb, cfg.max_file_mb))
+            limits.count_upload(session, path)
+            return image
         except ImageError:
             limits.discard_upload(path, limits.upload_folder())    # refused: not kept on the disk
             raise

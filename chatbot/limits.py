@@ -13,7 +13,12 @@ Installed by the launcher (chatbot/__main__.py) on the Gradio app, without patch
         server path or a URL, which Gradio would otherwise copy or fetch), a slider must be a
         number in its range. Such a call gets one HTTP 400 with the reason, not a traceback;
       - uploads stop at a quota over the whole file folder (ui.upload_quota_mb) and when the
-        disk is nearly full: HTTP 413 / 507 with a sentence, never a half-written file.
+        disk is nearly full: HTTP 413 / 507 with a sentence, never a half-written file;
+      - one client (`client_key`: its address) may have at most ui.max_queued_turns_per_client
+        model events waiting or running: past it, /queue/join answers 429 with a sentence.
+  * `check_upload`: what a session may open, and at most ui.session_upload_mb of uploads a
+    session (Gradio's upload route knows no session, so the bytes are counted when a file is
+    attached to one; a file past the cap is deleted).
   * `share_model_queue`: the one model queue serves sessions in turn (round robin) instead of
     first come first served, so one session that queues six turns delays another session's
     turn by at most one of them.
@@ -21,6 +26,7 @@ Installed by the launcher (chatbot/__main__.py) on the Gradio app, without patch
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -74,21 +80,60 @@ def upload_folder() -> str:
     return os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio")
 
 
+from .sessions import CLIENT_FULL, SERVER_FULL  # noqa: F401 (the messages live with the store)
+
+QUEUE_FULL = ("You already have {n} questions waiting for the model, the most one client may queue: "
+              "wait for one of them to be answered, then ask again.")
+SESSION_UPLOADS = ("This conversation has uploaded {used:.0f} MB of files, and {name!r} ({size:.1f} MB) would "
+                   "take it past the {cap:g} MB one conversation may upload: start a New conversation in a "
+                   "new tab to upload more.")
+
+
+def client_key(request) -> str | None:
+    """Who a request comes from, for the per-client limits: its address (an IPv4-mapped IPv6
+    address as plain IPv4). Not the login name: the launcher's login is one name and password
+    that everyone shares. Not X-Forwarded-For: any client can write that header. So behind a
+    reverse proxy, or on loopback, every client is one client (see docs/reliability.md)."""
+    host = getattr(getattr(request, "client", None), "host", None)
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return str(getattr(address, "ipv4_mapped", None) or address)
+
+
 DISK_FULL = ("The server's disk is full, so this answer cannot be shown in full. The conversation "
              "goes on: try again in a while.")
-SERVER_FULL = ("The server holds as many conversations as it can right now, and none of them can be "
-               "let go: please try again in a few minutes.")
-
-
-def check_upload(session, path: str, name: str, *also: os.PathLike) -> None:
+def check_upload(session, path: str, name: str, *also: os.PathLike, cap_bytes: int = 0) -> None:
     """ImageError unless this session may load `path`: a session the store refused may not
-    (SERVER_FULL), and only files this server holds (its upload folder, or `also`) are opened,
-    never a path an API caller names elsewhere on the disk."""
+    (SERVER_FULL / CLIENT_FULL), only files this server holds (its upload folder, or `also`) are
+    opened, never a path an API caller names elsewhere on the disk, and an upload must not take
+    the session past `cap_bytes` of uploads (0: no cap; see count_upload)."""
     from corgi.images import ImageError
-    if getattr(session, "refused", False):
-        raise ImageError(SERVER_FULL)
+    if getattr(session, "refused", ""):
+        raise ImageError(session.refused if isinstance(session.refused, str) else SERVER_FULL)
     if not any(inside(path, folder) for folder in (upload_folder(), *also)):
         raise ImageError(f"The file {name[:80]!r} was not uploaded to this server.")
+    if cap_bytes and inside(path, upload_folder()):
+        size = _size(path)
+        if session.upload_bytes + size > cap_bytes:
+            raise ImageError(SESSION_UPLOADS.format(used=session.upload_bytes / 2**20, name=name[:80],
+                                                    size=size / 2**20, cap=cap_bytes / 2**20))
+
+
+def count_upload(session, path: str) -> None:
+    """An upload the session keeps: its bytes count against ui.session_upload_mb (examples do not)."""
+    if inside(path, upload_folder()):
+        session.upload_bytes += _size(path)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def folder_bytes(folder: str) -> int:
@@ -141,9 +186,11 @@ class LoginLimiter:
 class Guard:
     """ASGI middleware: see the module docstring. `files`: the private file folder."""
 
-    def __init__(self, app, *, files: str, quota_bytes: int, limiter: LoginLimiter | None = None):
+    def __init__(self, app, *, files: str, quota_bytes: int, limiter: LoginLimiter | None = None,
+                 max_queued_per_client: int = 0, concurrency_id: str = "model"):
         self.app, self.files, self.quota_bytes = app, files, quota_bytes
         self.limiter = limiter or LoginLimiter()
+        self.max_queued, self.concurrency_id = max_queued_per_client, concurrency_id
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -215,13 +262,45 @@ class Guard:
                 return await _reply(send, 413, "This API call is too large.")
         problem = None
         try:
-            problem = check_call(gradio_app, path, json.loads(body or b"null"), self.files)
+            data = json.loads(body or b"null")
+            problem = check_call(gradio_app, path, data, self.files)
         except (ValueError, UnicodeDecodeError):
-            pass            # not JSON: Gradio answers that itself
+            data = None     # not JSON: Gradio answers that itself
         if problem:
             log.info("API call refused: %s", problem)
             return await _reply(send, 400, problem)
+        if self.max_queued and path.rstrip("/") == f"{API_PREFIX}/queue/join":
+            fn = _fn_of(gradio_app, path, data)
+            if fn is not None and fn.concurrency_id == self.concurrency_id:
+                from starlette.requests import Request
+                client = client_key(Request(scope))
+                held = queued_events(gradio_app.get_blocks(), client, self.concurrency_id)
+                if client is not None and held >= self.max_queued:
+                    log.info("a client is at ui.max_queued_turns_per_client (%d): a turn is refused", held)
+                    return await _reply(send, 429, QUEUE_FULL.format(n=held))
         return await self.app(scope, _replay(body), send)
+
+
+def queued_events(blocks, client: str | None, concurrency_id: str) -> int:
+    """Events of `client` in the `concurrency_id` group, waiting or running."""
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or client is None:
+        return 0
+    group = queue.event_queue_per_concurrency_id.get(concurrency_id)
+    events = list(group.queue) if group is not None else []
+    events += [e for job in queue.active_jobs if job for e in job if e.concurrency_id == concurrency_id]
+    return sum(1 for e in events if not getattr(e, "closed", False) and client_key(e.request) == client)
+
+
+def _fn_of(gradio_app, path: str, body: Any):
+    """The event an API call runs (None: not one we know)."""
+    if not isinstance(body, dict):
+        return None
+    fns = gradio_app.get_blocks().fns
+    if isinstance(body.get("fn_index"), int):
+        return fns.get(body["fn_index"])
+    name = path.rstrip("/").split("/")[-1]
+    return next((f for f in fns.values() if f.api_name == name), None)
 
 
 def _is_call(path: str) -> bool:
@@ -234,13 +313,7 @@ def check_call(gradio_app, path: str, body: Any, files: str) -> str | None:
     """What is wrong with the inputs of one API call (None: nothing we check)."""
     if not isinstance(body, dict) or not isinstance(body.get("data"), list):
         return None
-    blocks = gradio_app.get_blocks()
-    fn = None
-    if isinstance(body.get("fn_index"), int):
-        fn = blocks.fns.get(body["fn_index"])
-    else:
-        name = path.rstrip("/").split("/")[-1]
-        fn = next((f for f in blocks.fns.values() if f.api_name == name), None)
+    fn = _fn_of(gradio_app, path, body)
     if fn is None:
         return None
     import gradio as gr

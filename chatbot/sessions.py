@@ -10,6 +10,11 @@ every session holds one, a new session is refused (`UserSession.refused`: the UI
 is full) until one ends (New conversation, tab closed, idle time-out). So a client that opens
 many cheap sessions only pushes out other cheap sessions, its own first; what it costs to push
 out conversations is a model turn per session, in the shared queue.
+
+Per client (its address, see limits.client_key) the same rule holds at ui.max_sessions_per_client:
+a client at its share pushes out its own least recently used session without a conversation,
+and when all of its sessions hold one, its new session is refused (CLIENT_FULL), while other
+clients are still served. So one client cannot hold every slot of the store.
 """
 from __future__ import annotations
 
@@ -47,9 +52,17 @@ class ShownTurn:
     result: TurnResult | None       # None when it was stopped or failed
 
 
+SERVER_FULL = ("The server holds as many conversations as it can right now, and none of them can be "
+               "let go: please try again in a few minutes.")
+CLIENT_FULL = ("You already have {n} conversations open on this server, the most one client may hold: "
+               "close one (New conversation, or close its tab), then try again.")
+
+
 class UserSession:
-    def __init__(self, key: str):
+    def __init__(self, key: str, client: str | None = None):
         self.key = key
+        self.client = client      # limits.client_key of its first request (None: not counted)
+        self.upload_bytes = 0     # bytes of the uploads it kept (ui.session_upload_mb)
         # Held for a whole model operation of this tab (a turn, a warm-up). Gradio frees the
         # queue slot of a cancelled turn before it closes the turn's generator, so the next
         # turn could otherwise start while the old one is still cutting the conversation back.
@@ -69,7 +82,8 @@ class UserSession:
         self.live: TurnView | None = None                    # the turn being streamed
         self.trace_path: str | None = None                   # its folder is this session's alone
         self.report_path: str | None = None                  # the HTML report, in the same folder
-        self.refused = False     # the store was full of conversations: this session is not kept
+        # Why the store did not keep it (SERVER_FULL or CLIENT_FULL): the UI shows that; "" if kept.
+        self.refused = ""
 
     @property
     def has_conversation(self) -> bool:
@@ -178,12 +192,13 @@ class SessionStore:
     """Live sessions by Gradio session hash, at most `max_sessions`: the least recently used
     session without a conversation goes; when all have one, new sessions are refused."""
 
-    def __init__(self, max_sessions: int):
+    def __init__(self, max_sessions: int, max_per_client: int = 0):
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client      # 0: no limit per client
         self._sessions: OrderedDict[str, UserSession] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> UserSession:
+    def get(self, key: str, client: str | None = None) -> UserSession:
         evicted = None
         with self._lock:
             session = self._sessions.get(key)
@@ -191,16 +206,23 @@ class SessionStore:
                 self._sessions.move_to_end(key)
                 return session
             self._sessions.pop(key, None)
-            if len(self._sessions) >= self.max_sessions:
-                evicted = next((k for k, s in self._sessions.items() if not s.has_conversation), None)
+            mine = [k for k, s in self._sessions.items() if client is not None and s.client == client]
+            if self.max_per_client and len(mine) >= self.max_per_client:
+                full, among, limit = CLIENT_FULL.format(n=len(mine)), mine, "per-client session limit"
+            elif len(self._sessions) >= self.max_sessions:
+                full, among, limit = SERVER_FULL, list(self._sessions), "session limit"
+            else:
+                full = None
+            if full is not None:
+                evicted = next((k for k in among if not self._sessions[k].has_conversation), None)
                 if evicted is None:
-                    log.warning("session limit (%d) reached and every session has a conversation: "
-                                "a new session is refused", self.max_sessions)
-                    refused = UserSession(key)
-                    refused.refused = True
+                    log.warning("%s reached and every session it counts has a conversation: a new "
+                                "session is refused", limit)
+                    refused = UserSession(key, client)
+                    refused.refused = full
                     return refused
                 evicted = self._sessions.pop(evicted)
-            session = self._sessions[key] = UserSession(key)
+            session = self._sessions[key] = UserSession(key, client)
         if evicted is not None:
             log.info("session limit reached: closing the least recently used session without a conversation")
             evicted.close()
@@ -223,3 +245,30 @@ class SessionStore:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+
+def forget_gradio_session(demo, session_hash: str) -> None:
+    """Drop what Gradio keeps of a closed session (its tab's heartbeat ended) and never frees:
+
+      * its SessionState in the state holder (a copy of the Blocks config per session, and the
+        gr.State value, the closed UserSession): Gradio only marks it closed, keeps it for an
+        hour and removes the entry itself only when state_session_capacity is exceeded;
+      * its set of event ids in the queue (pending_event_ids_session: an id is added per event
+        and removed only when a session's waiting events are cancelled, never when they end),
+        and its message queue (an LRU of 2000 sessions).
+
+    The app has already let go of the session (demo.unload), so a tab that reconnects under the
+    same session hash starts afresh either way. The queue's records are left alone while one of
+    the session's events is still known to the queue: it would still send messages there."""
+    app = getattr(demo, "server_app", None)
+    queue = getattr(demo, "_queue", None)
+    if app is None or queue is None:
+        return
+    holder = app.state_holder
+    with holder.lock:
+        holder.session_data.pop(session_hash, None)
+        holder.time_last_used.pop(session_hash, None)
+    ids = queue.pending_event_ids_session.get(session_hash, set())
+    if not any(event_id in queue.event_ids_to_events for event_id in list(ids)):
+        queue.pending_event_ids_session.pop(session_hash, None)
+        queue.pending_messages_per_session.pop(session_hash, None)

@@ -114,6 +114,13 @@ class UIConfig:
     max_upload_mb: float = 30.0
     # All files the UI holds (uploads, examples, outputs) together; uploads past it are refused.
     upload_quota_mb: float = 1024.0
+    # Per client (its address: on loopback or behind a reverse proxy every client is one; 0 turns
+    # a limit off): sessions held in the store (half of it: one client cannot hold every slot),
+    # model events (turns, uploads) waiting or running at once.
+    max_sessions_per_client: int = 16
+    max_queued_turns_per_client: int = 8
+    # Uploads one session may attach, in total (0: no cap beyond upload_quota_mb).
+    session_upload_mb: float = 256.0
 
 
 @dataclass
@@ -196,6 +203,9 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("pipeline.top_p must be within (0, 1]")
     if cfg.pipeline.max_steps > 20 or cfg.pipeline.max_regions > 20:
         raise ConfigError("pipeline.max_steps and pipeline.max_regions must be at most 20")
+    for key in ("max_sessions_per_client", "max_queued_turns_per_client", "session_upload_mb"):
+        if getattr(cfg.ui, key) < 0:
+            raise ConfigError(f"config key ui.{key} must be 0 (no limit) or positive, got {getattr(cfg.ui, key)}")
     if cfg.ui.port > 65535:
         raise ConfigError("ui.port must be at most 65535")
     return cfg
