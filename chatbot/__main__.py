@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     info = engine.model_info()
     log.info("model ready in %.1f s: %s (%s) on %s as %s (%s backend)", time.perf_counter() - t0, info["id"],
-             info["family"], info["device"], info["dtype"], info["backend"])
+             info["family"], info["device"], info["dtype"], info.get("backend", "local"))
 
     log.info("building the UI ...")
     for path in sweep_stale_folders():

@@ -52,7 +52,7 @@ class LocalBackend:
         self.added_tokens = engine.lm.added_tokens
 
     def model_info(self) -> dict[str, str]:
-        return {**self.engine.model_info(), "backend": self.name}
+        return self.engine.model_info()      # {"id", "family", "dtype", "device"}: the local backend's
 
     def concurrency(self) -> int:
         return 1            # one model: turns take their turn
