@@ -91,7 +91,11 @@ class RemoteBackend:
     schema_only = True      # response_format holds JSON only: phase 1+2 asks for no think block
 
     def __init__(self, config: Config, client=None):
+        import httpx                  # noqa: F401  (see below)
         from openai import OpenAI     # here, so that RemoteError is importable without the client
+        # httpx is imported now, before any phase 3 thread: the client looks it up lazily while
+        # streaming, and a thread that does so while another thread's first import of httpx is
+        # under way sees a half-initialised module.
         m = config.model
         self.config = config
         self.model, self.base_url = m.id, m.base_url
@@ -103,20 +107,29 @@ class RemoteBackend:
         self._api_key_env = m.api_key_env
 
     def check(self) -> None:
-        """Reach the server once (its model list): an unreachable server, a refused key or a
-        model it does not serve is one RemoteError now, not in the middle of a turn. A server
-        whose list cannot be read (transformers serve lists only its hub cache) is let be: the
-        first request will tell."""
+        """Reach the server once: an unreachable server, a refused key or a model it does not
+        serve is one RemoteError now, not in the middle of a turn. The model list says which
+        models it serves; a server whose list cannot be read (transformers serve lists only
+        its hub cache) is asked for one token of the model instead."""
         import openai
         try:
             served = [m.id for m in self.client.models.list()]
-        except (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+        except openai.APIStatusError as exc:
+            if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+                raise self.explain(exc) from None
+            served = None
+        except Exception as exc:
             raise self.explain(exc) from None
-        except openai.APIError:
+        if served:
+            if self.model not in served:
+                raise RemoteError(f"the model server at {self.base_url} does not serve model {self.model!r} "
+                                  f"(it serves: {', '.join(served[:8])})")
             return
-        if served and self.model not in served:
-            raise RemoteError(f"the server at {self.base_url} does not serve model {self.model!r} "
-                              f"(it serves: {', '.join(served[:8])})")
+        try:
+            self.client.chat.completions.create(model=self.model, max_tokens=1,
+                                                messages=[{"role": "user", "content": "Hi"}])
+        except Exception as exc:
+            raise self.explain(exc) from None
 
     def explain(self, exc: BaseException) -> RemoteError:
         """One line for anything the client raised."""
@@ -293,6 +306,7 @@ class RemoteBackend:
         start, decode_start = clock.now(), None
         texts = [""] * len(crops)
         pool = ThreadPoolExecutor(max_workers=len(crops), thread_name_prefix="corgi-region")
+        complete = False
         try:
             for row, request in enumerate(requests):
                 pool.submit(run, row, request)
@@ -312,9 +326,11 @@ class RemoteBackend:
                 tokens = _count(stats, value)
                 yield clock.span(Phase.EVIDENCE, f"region {row + 1}", decode_start, clock.now() - decode_start, tokens)
                 yield RegionDone(row, texts[row])
+            complete = True
         finally:
+            # Stop or a failed region: the other requests end at their next chunk; not waited for.
             cancelled.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=complete, cancel_futures=True)
 
     def _request(self, messages: list[dict], max_new_tokens: int, sampling: Sampling,
                  structure: Structure | None, no_think: bool) -> dict[str, Any]:
