@@ -170,7 +170,7 @@ class CorgiApp:
         # engine: the local Engine, or a backend (corgi.local / corgi.remote): the UI asks it for
         # text only, through ChatSession.
         self.backend = as_backend(engine)
-        self.engine, self.config = self.backend, config
+        self.engine, self.config = engine, config
         self.store = SessionStore(config.ui.max_sessions)
         # Never a bound method of self in the Blocks config: see idle_expiry.
         self.expire = idle_expiry(self.store)
@@ -619,7 +619,7 @@ class CorgiApp:
             t0 = time.perf_counter()
             try:
                 with self.model_lock:
-                    session.chat = ChatSession(self.engine, [x.image for x in loaded])
+                    session.chat = ChatSession(self.backend, [x.image for x in loaded])
                     stats = session.chat.warm_up()
             except InputError as exc:     # its message already says "this image cannot be used: ..."
                 session.set_images([])
@@ -671,7 +671,7 @@ class CorgiApp:
         if session.chat is None:     # after New conversation or a failed warm-up
             try:
                 with self.model_lock:
-                    session.chat = ChatSession(self.engine, session.image_list())
+                    session.chat = ChatSession(self.backend, session.image_list())
             except Exception as exc:
                 log.exception("could not start a conversation")
                 session.history.append(render.notice(f"The model failed on this image: "
