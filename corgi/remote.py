@@ -149,7 +149,10 @@ class RemoteBackend:
         if isinstance(exc, openai.NotFoundError):
             return RemoteError(f"{where} does not serve model {self.model!r}: {_detail(exc)}")
         if isinstance(exc, openai.APIStatusError):
-            return RemoteError(f"{where} refused the request (HTTP {exc.status_code}): {_detail(exc)}")
+            detail = _detail(exc)
+            hint = ("; is the served model a vision model?"
+                    if any(word in detail.lower() for word in ("image", "multimodal", "vision")) else "")
+            return RemoteError(f"{where} refused the request (HTTP {exc.status_code}): {detail}{hint}")
         if isinstance(exc, openai.APIError):
             return RemoteError(f"{where} failed: {_short(str(exc))}")
         return RemoteError(f"{where} failed: {type(exc).__name__}: {_short(str(exc))}")
