@@ -46,13 +46,22 @@ class LocalBackend:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.config = engine.config
-        self.family = engine.lm.family
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def family(self):
+        return self.engine.lm.family
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
         # Untrusted text must not encode to any added token of this tokenizer (<|im_end|>, <think>, ...).
-        self.added_tokens = engine.lm.added_tokens
+        return self.engine.lm.added_tokens
 
     def model_info(self) -> dict[str, str]:
-        return self.engine.model_info()      # {"id", "family", "dtype", "device"}: the local backend's
+        return Engine.model_info(self.engine)   # {"id", "family", "dtype", "device"} of engine.lm
 
     def concurrency(self) -> int:
         return 1            # one model: turns take their turn
