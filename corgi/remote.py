@@ -126,8 +126,9 @@ class RemoteBackend:
                                   f"(it serves: {', '.join(served[:8])})")
             return
         try:
-            self.client.chat.completions.create(model=self.model, max_tokens=1,
-                                                messages=[{"role": "user", "content": "Hi"}])
+            # Retries: a server that failed the list may have closed the connection it kept open.
+            self.client.with_options(max_retries=2).chat.completions.create(
+                model=self.model, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
         except Exception as exc:
             raise self.explain(exc) from None
 
