@@ -39,13 +39,6 @@ def as_backend(engine_or_backend):
     return LocalBackend(engine_or_backend)
 
 
-def __getattr__(name: str):
-    if name == "TextStream":          # moved to local.py with the rest of the token-level work
-        from .local import TextStream
-        return TextStream
-    raise AttributeError(name)
-
-
 class TurnClock:
     """A turn's wall time: phase times that tile the turn (each phase runs from the end of the
     one before, so they add up to the total, the moments between phases included) and the
