@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chatbot", description="CoRGI Chat web UI")
     parser.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
     parser.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder")
+    parser.add_argument("--backend", choices=("local", "openai"),
+                        help="local: load the model here; openai: use an OpenAI-compatible server (model.backend)")
+    parser.add_argument("--base-url", help="with --backend openai: the server's API root (model.base_url)")
     parser.add_argument("--host", help="address to serve on (default: ui.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to serve on (default: ui.port, 7860)")
     return parser
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
     from corgi.config import ConfigError, load_config
-    overrides = {"model.id": args.model, "ui.host": args.host, "ui.port": args.port}
+    overrides = {"model.id": args.model, "model.backend": args.backend, "model.base_url": args.base_url,
+                 "ui.host": args.host, "ui.port": args.port}
     try:
         config = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
@@ -186,20 +190,24 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
 
-    from corgi.engine.engine import Engine
+    from corgi.__main__ import load_backend
     from corgi.engine.loading import ModelLoadError
+    from corgi.remote import RemoteError
     m = config.model
-    log.info("loading model %s (device %s, dtype %s); a real checkpoint can take a minute ...",
-             m.id, m.device, m.dtype)
+    if m.backend == "local":
+        log.info("loading model %s (device %s, dtype %s); a real checkpoint can take a minute ...",
+                 m.id, m.device, m.dtype)
+    else:
+        log.info("using model %s on the %s server %s", m.id, m.backend, m.base_url)
     t0 = time.perf_counter()
     try:
-        engine = Engine.load(config)
-    except ModelLoadError as exc:
+        engine = load_backend(config)
+    except (ModelLoadError, RemoteError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    lm = engine.lm
-    log.info("model loaded in %.1f s: %s (%s) on %s as %s", time.perf_counter() - t0, lm.model_id,
-             lm.family.name, lm.device, str(lm.dtype).removeprefix("torch."))
+    info = engine.model_info()
+    log.info("model ready in %.1f s: %s (%s) on %s as %s (%s backend)", time.perf_counter() - t0, info["id"],
+             info["family"], info["device"], info["dtype"], info.get("backend", "local"))
 
     log.info("building the UI ...")
     for path in sweep_stale_folders():

@@ -47,7 +47,8 @@ from corgi.config import Config, PipelineConfig
 from corgi.engine.tiny import default_cache_dir, is_tiny_name
 from corgi.engine.engine import Engine
 from corgi.images import ImageError, image_digest, load_image
-from corgi.pipeline import ChatSession, InputError, clean_question
+from corgi.pipeline import ChatSession, InputError, as_backend, clean_question
+from corgi.remote import RemoteError
 from corgi.types import TextDelta
 
 from . import limits, render
@@ -166,23 +167,26 @@ def idle_expiry(store: SessionStore) -> Callable[[Any], None]:
 
 class CorgiApp:
     def __init__(self, engine: Engine, config: Config):
+        # engine: the local Engine, or a backend (corgi.local / corgi.remote): the UI asks it for
+        # text only, through ChatSession.
+        self.backend = as_backend(engine)
         self.engine, self.config = engine, config
         self.store = SessionStore(config.ui.max_sessions, config.ui.max_sessions_per_client)
         self.demo: gr.Blocks | None = None
         # Never a bound method of self in the Blocks config: see idle_expiry.
         self.expire = idle_expiry(self.store)
-        # Gradio's queue already runs one model event at a time; this lock covers the moment
+        # Local: Gradio's queue already runs one model event at a time; this lock covers the moment
         # after a Stop when the queue has moved on but the cancelled turn is still unwinding.
-        self.model_lock = threading.Lock()
+        # A server backend runs several turns at once (the server batches): no lock.
+        self.concurrency = self.backend.concurrency()
+        self.model_lock = threading.Lock() if self.concurrency == 1 else contextlib.nullcontext()
         # Traces, reports and the pictures sent to the browser, one folder per session; all
         # removed at exit.
         self._files = tempfile.TemporaryDirectory(prefix="corgi-chat-")
         with open(os.path.join(self._files.name, ".owner-pid"), "w") as out:     # see sweep_stale_folders
             out.write(str(os.getpid()))
-        lm = engine.lm
-        self.twin = is_twin(lm.model_id, config.model.id)
-        self.model_info = {"id": lm.model_id, "family": lm.family.name,
-                           "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+        self.model_info = self.backend.model_info()
+        self.twin = is_twin(self.model_info["id"], config.model.id)
 
     # ---- layout --------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -194,7 +198,7 @@ class CorgiApp:
             with gr.Row(equal_height=False):
                 gr.Markdown(f"## CoRGI Chat\nGrounded visual reasoning: the model writes steps, marks the "
                             f"regions they depend on (S1, S2 ...), reads those regions, then answers. "
-                            f"Model: `{self.model_info['id']}` on {self.model_info['device']}.")
+                            f"Model: {render.model_line(self.model_info)}.")
                 presenter = gr.Checkbox(label="Presenter mode (larger text)", value=False, scale=0,
                                         min_width=200, elem_id="presenter")
             if self.twin:
@@ -257,7 +261,7 @@ class CorgiApp:
 
             outputs = [state, chatbot, boxes_img, gallery, timings, debug_code, debug_json, trace_btn,
                        images_gallery, step_pick, picked, timeline, report_btn, stop_btn, regen_btn]
-            model = dict(concurrency_id="model", concurrency_limit=1, show_progress="full",
+            model = dict(concurrency_id="model", concurrency_limit=self.concurrency, show_progress="full",
                          show_progress_on=[chatbot])
             # preprocess=False: the handler gets the raw upload and checks it itself, so a bad
             # file is answered in the chat instead of failing inside Gradio's image decoding.
@@ -569,14 +573,11 @@ class CorgiApp:
 
     def stats(self) -> dict:
         """Cache memory in bytes against its configured budget, and the live session count."""
-        engine = self.engine
         with self.model_lock:     # a consistent snapshot, between two model steps
             # kv_bytes includes the hybrid models' linear-state snapshots (also shown alone);
             # the budget covers kv_bytes + static_bytes (the compiled decoder's buffers).
-            return {"kv_bytes": engine.kv_bytes_total(), "kv_budget_bytes": engine.kv_budget,
-                    "snapshot_bytes": engine.snapshot_bytes_total(), "static_bytes": engine.static_bytes(),
-                    "vision_bytes": engine.vision.cached_bytes, "vision_budget_bytes": engine.vision.cache_bytes,
-                    "sessions": len(self.store), "image_bytes": self.store.image_bytes()}
+            # A server backend keeps its caches on the server: none here.
+            return {**self.backend.memory(), "sessions": len(self.store), "image_bytes": self.store.image_bytes()}
 
     # ---- the work ------------------------------------------------------------------------
     def _read_image(self, session: UserSession, path: str, name: str):
@@ -627,7 +628,7 @@ class CorgiApp:
             t0 = time.perf_counter()
             try:
                 with self.model_lock:
-                    session.chat = ChatSession(self.engine, [x.image for x in loaded])
+                    session.chat = ChatSession(self.backend, [x.image for x in loaded])
                     stats = session.chat.warm_up()
             except InputError as exc:     # its message already says "this image cannot be used: ..."
                 session.set_images([])
@@ -679,7 +680,7 @@ class CorgiApp:
         if session.chat is None:     # after New conversation or a failed warm-up
             try:
                 with self.model_lock:
-                    session.chat = ChatSession(self.engine, session.image_list())
+                    session.chat = ChatSession(self.backend, session.image_list())
             except Exception as exc:
                 log.exception("could not start a conversation")
                 session.history.append(render.notice(f"The model failed on this image: "
@@ -718,6 +719,10 @@ class CorgiApp:
                 torch.cuda.empty_cache()    # hand the failed turn's blocks back before the next one
             view.end("The model ran out of memory on this turn. The conversation goes on from before "
                      "this question: try again, lower the token budgets or regions, or start a New conversation.")
+        except RemoteError as exc:
+            log.warning("turn failed: %s", exc)
+            view.end(f"The model server failed on this turn: {exc}. The conversation goes on from before "
+                     "this question: ask again when the server is back.")
         except Exception as exc:
             log.exception("turn failed")
             view.end(f"The model failed on this turn: {type(exc).__name__}: {exc}")

@@ -46,6 +46,13 @@ NOISE_NOTE = ("*Random-weight twin: this answer is noise. Load a real checkpoint
               "(`./launch_chatbot.sh --model Qwen/Qwen2.5-VL-3B-Instruct`) for real answers.*")
 
 
+def model_line(info: dict[str, str]) -> str:
+    """Which model, on what: "`id` on cpu", or "`id` (qwen3-vl) on the openai server http://..."."""
+    if info.get("backend", "local") == "local":
+        return f"`{info['id']}` on {info['device']}"
+    return f"`{info['id']}` ({info['family']}) on the {info['backend']} server {info.get('server', '')}"
+
+
 def display_size(image: Image.Image, long_side: int = DISPLAY_LONG_SIDE) -> Image.Image:
     """`image` as RGB, scaled down (never up) so its long side is at most `long_side`."""
     out = image.convert("RGB")

@@ -26,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--question", required=True)
     run.add_argument("--followup", action="append", default=[], help="a follow-up question (repeatable)")
     run.add_argument("--config", help="YAML config file (default: configs/default.yaml settings)")
-    run.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder")
+    run.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder; "
+                                     "with --backend openai the served model's name")
+    run.add_argument("--backend", choices=("local", "openai"),
+                     help="local: load the model here; openai: use an OpenAI-compatible server (vLLM, SGLang)")
+    run.add_argument("--base-url", help="with --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1")
+    run.add_argument("--family", help="with --backend openai: the served model's family (default: from its name)")
     run.add_argument("--json", action="store_true", help="print one JSON object with every turn")
     run.add_argument("--no-cache", action="store_true", help="re-encode and re-read everything per phase")
     run.add_argument("--plain-answer", action="store_true",
@@ -83,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {}
     if args.model:
         overrides["model.id"] = args.model
+    for key, value in (("backend", args.backend), ("base_url", args.base_url), ("family", args.family)):
+        if value is not None:
+            overrides[f"model.{key}"] = value
     if args.no_cache:
         overrides["cache.enabled"] = False
     if args.plain_answer:
@@ -97,33 +105,52 @@ def run(args: argparse.Namespace) -> int:
             clean_question(q, config.pipeline.max_question_chars)
         images = [load_image(path, config.image.max_input_pixels, max_file_mb=config.image.max_file_mb,
                              max_kept_pixels=config.image.max_kept_pixels) for path in args.image]
-        model_source(config.model.id)
+        if config.model.backend == "local":
+            model_source(config.model.id)
     except (ConfigError, ImageError, InputError, ModelLoadError) as exc:
         return _bad_input(exc)
 
-    from .engine.engine import Engine
     from .pipeline import ChatSession
+    from .remote import RemoteError
     try:
-        engine = Engine.load(config)
-    except ModelLoadError as exc:
+        backend = load_backend(config)
+    except (ModelLoadError, RemoteError, ValueError) as exc:
         return _bad_input(exc)
 
     printer = _Printer(sys.stderr if args.json else sys.stdout) if (args.verbose or not args.json) else None
     try:
-        session = ChatSession(engine, images)
+        session = ChatSession(backend, images)
     except InputError as exc:
         return _bad_input(exc)
     turns = []
     for question in [args.question, *args.followup]:
-        for event in session.ask(question):
-            if printer:
-                printer(event)
-            if isinstance(event, TurnFinished):
-                turns.append(event.result.to_json())
+        try:
+            for event in session.ask(question):
+                if printer:
+                    printer(event)
+                if isinstance(event, TurnFinished):
+                    turns.append(event.result.to_json())
+        except RemoteError as exc:      # the server went away mid-run: one line
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
     if args.json:
-        payload = {"model": engine.model_info(), "turns": turns}
+        payload = {"model": backend.model_info(), "turns": turns}
         sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
     return 0
+
+
+def load_backend(config):
+    """The backend `model.backend` names: the model loaded here, or a server checked once
+    (reachable, key accepted, model served). Raises ModelLoadError, RemoteError, or ValueError
+    (UnknownFamily) with one line."""
+    if config.model.backend == "openai":
+        from .remote import RemoteBackend
+        backend = RemoteBackend(config)
+        backend.check()
+        return backend
+    from .engine.engine import Engine
+    from .local import LocalBackend
+    return LocalBackend(Engine.load(config))
 
 
 def _bad_input(exc: Exception) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .families import BY_NAME
+
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 MAX_CONFIG_BYTES = 1024 * 1024      # a config is a few hundred bytes; this bounds what is read
@@ -55,6 +57,14 @@ class ModelConfig:
     quantization: str = "none"           # none | 8bit | 4bit (bitsandbytes, CUDA only)
     compile: bool = False                # CUDA: static KV + CUDA-graph decoding
     warmup: bool = True                  # with compile: run the shapes once at load time
+    # local: load the model here. openai: drive an OpenAI-compatible server (vLLM, SGLang,
+    # transformers serve) that serves `id`; the options above are then the server's business.
+    backend: str = "local"
+    base_url: str = "http://127.0.0.1:8000/v1"       # openai: the server's API root
+    api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key (may be unset)
+    # openai: the served model's family (its box convention, its thinking); auto: from `id`.
+    family: str = "auto"
+    timeout_s: float = 120.0             # openai: per request, connect to last token
 
 
 @dataclass
@@ -121,6 +131,9 @@ class UIConfig:
     max_queued_turns_per_client: int = 8
     # Uploads one session may attach, in total (0: no cap beyond upload_quota_mb).
     session_upload_mb: float = 256.0
+    # Turns running at once: the local backend runs one (one model); a server batches, so with
+    # model.backend: openai this many users' turns run together.
+    remote_concurrency: int = 8
 
 
 @dataclass
@@ -139,6 +152,8 @@ _CHOICES = {
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
     "model.attn_implementation": {"auto", "sdpa", "eager", "flash_attention_2"},
     "model.quantization": {"none", "8bit", "4bit"},
+    "model.backend": {"local", "openai"},
+    "model.family": {"auto", *BY_NAME},
 }
 _POSITIVE = {"image.min_pixels", "image.max_pixels", "image.max_input_pixels", "image.max_file_mb",
              "image.max_kept_pixels",
@@ -146,7 +161,8 @@ _POSITIVE = {"image.min_pixels", "image.max_pixels", "image.max_input_pixels", "
              "pipeline.reasoning_max_new_tokens", "pipeline.evidence_max_new_tokens",
              "pipeline.synthesis_max_new_tokens", "pipeline.max_thinking_chars", "pipeline.plain_max_new_tokens",
              "pipeline.max_question_chars", "cache.vision_cache_mb", "cache.kv_cache_mb",
-             "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb", "ui.upload_quota_mb"}
+             "ui.port", "ui.idle_timeout_s", "ui.max_sessions", "ui.max_upload_mb", "ui.upload_quota_mb",
+             "ui.remote_concurrency", "model.timeout_s"}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -206,6 +222,8 @@ def _validate(cfg: Config) -> Config:
     for key in ("max_sessions_per_client", "max_queued_turns_per_client", "session_upload_mb"):
         if getattr(cfg.ui, key) < 0:
             raise ConfigError(f"config key ui.{key} must be 0 (no limit) or positive, got {getattr(cfg.ui, key)}")
+    if cfg.model.backend == "openai" and not cfg.model.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"model.base_url must start with http:// or https://, got {_show(cfg.model.base_url)}")
     if cfg.ui.port > 65535:
         raise ConfigError("ui.port must be at most 65535")
     return cfg

@@ -321,6 +321,16 @@ def _split_think(text: str) -> tuple[str | None, str]:
     return None, text
 
 
+def is_json_object(text: str) -> bool:
+    """True when the text after any think block is exactly one JSON object (what a structured
+    phase gives when its schema was enforced)."""
+    _, rest = _split_think(text)
+    try:
+        return isinstance(json.loads(rest.strip()), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def _display_text(text: str) -> str:
     """The model's text as a human would want it: no think blocks, fences or special tokens."""
     # str.rfind, not a lazy regex: many unclosed "<think>" tags would make that quadratic.

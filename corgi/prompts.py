@@ -92,10 +92,31 @@ def plain(text: str, added_tokens: Collection[str] = ()) -> str:
     return ZWNJ.join(pieces)
 
 
+IMAGE_NOTE = "This is the image we will talk about."
+IMAGES_NOTE = "These are the images we will talk about."
+
+
+def image_name(number: int) -> str:
+    """How a prompt names an image of a conversation with several: "Image 2: "."""
+    return f"Image {number}: "
+
+
+def joined_note(n_images: int) -> str:
+    """The text after images attached mid-conversation."""
+    return (f"{'This image joins' if n_images == 1 else 'These images join'} the conversation; "
+            f"the next question is about {'it' if n_images == 1 else 'them'}.")
+
+
+def user_turn(content: str) -> str:
+    """A user message in ChatML, then the assistant's turn opened (the local backend's text;
+    a server's chat template writes the same around `content`)."""
+    return f"{IM_START}user\n{content}{IM_END}\n{IM_START}assistant\n"
+
+
 def conversation_head() -> tuple[str, str]:
     """Text before and after the image placeholder; the image's pad tokens go in between."""
     before = f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{VISION_START}"
-    after = f"{VISION_END}This is the image we will talk about.{IM_END}\n"
+    after = f"{VISION_END}{IMAGE_NOTE}{IM_END}\n"
     return before, after
 
 
@@ -104,10 +125,10 @@ def multi_image_head(n_images: int) -> list[tuple[str, str]]:
     pads, each image named "Image N" so that steps and boxes can say which one they are on."""
     texts = []
     for number in range(1, n_images + 1):
-        before = f"Image {number}: {VISION_START}"
+        before = f"{image_name(number)}{VISION_START}"
         if number == 1:
             before = f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n" + before
-        after = VISION_END + ("\n" if number < n_images else f"These are the images we will talk about.{IM_END}\n")
+        after = VISION_END + ("\n" if number < n_images else f"{IMAGES_NOTE}{IM_END}\n")
         texts.append((before, after))
     return texts
 
@@ -118,11 +139,9 @@ def joined_images(first_number: int, n_images: int) -> list[tuple[str, str]]:
     texts = []
     for k in range(n_images):
         number = first_number + k
-        before = (f"{IM_START}user\n" if k == 0 else "") + f"Image {number}: {VISION_START}"
+        before = (f"{IM_START}user\n" if k == 0 else "") + f"{image_name(number)}{VISION_START}"
         last = k == n_images - 1
-        after = VISION_END + ("\n" if not last else
-                              f"{'This image joins' if n_images == 1 else 'These images join'} the conversation; "
-                              f"the next question is about {'it' if n_images == 1 else 'them'}.{IM_END}\n")
+        after = VISION_END + ("\n" if not last else f"{joined_note(n_images)}{IM_END}\n")
         texts.append((before, after))
     return texts
 
@@ -149,23 +168,32 @@ _ANSWER_EXAMPLE = (f'{{{_q(ANSWER)}: "...", {_q(EXPLANATION)}: "2-3 sentences", 
                    f'[{{{_q(DESCRIPTION)}: "...", {_q(BBOX)}: {_BOX_SHAPE}}}]}}')
 
 
-def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention, *,
-                     added_tokens: Collection[str] = (), image_numbers: list[int] | None = None) -> str:
-    """image_numbers: the conversation has several images; the prompt names the turn's."""
+def reasoning_request(question: str, max_steps: int, convention: BoxConvention, *,
+                      added_tokens: Collection[str] = (), image_numbers: list[int] | None = None,
+                      think: bool = True) -> str:
+    """The phase 1+2 user message. image_numbers: the conversation has several images; the
+    prompt names the turn's. think=False: no think block is asked for (a server's JSON schema
+    cannot hold one)."""
+    thinking = f"Think briefly inside {THINK_OPEN}...{THINK_CLOSE}. Then write" if think else "Write"
     return (
-        f"{IM_START}user\nQuestion: {plain(question, added_tokens)}\n\n"
-        f"Think briefly inside {THINK_OPEN}...{THINK_CLOSE}. Then write at most {max_steps} "
+        f"Question: {plain(question, added_tokens)}\n\n"
+        f"{thinking} at most {max_steps} "
         f"reasoning steps as one JSON object: {_STEPS_EXAMPLE}. "
         f"{KIND} is {_q(KIND_OBJECT)} when the step looks at something in the image, {_q(KIND_TEXT)} "
         f"when it reads text in the image, and {_q(KIND_REASONING)} when it needs no region "
         f"(then {_q(BBOX)}: null). "
         f"Boxes use {convention.describe()}, top-left origin.{_images_note(image_numbers)}"
-        f"{IM_END}\n{IM_START}assistant\n"
     )
 
 
-def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxConvention, *,
+def reasoning_prompt(question: str, max_steps: int, convention: BoxConvention, *,
                      added_tokens: Collection[str] = (), image_numbers: list[int] | None = None) -> str:
+    return user_turn(reasoning_request(question, max_steps, convention, added_tokens=added_tokens,
+                                       image_numbers=image_numbers))
+
+
+def synthesis_request(question: str, evidence: list[Evidence], convention: BoxConvention, *,
+                      added_tokens: Collection[str] = (), image_numbers: list[int] | None = None) -> str:
     if evidence:
         lines = [f"Region {i} (step {e.step_index}, {_evidence_label(e.kind)}): "
                  f"{plain(e.text.strip(), added_tokens) or '(nothing found)'}"
@@ -174,21 +202,28 @@ def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxCon
     else:
         evidence_text = "No region evidence is available; answer from the image and your steps."
     return (
-        f"{IM_START}user\n{evidence_text}\n\n"
+        f"{evidence_text}\n\n"
         f"Now answer the question: {plain(question, added_tokens)}\n"
         f"Reply with one JSON object: {_ANSWER_EXAMPLE} "
         f"with at most {MAX_KEY_EVIDENCE} key evidence items; boxes use {convention.describe()}."
-        f"{_images_note(image_numbers)}{IM_END}\n{IM_START}assistant\n"
+        f"{_images_note(image_numbers)}"
     )
+
+
+def synthesis_prompt(question: str, evidence: list[Evidence], convention: BoxConvention, *,
+                     added_tokens: Collection[str] = (), image_numbers: list[int] | None = None) -> str:
+    return user_turn(synthesis_request(question, evidence, convention, added_tokens=added_tokens,
+                                       image_numbers=image_numbers))
+
+
+def plain_answer_request(question: str, *, added_tokens: Collection[str] = ()) -> str:
+    """The question alone, answered directly: the baseline CoRGI is compared with. It follows
+    the same prefix (system, images, history) as phase 1+2 and is cut off again afterwards."""
+    return f"Question: {plain(question, added_tokens)}\n\nAnswer directly in one or two sentences."
 
 
 def plain_answer_prompt(question: str, *, added_tokens: Collection[str] = ()) -> str:
-    """The question alone, answered directly: the baseline CoRGI is compared with. It follows
-    the same prefix (system, images, history) as phase 1+2 and is cut off again afterwards."""
-    return (
-        f"{IM_START}user\nQuestion: {plain(question, added_tokens)}\n\n"
-        f"Answer directly in one or two sentences.{IM_END}\n{IM_START}assistant\n"
-    )
+    return user_turn(plain_answer_request(question, added_tokens=added_tokens))
 
 
 def _evidence_label(kind: StepKind) -> str:
@@ -203,12 +238,17 @@ def crop_head() -> tuple[str, str]:
     return before, VISION_END
 
 
-def crop_instruction(kind: StepKind, statement: str, *, added_tokens: Collection[str] = ()) -> str:
+def crop_task(kind: StepKind, statement: str, *, added_tokens: Collection[str] = ()) -> str:
+    """What a region crop's user message says after the crop."""
     if kind == StepKind.TEXT:
         task = "Transcribe all text in this region exactly. Reply with the text only."
     else:
         task = "Describe the main object in this region in one sentence."
-    return f"{task}\nContext: {plain(statement, added_tokens)}{IM_END}\n{IM_START}assistant\n"
+    return f"{task}\nContext: {plain(statement, added_tokens)}"
+
+
+def crop_instruction(kind: StepKind, statement: str, *, added_tokens: Collection[str] = ()) -> str:
+    return f"{crop_task(kind, statement, added_tokens=added_tokens)}{IM_END}\n{IM_START}assistant\n"
 
 
 # ---- the user's question ------------------------------------------------------------------

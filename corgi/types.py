@@ -118,6 +118,13 @@ class CacheStats:
 
 
 @dataclass
+class Sampling:
+    temperature: float = 0.0           # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
 class Span:
     """One stretch of a turn's wall time, for the timeline: seconds from the turn's start.
     A phase's spans tile it: image encoding (when images join in it), prefill (to the first
@@ -223,6 +230,14 @@ class AnswerReady:
 @dataclass
 class TurnFinished:
     result: TurnResult
+
+
+@dataclass
+class RegionDone:
+    """Between a backend and the pipeline only (not an Event): phase 3's region `region` is
+    finished with `text`; the pipeline makes it an EvidenceReady."""
+    region: int
+    text: str
 
 
 Event = Union[PhaseStarted, TextDelta, PhaseFinished, StepStreamed, SpanTimed, StepsParsed, EvidenceReady,

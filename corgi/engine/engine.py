@@ -15,27 +15,19 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from PIL import Image
 
 from ..config import Config
-from ..types import CacheStats
+from ..types import CacheStats, Sampling  # noqa: F401  (Sampling: re-exported)
 from . import decode, state
 from .conversation import Conversation
 from .loading import LoadedModel, load_model
 from .vision import EncoderOutput, VisionEncoder
 
 MB = 1024 * 1024
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
 
 
 class Engine:
