@@ -41,8 +41,9 @@ def browser():
 
 def timeline_row(page, label: str) -> str | None:
     """The text of the timeline row whose head starts with `label` (None while absent)."""
-    for row in page.locator("#timeline .tl-row").all():
-        text = row.inner_text()
+    # One read of every row: the timeline is re-rendered while a turn streams or stops, so a row
+    # listed first and read later may be gone by then.
+    for text in page.locator("#timeline .tl-row").all_inner_texts():
         if text.strip().startswith(label):
             return text
     return None
