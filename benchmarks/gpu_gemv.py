@@ -1,5 +1,5 @@
 """Batch-1 GEMV at the real checkpoints' linear shapes: cuBLAS (F.linear) against the Triton kernel
-(corgi/engine/gemv_kernel.py) and a sweep of its block sizes, side by side in one process.
+(benchmarks/gemv_kernel.py, a candidate not wired into the step) and a sweep of its block sizes, side by side in one process.
 
     python3 benchmarks/gpu_gemv.py [--out FILE]
 
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=8)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from corgi.engine import gemv_kernel
+    from benchmarks import gemv_kernel
     import triton
 
     copy = copy_bandwidth()

@@ -9,7 +9,7 @@ Registered as a `torch.library.triton_op`, so torch.compile keeps it inside the 
 CUDA graphs capture it.
 
 Grid: (cdiv(N, BLOCK_N),). The block sizes per shape come from `config_for`, measured by
-`benchmarks/gpu_gemv.py`.
+`benchmarks/gpu_gemv.py` (H200, results/gemv_h200.json). Not wired into the decode step: see RESULTS.md.
 """
 from __future__ import annotations
 
