@@ -28,6 +28,6 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 export CORGI_CACHE=${CORGI_CACHE:-$PWD/.cache/corgi}
-# Three workers, one test file each at a time (module-scoped servers stay in one process): much of
-# the suite waits on server, browser and CLI subprocesses, so three workers keep two cores busy.
-exec .venv/bin/python -m pytest -q -n "${CORGI_TEST_WORKERS:-3}" --dist loadfile "$@"
+# Two workers, one test file each at a time (module-scoped servers stay in one process): much of
+# the suite waits on server, browser and CLI subprocesses, so two workers fit two cores.
+exec .venv/bin/python -m pytest -q -n "${CORGI_TEST_WORKERS:-2}" --dist loadfile "$@"

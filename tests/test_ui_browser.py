@@ -99,7 +99,7 @@ def test_a_conversation_in_the_browser(server, browser):
     # A warm twin's turn can end before the click lands (then there is nothing to stop, and the
     # turn stands); Stop is also tested over the API and in-process (test_ui_client, test_faults).
     stopped = chat.get_by_text("Stopped. The conversation goes on from before this question.")
-    wait_for(lambda: stopped.count() or timeline_row(page, "turn 1"))
+    wait_for(lambda: stopped.count() or (timeline_row(page, "turn 1") or "").find("from the cache") >= 0)
     expect(chat.locator(".loading-spinner")).to_have_count(0)
     expect(page.locator("#stop")).to_be_disabled()
     first = 1 if stopped.count() else 2          # the number the next turn gets
