@@ -290,15 +290,7 @@ class Bucket:
         """ids [B, T] at columns write..write+T-1 -> logits [B, T, V]; advances write and positions by T."""
         s = self.stack
         width = ids.shape[1]
-        offsets = self.columns[:width]                                         # [T]
-        cols = self.write + offsets                                            # [T]
-        # Query t sees the valid columns before the chunk and the chunk's columns up to its own.
-        inside = (self.columns >= self.write) & (self.columns[None, :] <= cols[:, None])   # [T, C]
-        mask = torch.maximum(self.mask, torch.where(inside, 0.0, float("-inf"))[None, None])  # [B, 1, T, C]
-        h = F.embedding(ids, s.embed)                                          # [B, T, H]
-        positions = self.positions[:, None] + offsets                          # [B, T]
-        cos, sin = s.rope(positions.reshape(-1), self.dtype)
-        cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)  # [B, T, D]
+        cols, mask, h, cos, sin = self._chunk_inputs(ids)
         for i, weights in enumerate(s.layers):
             h = self.extend_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
         h = rms_norm(h, s.norm, s.eps)
@@ -307,6 +299,19 @@ class Bucket:
         self.positions.add_(width)
         self.write.add_(width)
         return logits
+
+    def _chunk_inputs(self, ids: torch.Tensor):
+        """ids [B, T] -> columns [T], mask [B, 1, T, C], h [B, T, H], cos/sin [B, T, D]."""
+        s = self.stack
+        offsets = self.columns[:ids.shape[1]]                                  # [T]
+        cols = self.write + offsets                                            # [T]
+        # Query t sees the valid columns before the chunk and the chunk's columns up to its own.
+        inside = (self.columns >= self.write) & (self.columns[None, :] <= cols[:, None])   # [T, C]
+        mask = torch.maximum(self.mask, torch.where(inside, 0.0, float("-inf"))[None, None])
+        positions = self.positions[:, None] + offsets                          # [B, T]
+        cos, sin = s.rope(positions.reshape(-1), self.dtype)
+        cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
+        return cols, mask, F.embedding(ids, s.embed), cos, sin
 
     def _capture_extend(self, width: int) -> tuple:
         saved = [t.clone() for t in (self.mask, self.positions, self.write)]
@@ -481,14 +486,7 @@ class HybridBucket(Bucket):
         s = self.stack
         linear_fn, attention_fn = self.extend_fn[LINEAR], self.extend_fn[FULL]
         width = ids.shape[1]
-        offsets = self.columns[:width]                                         # [T]
-        cols = self.write + offsets                                            # [T]
-        inside = (self.columns >= self.write) & (self.columns[None, :] <= cols[:, None])   # [T, C]
-        mask = torch.maximum(self.mask, torch.where(inside, 0.0, float("-inf"))[None, None])  # [B, 1, T, C]
-        h = F.embedding(ids, s.embed)                                          # [B, T, H]
-        positions = self.positions[:, None] + offsets                          # [B, T]
-        cos, sin = s.rope(positions.reshape(-1), self.dtype)
-        cos, sin = cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)  # [B, T, rot]
+        cols, mask, h, cos, sin = self._chunk_inputs(ids)                      # cos/sin [B, T, rot]
         for i, (kind, weights) in enumerate(zip(s.kinds, s.layers)):
             if kind == LINEAR:
                 h = linear_fn(h, *weights, self.conv[i], self.rec[i], self.lengths, s.eps, s.n_k, s.n_v,
