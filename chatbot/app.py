@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -450,7 +451,9 @@ class CorgiApp:
         Outputs: the common ones plus the textbox, emptied by the first update."""
         values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
         cleared = gr.MultimodalTextbox(value=None)
-        updates = self._ask(state, message, values, plain, request)
+        session = self.session(state, request)
+        updates = self._ask(session, message, values, plain)
+        session.running = updates
         try:
             for update in updates:
                 yield (*update, cleared)
@@ -458,8 +461,7 @@ class CorgiApp:
         finally:
             updates.close()     # on Stop, at once: this is what stops the model
 
-    def _ask(self, state, message, values, plain, request) -> Iterator[tuple]:
-        session = self.session(state, request)
+    def _ask(self, session: UserSession, message, values, plain) -> Iterator[tuple]:
         if isinstance(message, str):
             message = {"text": message, "files": []}
         message = message if isinstance(message, dict) else {}
@@ -505,6 +507,14 @@ class CorgiApp:
         """Ask the last question again, after forgetting its answer (and its tokens)."""
         values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
         session = self.session(state, request)
+        updates = self._regenerate(session, values, plain)
+        session.running = updates
+        try:
+            yield from updates
+        finally:
+            updates.close()
+
+    def _regenerate(self, session: UserSession, values, plain) -> Iterator[tuple]:
         with session.lock:
             try:
                 settings = pipeline_settings(self.config.pipeline, values, plain)
@@ -524,17 +534,35 @@ class CorgiApp:
         """Show the conversation once the cancelled turn has unwound (Gradio cancels it via
         `cancels=`: closing its generator stops the model and cuts the conversation back)."""
         session = self.session(state, request)
-        got = session.lock.acquire(timeout=STOP_WAIT_S)
+        got = self._unwind(session)
         try:
             return self.outputs(session)
         finally:
             if got:
                 session.lock.release()
 
+    @staticmethod
+    def _unwind(session: UserSession) -> bool:
+        """Take the session's lock once its cancelled turn has ended (False: it would not end).
+        Gradio closes a cancelled turn's generator only if its first step had returned (the
+        iterator is stored after that step): cancelled during that step, the generator is left
+        suspended at its first update, holding the session. Stop closes it itself then."""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while not session.lock.acquire(timeout=0.05):
+            running = session.running
+            if running is not None and inspect.getgeneratorstate(running) == inspect.GEN_SUSPENDED:
+                try:
+                    running.close()    # runs the turn's own Stop path (GeneratorExit) here
+                except ValueError:
+                    pass               # resumed meanwhile ("already executing"): it ends by itself
+            if time.monotonic() > deadline:
+                return False
+        return True
+
     def new_conversation(self, state, request: gr.Request) -> tuple:
         """Forget the turns and free the KV cache; the current images stay for the next question."""
         session = self.session(state, request)
-        if not session.lock.acquire(timeout=STOP_WAIT_S):
+        if not self._unwind(session):
             return self.outputs(session)    # a turn that would not unwind: leave it be
         try:
             with self.model_lock:
@@ -692,11 +720,12 @@ class CorgiApp:
                                image_numbers=len(session.images) > 1)
         session.selected = None
         session.begin_turn(view)
-        yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS, IMAGES})   # the pending phase, at once
-        events = session.chat.ask(question, settings)
+        events = session.chat.ask(question, settings)     # a generator: nothing runs before next()
         changed: set[str] = set()
         last = 0.0
         try:
+            # Inside the try: a Stop that lands on this first update must end the turn too.
+            yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS, IMAGES})   # the pending phase, at once
             while True:
                 with self.model_lock:
                     event = next(events, None)

@@ -24,7 +24,7 @@ import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from PIL import Image
 
@@ -67,6 +67,7 @@ class UserSession:
         # queue slot of a cancelled turn before it closes the turn's generator, so the next
         # turn could otherwise start while the old one is still cutting the conversation back.
         self.lock = threading.Lock()
+        self.running: Iterator | None = None   # the updates of its last turn (Stop may close them)
         self.closed = False
         # The conversation's images, in order (Box.image indexes them), and the ones the next
         # question is about; ChatSession holds the same images in the same order.

@@ -300,3 +300,23 @@ def test_streamed_updates_rebuild_exactly_with_gradios_own_diff(app):
 def json_safe(value):
     import json
     return json.loads(json.dumps(value, default=str))
+
+
+def test_ui_stop_closes_a_turn_that_gradio_left_suspended(app, references):
+    """Gradio stores a generator for closing only once its first step has returned; a Stop that
+    lands during that step cancels the event and leaves the generator suspended at its first
+    update, holding the session. Stop must end that turn itself: "Stopped", nothing pending."""
+    run(app.set_image(None, upload("receipt.png"), request("user")))
+    ask(app, "user", QUESTIONS[0])
+    session = app.store.get("user")
+    abandoned = app.ask(None, {"text": QUESTIONS[1], "files": []}, None, None, None, None, None, None,
+                        request("user"))
+    first = next(abandoned)             # the pending phase: the turn holds the session from here
+    assert session.lock.locked() and session.live is not None, chat_texts(first)
+    stopped = app.stop(None, request("user"))
+    assert chat_texts(stopped)[-1] == "Stopped. The conversation goes on from before this question."
+    assert not any(m.get("metadata", {}).get("status") == "pending" for m in stopped[1])
+    assert session.live is None and not session.lock.locked() and not app.model_lock.locked()
+    assert list(abandoned) == []        # if Gradio ever resumes it, it is over
+    ask(app, "user", QUESTIONS[1])
+    assert [r.raw for r in session.results] == [raw for _, raw in references["receipt.png"]]
