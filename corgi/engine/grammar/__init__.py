@@ -5,6 +5,7 @@
   lengths.py   the length limits: per-token character costs, the budget masks, a small lexer
   decoder.py   ConstrainedDecoder (one sequence), GrammarCache (compiled grammars over a
                tokenizer's shared tables), mask_batch
+  tables_cache.py  those per-vocabulary tables on disk, for the next process
 
 Where the bounds live. The structure, the step/item counts and the box ranges are in the EBNF.
 The *lengths* (thinking text, strings) are enforced by `ConstrainedDecoder`, not by the EBNF:

@@ -2,9 +2,9 @@
 grammars and the per-tokenizer tables they need, shared.
 
 Sharing. What depends only on the tokenizer (xgrammar's TokenizerInfo, the decoded vocabulary,
-the special-token mask, the length tables: ~1.5 s at Qwen's 151k/248k vocabularies) is built
-once per tokenizer object and reused by every `GrammarCache` over it (a weak-keyed registry: it
-goes away with the tokenizer). `GrammarCache.for_tokenizer()` also shares the compiled
+the special-token mask, the length tables: ~2-3.5 s at Qwen's 151k/248k vocabularies) is built
+once per tokenizer object, kept on disk for the next process (tables_cache.py), and reused by
+every `GrammarCache` over it (a weak-keyed registry: it goes away with the tokenizer). `GrammarCache.for_tokenizer()` also shares the compiled
 grammars, so every engine over one tokenizer compiles each schema once. A tokenizer that gets
 new tokens after that (len() changes) gets fresh tables.
 """
@@ -21,6 +21,7 @@ import xgrammar as xgr
 from ...boxes import BoxConvention
 from ...formats import KIND_REASONING, THINK_CLOSE
 from .lengths import LengthTables, Lexer, LexState, incomplete_need, incomplete_tail, pack
+from . import tables_cache
 from .schemas import GrammarSpec, reasoning_spec, synthesis_spec
 
 COMPILE_THREADS = 2
@@ -59,10 +60,16 @@ class Vocabulary:
 
     def __init__(self, tokenizer, vocab_size: int | None, stop_token_ids: Sequence[int]):
         self.stop_token_ids = list(stop_token_ids)
-        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids or None)
+        key = tables_cache.cache_key(tokenizer, vocab_size, self.stop_token_ids)
+        cached = tables_cache.load(key) if key else None
+        if cached is not None:
+            self.tokenizer_info, self.decoded_vocab, measured = cached
+        else:
+            self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids or None)
+            self.decoded_vocab: list[bytes] = self.tokenizer_info.decoded_vocab
+            measured = None
         self.vocab_size = self.tokenizer_info.vocab_size
-        self.decoded_vocab: list[bytes] = self.tokenizer_info.decoded_vocab
         self.banned_ids = frozenset(_special_ids(tokenizer, self.vocab_size) - set(self.stop_token_ids))
         self.words = (self.vocab_size + 31) // 32
         allow = torch.ones(self.words * 32, dtype=torch.bool)
@@ -70,7 +77,9 @@ class Vocabulary:
         if self.banned_ids:
             allow[torch.tensor(sorted(self.banned_ids), dtype=torch.long)] = False
         self.allow_row = pack(allow)                        # int32 [words]
-        self.lengths = LengthTables(self.decoded_vocab, self.words)
+        self.lengths = LengthTables(self.decoded_vocab, self.words, measured)
+        if key and cached is None:
+            tables_cache.store(key, self.tokenizer_info, self.decoded_vocab, self.lengths.measured)
         self._byte_token: dict[int, int] | None = None
         self._chunks: dict[str, list[int]] = {}       # forced text -> its jump-forward tokens
 

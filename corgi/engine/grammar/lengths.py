@@ -94,26 +94,38 @@ class LengthTables:
     """Per-token costs over one vocabulary, and bitmask rows "at most N characters" (cached).
 
     Thread-safe; shared by every decoder over the same vocabulary. `passes` counts the
-    Python-level passes over the whole vocabulary: one, here; rows are tensor comparisons, and
+    Python-level passes over the whole vocabulary: one, here (none when the tables came from the
+    disk cache, tables_cache.py); rows are tensor comparisons, and
     an opening row looks only at the tokens whose first byte can continue "<think>".
     """
 
-    def __init__(self, decoded_vocab: Sequence[bytes], words: int):
+    def __init__(self, decoded_vocab: Sequence[bytes], words: int,
+                 measured: Mapping[str, np.ndarray] | None = None):
+        """`measured`: `LengthTables.measure(decoded_vocab)` kept from an earlier process (the
+        grammar's disk cache); measured here when None."""
         self.decoded_vocab = decoded_vocab
         self.words = words
-        self.passes = 1
+        self.passes = 0 if measured is not None else 1
+        self.measured = measured = measured if measured is not None else self.measure(decoded_vocab)
+        self._first_byte = torch.from_numpy(np.asarray(measured["first"], dtype=np.int16))
+        pad = words * 32 - len(decoded_vocab)
+        self._costs = [torch.from_numpy(np.pad(np.asarray(measured[name], dtype=np.int32), (0, pad)))
+                       for name in ("think", "plain", "esc")]
+        self._max_cost = [int(t.max()) for t in self._costs]
+        self._rows: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def measure(decoded_vocab: Sequence[bytes]) -> dict[str, np.ndarray]:
+        """The per-token tables, one Python pass over the vocabulary (~2 s at 248k tokens)."""
         think, plain, esc, first = [], [], [], []
-        for piece in decoded_vocab:        # ~0.3 s at 151k tokens: paid once per vocabulary
+        for piece in decoded_vocab:
             think.append(think_cost(piece))
             plain.append(string_cost(piece, False))
             esc.append(string_cost(piece, True))
             first.append(piece[0] if piece else -1)
-        self._first_byte = torch.tensor(first, dtype=torch.int16)
-        pad = words * 32 - len(think)
-        self._costs = [torch.tensor(t + [0] * pad, dtype=torch.int32) for t in (think, plain, esc)]
-        self._max_cost = [int(t.max()) for t in self._costs]
-        self._rows: dict[tuple[int, int], torch.Tensor | None] = {}
-        self._lock = threading.Lock()
+        return {"think": np.array(think, dtype=np.int32), "plain": np.array(plain, dtype=np.int32),
+                "esc": np.array(esc, dtype=np.int32), "first": np.array(first, dtype=np.int16)}
 
     def cost(self, table: int, token_id: int) -> int:
         if table < 0:
