@@ -458,7 +458,7 @@ def test_tables_come_back_from_the_disk_cache_equal(tmp_path, monkeypatch):
     make = lambda: G.Vocabulary(tok, len(tok) + PAD, default_stop_token_ids(tok))   # noqa: E731
     built = make()
     assert built.lengths.passes == 1
-    [path] = (tmp_path / "grammar").glob("tables-*.npz")
+    [path] = (tmp_path / "grammar").glob("tables-*.safetensors")
     loaded = make()
     assert loaded.lengths.passes == 0
     assert loaded.decoded_vocab == built.decoded_vocab and loaded.vocab_size == built.vocab_size
@@ -473,7 +473,7 @@ def test_tables_come_back_from_the_disk_cache_equal(tmp_path, monkeypatch):
     assert make().lengths.passes == 1 and make().lengths.passes == 0   # rebuilt, and written whole again
     tok.add_tokens(["<corgi-test-token>"])
     assert make().lengths.passes == 1                    # another tokenizer: not the old tables
-    assert len(list((tmp_path / "grammar").glob("tables-*.npz"))) == 2
+    assert len(list((tmp_path / "grammar").glob("tables-*.safetensors"))) == 2
 
 
 def test_tables_shared_per_tokenizer_thread_safe_and_freed_with_it():

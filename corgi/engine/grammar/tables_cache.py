@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import xgrammar as xgr
+from safetensors.numpy import load_file, save_file
 
 FORMAT = 1
 TABLES = ("think", "plain", "esc", "first")
@@ -39,19 +40,19 @@ def cache_key(tokenizer, vocab_size: int | None, stop_token_ids: Sequence[int]) 
 
 def _path(key: str) -> Path:
     from ..tiny import default_cache_dir
-    return default_cache_dir() / "grammar" / f"tables-{key}.npz"
+    return default_cache_dir() / "grammar" / f"tables-{key}.safetensors"   # no pickle, ever
 
 
 def load(key: str) -> tuple[xgr.TokenizerInfo, list[bytes], dict[str, np.ndarray]] | None:
     """(TokenizerInfo, its decoded vocabulary, the length tables), or None."""
     path = _path(key)
     try:
-        with np.load(path, allow_pickle=False) as found:
-            info = xgr.TokenizerInfo.deserialize_json(found["info"].tobytes().decode())
-            tables = {name: found[name] for name in TABLES}
-            # The decoded vocabulary as one byte string and offsets: slicing it back is ~20x
-            # faster than xgrammar's decoded_vocab property at 248k tokens.
-            blob, ends = found["pieces"].tobytes(), found["ends"].tolist()
+        found = load_file(path)
+        info = xgr.TokenizerInfo.deserialize_json(found["info"].tobytes().decode())
+        tables = {name: found[name] for name in TABLES}
+        # The decoded vocabulary as one byte string and offsets: slicing it back is ~20x
+        # faster than xgrammar's decoded_vocab property at 248k tokens.
+        blob, ends = found["pieces"].tobytes(), found["ends"].tolist()
     except FileNotFoundError:
         return None
     except Exception as exc:      # truncated, corrupt, another format: build instead
@@ -72,8 +73,9 @@ def store(key: str, info: xgr.TokenizerInfo, decoded: Sequence[bytes], tables: d
         ends = np.cumsum([len(piece) for piece in decoded], dtype=np.int64)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, info=info_bytes, pieces=pieces, ends=ends, **{name: tables[name] for name in TABLES})
+            os.close(fd)
+            save_file({"info": info_bytes, "pieces": pieces, "ends": ends,
+                       **{name: np.ascontiguousarray(tables[name]) for name in TABLES}}, tmp)
             os.replace(tmp, path)        # readers see a whole file or none
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
