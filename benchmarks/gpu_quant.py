@@ -94,6 +94,25 @@ def int8_gemv_arms(shape: str, calls: int = 32) -> dict:
     return rows
 
 
+@torch.inference_mode()
+def check_int8_kernel() -> dict:
+    """The engine's int8 kernel (corgi/engine/int8_kernel.py) against the torch arithmetic that
+    the CPU tests check (dequantise, float32 matmul), at 1 and 5 rows, with and without bias."""
+    from corgi.engine import int8_kernel
+    from corgi.engine.int8_weights import quantize
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = {}
+    for rows, n, k, bias in ((1, 2560, 2048, True), (5, 2048, 11008, False), (12, 22016, 2048, True)):
+        w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(rows, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+        b = torch.randn(n, device="cuda", generator=gen, dtype=torch.bfloat16) if bias else None
+        q = quantize(w)
+        ref = x.float() @ q.q.float().T * q.scale + (b.float() if bias else 0)
+        got = int8_kernel.int8_linear(x, q.q, q.scale, b).float()
+        out[f"{rows}x{n}x{k}"] = ((got - ref).abs().max() / ref.abs().max()).item()
+    return out
+
+
 def save_checkpoint(shape: str, folder: Path, geo: "gp.Geometry") -> None:
     model, tokenizer, processor = build_random_model(shape, "cuda", torch.bfloat16, max_pixels=geo.max_pixels)
     model.save_pretrained(folder)
@@ -105,8 +124,9 @@ def save_checkpoint(shape: str, folder: Path, geo: "gp.Geometry") -> None:
 
 
 def run_arm(arm: str, folder: Path, geo, image, work: dict, args) -> dict:
-    quantization = {"bf16-compiled": "none", "bf16-eager": "none", "8bit": "8bit", "4bit": "4bit"}[arm]
-    compiled = arm == "bf16-compiled"
+    quantization = {"bf16-compiled": "none", "bf16-eager": "none", "8bit": "8bit", "4bit": "4bit",
+                    "int8-decode": "int8-decode"}[arm]
+    compiled = arm in ("bf16-compiled", "int8-decode")
     config = load_config(None, {
         "model.id": str(folder), "model.device": "cuda", "model.dtype": "bfloat16",
         "model.quantization": quantization, "model.compile": compiled, "model.warmup": False,
@@ -162,7 +182,8 @@ def run_arm(arm: str, folder: Path, geo, image, work: dict, args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="qwen2.5-vl-3b", choices=sorted(LINEARS))
+    ap.add_argument("--shape", default="qwen2.5-vl-3b", help="benchmarks.shapes name (GEMV arms: "
+                    + ", ".join(LINEARS) + ")")
     ap.add_argument("--arms", default="bf16-compiled,bf16-eager,8bit,4bit")
     ap.add_argument("--folder", default="/tmp/corgi-quant-ckpt")
     ap.add_argument("--decode-tokens", type=int, default=256)
@@ -178,7 +199,9 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: out.write_text(json.dumps(result, indent=1, default=str))   # noqa: E731  (after every arm)
-    if not args.skip_gemv:
+    result["int8_kernel_check"] = check_int8_kernel()
+    print("int8 kernel against torch:", result["int8_kernel_check"], flush=True)
+    if not args.skip_gemv and args.shape in LINEARS:
         result["int8_gemv"] = int8_gemv_arms(args.shape)
         save()
     geo = gp.Geometry(1.0)

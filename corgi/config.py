@@ -54,7 +54,9 @@ class ModelConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     attn_implementation: str = "auto"    # auto (sdpa) | sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
-    quantization: str = "none"           # none | 8bit | 4bit (bitsandbytes, CUDA only)
+    # none | 8bit | 4bit (bitsandbytes, CUDA only: less memory, slower decode) | int8-decode (the
+    # compiled step reads weight-only int8 copies: faster decode, more memory; needs compile)
+    quantization: str = "none"
     compile: bool = False                # CUDA: static KV + CUDA-graph decoding
     warmup: bool = True                  # with compile: run the shapes once at load time
     # local: load the model here. openai: drive an OpenAI-compatible server (vLLM, SGLang,
@@ -151,7 +153,7 @@ class Config:
 _CHOICES = {
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
     "model.attn_implementation": {"auto", "sdpa", "eager", "flash_attention_2"},
-    "model.quantization": {"none", "8bit", "4bit"},
+    "model.quantization": {"none", "8bit", "4bit", "int8-decode"},
     "model.backend": {"local", "openai"},
     "model.family": {"auto", *BY_NAME},
 }

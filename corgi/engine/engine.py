@@ -45,8 +45,12 @@ class Engine:
         # model.compile: decode steps over static KV buffers (CUDA: compiled + CUDA graphs;
         # CPU: the same step, eager, which is how the tests check it against the HF path).
         self.static = None
-        if config.model.compile and config.model.quantization != "none":
-            # The static step reads plain weight tensors; quantized layers keep the HF path.
+        int8 = config.model.quantization == "int8-decode"
+        if int8 and not (config.model.compile and loaded.family.static_decode):
+            logging.getLogger(__name__).warning("model.quantization int8-decode needs model.compile and a "
+                                                "dense text stack; decoding from the model's own weights")
+        if config.model.compile and config.model.quantization in ("8bit", "4bit"):
+            # The static step reads plain weight tensors; bitsandbytes layers keep the HF path.
             logging.getLogger(__name__).warning("model.compile is ignored with quantization")
         elif config.model.compile and not loaded.family.static_decode:
             logging.getLogger(__name__).warning("model.compile: the compiled step does not cover %s "
@@ -55,7 +59,7 @@ class Engine:
             from .static_decode import StaticDecoder
             cuda = loaded.device.type == "cuda"
             self.static = StaticDecoder(loaded.model, loaded.device, loaded.dtype,
-                                        use_graphs=cuda, compile_layers=cuda)
+                                        use_graphs=cuda, compile_layers=cuda, int8=int8)
             if config.model.warmup:
                 self.static.warm_up(self.warmup_shapes())
 

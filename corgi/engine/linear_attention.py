@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .int8_weights import linear
+
 try:                                    # CUDA hosts: the delta rule as one Triton kernel
     from . import delta_rule_kernel
 except ImportError:                     # no Triton (CPU wheels): torch ops only
@@ -121,7 +123,7 @@ def linear_layer_step(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, 
     batch = h.shape[0]
     key_dim, value_dim = n_k * d_k, n_v * d_v
     x = zc_rms_norm(h, ln1, eps)
-    mixed, z, b, a = F.linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
+    mixed, z, b, a = linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
     mixed = conv_step(mixed, conv_state, conv_w)                    # [B, conv_dim]
     q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
     beta = b.sigmoid()
@@ -130,10 +132,10 @@ def linear_layer_step(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, 
     out = step(q.reshape(batch, n_k, d_k), k.reshape(batch, n_k, d_k),
                v.reshape(batch, n_v, d_v), g, beta, rec_state)                     # [B, Hv, dv]
     out = gated_rms_norm(out, z.reshape(batch, n_v, d_v), norm_w, eps)
-    h = h + F.linear(out.reshape(batch, value_dim), w_out)
+    h = h + linear(out.reshape(batch, value_dim), w_out)
     x = zc_rms_norm(h, ln2, eps)
-    gate, up = F.linear(x, wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, wd)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, wgu, wd,
@@ -146,7 +148,7 @@ def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2
     batch, width = h.shape[:2]
     key_dim, value_dim = n_k * d_k, n_v * d_v
     x = zc_rms_norm(h, ln1, eps)
-    mixed, z, b, a = F.linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
+    mixed, z, b, a = linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
     mixed = conv_extend(mixed, conv_state, conv_w, lengths)                    # [B, T, conv_dim]
     q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
     valid = (torch.arange(width, device=h.device)[None, :] < lengths[:, None])[..., None]   # [B, T, 1]
@@ -156,10 +158,10 @@ def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2
     out = chunk(q.reshape(batch, width, n_k, d_k), k.reshape(batch, width, n_k, d_k),
                 v.reshape(batch, width, n_v, d_v), g, beta, rec_state)                    # [B, T, Hv, dv]
     out = gated_rms_norm(out, z.reshape(batch, width, n_v, d_v), norm_w, eps)
-    h = h + F.linear(out.reshape(batch, width, value_dim), w_out)
+    h = h + linear(out.reshape(batch, width, value_dim), w_out)
     x = zc_rms_norm(h, ln2, eps)
-    gate, up = F.linear(x, wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, wd)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +184,7 @@ def gated_attention_layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     batch = h.shape[0]
     head_dim = k_cache.shape[-1]
     x = zc_rms_norm(h, ln1, eps)
-    qg, k, v = F.linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    qg, k, v = linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     qg = qg.reshape(batch, n_heads, 2 * head_dim)
     q, gate = qg[..., :head_dim], qg[..., head_dim:].reshape(batch, n_heads * head_dim)
     q = zc_rms_norm(q, qn, eps)                                     # [B, Hq, D]
@@ -197,10 +199,10 @@ def gated_attention_layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     probs = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
     out = torch.matmul(probs, v_cache).reshape(batch, n_heads * head_dim)
     out = out * torch.sigmoid(gate)                                 # output gate from q_proj
-    h = h + F.linear(out, wo)
+    h = h + linear(out, wo)
     x = zc_rms_norm(h, ln2, eps)
-    gate_, up = F.linear(x, wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate_) * up, wd)
+    gate_, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate_) * up, wd)
 
 
 def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
@@ -211,7 +213,7 @@ def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     head_dim = k_cache.shape[-1]
     group = n_heads // n_kv
     x = zc_rms_norm(h, ln1, eps)
-    qg, k, v = F.linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    qg, k, v = linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     qg = qg.reshape(batch, width, n_heads, 2 * head_dim)
     q, gate = qg[..., :head_dim], qg[..., head_dim:].reshape(batch, width, n_heads * head_dim)
     q = zc_rms_norm(q, qn, eps)                                                # [B, T, Hq, D]
@@ -228,7 +230,7 @@ def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     out = torch.matmul(probs, v_cache)                                         # [B, Hkv, G*T, D]
     out = out.view(batch, n_kv, group, width, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, width, n_heads * head_dim)
     out = out * torch.sigmoid(gate)
-    h = h + F.linear(out, wo)
+    h = h + linear(out, wo)
     x = zc_rms_norm(h, ln2, eps)
-    gate_, up = F.linear(x, wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate_) * up, wd)
+    gate_, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate_) * up, wd)

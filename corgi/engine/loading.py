@@ -112,7 +112,8 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
     # torch's restricted unpickler is still an unpickler); a .bin-only folder is refused.
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code,
                   use_safetensors=True)
-    if model_cfg.quantization != "none":
+    bitsandbytes_mode = model_cfg.quantization in ("8bit", "4bit")
+    if bitsandbytes_mode:
         if device.type != "cuda":
             raise ModelLoadError("quantization needs a CUDA device")
         try:
@@ -133,7 +134,7 @@ def load_model(model_cfg: ModelConfig, image_cfg: ImageConfig) -> LoadedModel:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {model_cfg.id!r}: {first}") from None
-    if model_cfg.quantization == "none":
+    if not bitsandbytes_mode:
         model.to(device)
     model.eval().requires_grad_(False)
     if attn == "sdpa":

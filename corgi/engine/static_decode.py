@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .int8_weights import linear, quantize
+
 from .linear_attention import (fused_delta_rule_available, gated_attention_layer_extend,
                                gated_attention_layer_step, linear_layer_extend, linear_layer_step, zc_rms_norm)
 
@@ -59,7 +61,7 @@ def layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     x = rms_norm(h, ln1, eps)
     # One GEMV for q, k and v: at batch 1 separate k/v projections are latency-bound
     # (5 us each for 1 MB of weights, measured on an H100).
-    q, k, v = F.linear(x, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q, k, v = linear(x, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(batch, n_heads, head_dim)                         # [B, Hq, D]
     k = k.reshape(batch, n_kv, head_dim)                            # [B, Hkv, D]
     v = v.reshape(batch, n_kv, head_dim)
@@ -75,10 +77,10 @@ def layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     scores = torch.matmul(q, k_cache.transpose(-1, -2)) * head_dim ** -0.5   # [B, Hkv, G, C]
     probs = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
     out = torch.matmul(probs, v_cache).reshape(batch, n_heads * head_dim)   # [B, Hq*D]
-    h = h + F.linear(out, wo)
+    h = h + linear(out, wo)
     x = rms_norm(h, ln2, eps)
-    gate, up = F.linear(x, wgu).chunk(2, dim=-1)                     # one GEMV for gate and up
-    return h + F.linear(F.silu(gate) * up, wd)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)                     # one GEMV for gate and up
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
@@ -89,7 +91,7 @@ def layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     head_dim = k_cache.shape[-1]
     group = n_heads // n_kv
     x = rms_norm(h, ln1, eps)
-    q, k, v = F.linear(x, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q, k, v = linear(x, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(batch, width, n_heads, head_dim)                  # [B, T, Hq, D]
     k = k.reshape(batch, width, n_kv, head_dim)                     # [B, T, Hkv, D]
     v = v.reshape(batch, width, n_kv, head_dim)
@@ -106,10 +108,10 @@ def layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     probs = torch.softmax(scores.float() + mask.repeat(1, 1, group, 1), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v_cache)                              # [B, Hkv, G*T, D]
     out = out.view(batch, n_kv, group, width, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, width, n_heads * head_dim)
-    h = h + F.linear(out, wo)
+    h = h + linear(out, wo)
     x = rms_norm(h, ln2, eps)
-    gate, up = F.linear(x, wgu).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, wd)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,10 +135,17 @@ def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-class TextStack:
-    """The text decoder's weights as plain tensors, per layer, for `layer_step`."""
+def _weights(int8: bool):
+    """How the stacks keep a linear weight: the tensor itself, or its int8 copy (int8_weights.py)."""
+    return quantize if int8 else (lambda w: w)
 
-    def __init__(self, model):
+
+class TextStack:
+    """The text decoder's weights as plain tensors, per layer, for `layer_step` (int8: the linear
+    weights and the lm_head as `Int8Weight` copies)."""
+
+    def __init__(self, model, int8: bool = False):
+        w = _weights(int8)
         lm = model.model.language_model
         cfg = model.config.get_text_config()
         self.eps = cfg.rms_norm_eps
@@ -144,7 +153,7 @@ class TextStack:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.embed = lm.embed_tokens.weight
         self.norm = lm.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = w(model.lm_head.weight)
         self.inv_freq = lm.rotary_emb.inv_freq                      # [D/2]
         self.rope_scale = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
         self.layers = []
@@ -155,9 +164,9 @@ class TextStack:
             wqkv, bqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
             wgu, _ = fuse_linears([mlp.gate_proj, mlp.up_proj])
             self.layers.append((
-                layer.input_layernorm.weight, wqkv, bqkv, attn.o_proj.weight,
+                layer.input_layernorm.weight, w(wqkv), bqkv, w(attn.o_proj.weight),
                 qn.weight if qn is not None else None, kn.weight if kn is not None else None,
-                layer.post_attention_layernorm.weight, wgu, mlp.down_proj.weight))
+                layer.post_attention_layernorm.weight, w(wgu), w(mlp.down_proj.weight)))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B] -> cos, sin [B, D], computed in float32 like HF, then cast."""
@@ -187,7 +196,8 @@ def supported(model) -> bool:
 class HybridTextStack:
     """Qwen3.5 dense text decoder weights as plain tensors, per layer, for the two layer kinds."""
 
-    def __init__(self, model):
+    def __init__(self, model, int8: bool = False):
+        w = _weights(int8)
         lm = model.model.language_model
         cfg = model.config.get_text_config()
         if not supported(model):
@@ -202,7 +212,7 @@ class HybridTextStack:
         self.kinds = list(cfg.layer_types)[:cfg.num_hidden_layers]
         self.embed = lm.embed_tokens.weight
         self.norm = lm.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = w(model.lm_head.weight)
         self.inv_freq = lm.rotary_emb.inv_freq                      # [rot/2]: partial rotary
         self.rope_scale = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
         self.layers = []
@@ -214,13 +224,13 @@ class HybridTextStack:
                 la = layer.linear_attn
                 w_in, _ = fuse_linears([la.in_proj_qkv, la.in_proj_z, la.in_proj_b, la.in_proj_a])
                 conv_w = la.conv1d.weight.detach().squeeze(1)       # [conv_dim, K], a view
-                self.layers.append((ln1, w_in, conv_w, la.A_log, la.dt_bias, la.norm.weight,
-                                    la.out_proj.weight, ln2, wgu, mlp.down_proj.weight))
+                self.layers.append((ln1, w(w_in), conv_w, la.A_log, la.dt_bias, la.norm.weight,
+                                    w(la.out_proj.weight), ln2, w(wgu), w(mlp.down_proj.weight)))
             elif kind == FULL:
                 attn = layer.self_attn
                 wqkv, bqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-                self.layers.append((ln1, wqkv, bqkv, attn.o_proj.weight, attn.q_norm.weight,
-                                    attn.k_norm.weight, ln2, wgu, mlp.down_proj.weight))
+                self.layers.append((ln1, w(wqkv), bqkv, w(attn.o_proj.weight), attn.q_norm.weight,
+                                    attn.k_norm.weight, ln2, w(wgu), w(mlp.down_proj.weight)))
             else:
                 raise ValueError(f"layer kind {kind!r} is not covered by the static decode step")
 
@@ -265,7 +275,7 @@ class Bucket:
             h = self.layer_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
                               s.eps, s.n_heads, s.n_kv)
         h = rms_norm(h, s.norm, s.eps)
-        logits = F.linear(h, s.lm_head).float()        # [B, V]
+        logits = linear(h, s.lm_head).float()        # [B, V]
         # Advance inside the step so a replayed graph needs no host-side bookkeeping.
         self.positions.add_(1)
         self.write.add_(1)
@@ -294,7 +304,7 @@ class Bucket:
         for i, weights in enumerate(s.layers):
             h = self.extend_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
         h = rms_norm(h, s.norm, s.eps)
-        logits = F.linear(h, s.lm_head).float()                                # [B, T, V]
+        logits = linear(h, s.lm_head).float()                                # [B, T, V]
         self.mask.index_fill_(-1, cols, 0.0)          # kept until keep() masks the rejected ones
         self.positions.add_(width)
         self.write.add_(width)
@@ -468,7 +478,7 @@ class HybridBucket(Bucket):
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
                                  s.eps, s.n_heads, s.n_kv)
         h = zc_rms_norm(h, s.norm, s.eps)
-        logits = F.linear(h, s.lm_head).float()        # [B, V]
+        logits = linear(h, s.lm_head).float()        # [B, V]
         self.positions.add_(1)
         self.write.add_(1)
         return logits
@@ -494,7 +504,7 @@ class HybridBucket(Bucket):
             else:
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
         h = zc_rms_norm(h, s.norm, s.eps)
-        logits = F.linear(h, s.lm_head).float()                                # [B, T, V]
+        logits = linear(h, s.lm_head).float()                                # [B, T, V]
         self.mask.index_fill_(-1, cols, 0.0)
         self.positions.add_(width)
         self.write.add_(width)
@@ -582,11 +592,12 @@ class StaticDecoder:
     """Buckets by (batch, capacity), created on first use or at warm-up."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype, use_graphs: bool, compile_layers: bool,
-                 delta_rule: str = "auto"):
+                 delta_rule: str = "auto", int8: bool = False):
         """delta_rule (hybrid stacks): "triton" (one kernel per layer), "torch" (plain ops), or
-        "auto": Triton on CUDA when it imports and the head dims suit it."""
+        "auto": Triton on CUDA when it imports and the head dims suit it. int8: decode reads
+        weight-only int8 copies of the linear weights (int8_weights.py)."""
         self.hybrid = is_hybrid(model)
-        self.stack = HybridTextStack(model) if self.hybrid else TextStack(model)
+        self.stack = HybridTextStack(model, int8) if self.hybrid else TextStack(model, int8)
         self.bucket_class = HybridBucket if self.hybrid else Bucket
         self.fused_delta_rule = self.hybrid and _use_fused_delta_rule(delta_rule, device, self.stack)
         self.device, self.dtype = device, dtype
