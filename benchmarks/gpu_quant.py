@@ -44,6 +44,7 @@ from corgi.pipeline import ChatSession  # noqa: E402
 
 LINEARS = {   # (N, K) of the static step's fused weights
     "qwen2.5-vl-3b": {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (22016, 2048), "down": (2048, 11008)},
+    "qwen3.5-4b": {"in_proj": (12352, 2560), "o": (2560, 4096), "gate_up": (18432, 2560), "down": (2560, 9216)},
     "qwen2.5-vl-7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)},
 }
 
@@ -95,6 +96,46 @@ def int8_gemv_arms(shape: str, calls: int = 32) -> dict:
 
 
 @torch.inference_mode()
+def int8_rows_arms(shape: str, calls: int = 16, ms=(2, 6, 16, 32)) -> dict:
+    """Several rows at once (phase-3 batches, jump-forward chunks): cuBLAS bf16 against the
+    engine's `_int8_gemm_rows` over a sweep of its tile settings (int8_kernel.ROWS_CONFIG)."""
+    from corgi.engine import int8_kernel
+    from corgi.engine.int8_weights import quantize
+    configs = [dict(block_n=bn, block_k=bk, warps=4, stages=st)
+               for bn, bk, st in itertools.product((16, 32, 64), (64, 128, 256), (3, 4))]
+    table = {}
+    try:
+        for name, (n, k) in LINEARS[shape].items():
+            copies = max(2, min(8, int(400e6 // (n * k * 2)) or 2))
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            qs = [quantize(w) for w in ws]
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                row = {"cublas_bf16_ms": graph_ms(lambda i: F.linear(x, ws[i % copies]), calls)}
+                for c in configs:
+                    int8_kernel.ROWS_CONFIG.update(c)
+                    try:
+                        t = graph_ms(lambda i: int8_kernel.int8_linear(x, qs[i % copies].q, qs[i % copies].scale), calls)
+                    except Exception as exc:   # noqa: BLE001 - a config the compiler refuses
+                        print(f"  skip {c}: {type(exc).__name__}", flush=True)
+                        continue
+                    row["{block_n},{block_k},{stages}".format(**c)] = t
+                int8_kernel.ROWS_CONFIG.clear()
+                row["engine_ms"] = graph_ms(lambda i: int8_kernel.int8_linear(x, qs[i % copies].q, qs[i % copies].scale), calls)
+                best = min((v, key) for key, v in row.items() if key not in ("cublas_bf16_ms", "engine_ms"))
+                row["best"] = best[1]
+                row["best_vs_cublas_bf16"] = row["cublas_bf16_ms"] / best[0]
+                table[f"{name} M={m}"] = row
+                print(f"{name:8s} M={m:2d} cuBLAS bf16 {row['cublas_bf16_ms'] * 1e3:6.1f} us  int8 rows best "
+                      f"{best[0] * 1e3:6.1f} ({best[1]}) {row['best_vs_cublas_bf16']:.2f}x  engine's rows_config "
+                      f"{row['engine_ms'] * 1e3:6.1f}",
+                      flush=True)
+    finally:
+        int8_kernel.ROWS_CONFIG.clear()
+    return table
+
+
+@torch.inference_mode()
 def check_int8_kernel() -> dict:
     """The engine's int8 kernel (corgi/engine/int8_kernel.py) against the torch arithmetic that
     the CPU tests check (dequantise, float32 matmul), at 1 and 5 rows, with and without bias."""
@@ -102,14 +143,16 @@ def check_int8_kernel() -> dict:
     from corgi.engine.int8_weights import quantize
     gen = torch.Generator(device="cuda").manual_seed(0)
     out = {}
-    for rows, n, k, bias in ((1, 2560, 2048, True), (5, 2048, 11008, False), (12, 22016, 2048, True)):
+    for rows, n, k, bias, dtype in ((1, 2560, 2048, True, torch.bfloat16), (5, 2048, 11008, False, torch.bfloat16),
+                                    (12, 22016, 2048, True, torch.bfloat16), (40, 2560, 2048, True, torch.bfloat16),
+                                    (5, 2048, 11008, True, torch.float32)):
         w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
-        x = torch.randn(rows, k, device="cuda", generator=gen, dtype=torch.bfloat16)
-        b = torch.randn(n, device="cuda", generator=gen, dtype=torch.bfloat16) if bias else None
+        x = torch.randn(rows, k, device="cuda", generator=gen, dtype=dtype)
+        b = torch.randn(n, device="cuda", generator=gen, dtype=dtype) if bias else None
         q = quantize(w)
         ref = x.float() @ q.q.float().T * q.scale + (b.float() if bias else 0)
         got = int8_kernel.int8_linear(x, q.q, q.scale, b).float()
-        out[f"{rows}x{n}x{k}"] = ((got - ref).abs().max() / ref.abs().max()).item()
+        out[f"{rows}x{n}x{k} {str(dtype)[6:]}"] = ((got - ref).abs().max() / ref.abs().max()).item()
     return out
 
 
@@ -191,6 +234,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="W1 runs of the compiled arm (the others: 1)")
     ap.add_argument("--max-w1-s", type=float, default=120.0)
     ap.add_argument("--skip-gemv", action="store_true")
+    ap.add_argument("--rows-sweep", action="store_true", help="the several-row int8 kernel's tile sweep")
+    ap.add_argument("--kernels-only", action="store_true", help="stop after the kernel checks and sweeps")
     ap.add_argument("--out", default="benchmarks/out/gpu_quant.json")
     args = ap.parse_args()
     import bitsandbytes
@@ -204,6 +249,11 @@ def main() -> int:
     if not args.skip_gemv and args.shape in LINEARS:
         result["int8_gemv"] = int8_gemv_arms(args.shape)
         save()
+    if args.rows_sweep and args.shape in LINEARS:
+        result["int8_rows"] = int8_rows_arms(args.shape)
+        save()
+    if args.kernels_only:
+        return 0
     geo = gp.Geometry(1.0)
     image = gp.test_image(geo.image_size)
     folder = Path(args.folder) / args.shape

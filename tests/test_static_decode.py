@@ -58,3 +58,29 @@ def test_one_step_logits_match_hf(street_image):
     bucket.load(session.conv.kv, start, torch.tensor([start + session.conv.rope_delta]), None)
     static_logits = bucket.step(torch.tensor([last]))
     assert torch.allclose(static_logits, hf_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3.5"])
+def test_a_short_prefill_through_the_static_bucket_equals_hf(model, street_image):
+    """A text chunk of up to 256 tokens after a cached prefix (a follow-up, the next phase's
+    prompt) goes through the bucket's multi-token forward, 64 tokens a forward
+    (engine._prefill_static): the HF prefill's logits, and a cache that HF then continues
+    from as if it had prefilled the chunk itself (K/V columns, and Qwen3.5's linear states)."""
+    hf, static = make_engine(model), make_engine(model, model__compile=True, model__warmup=False)
+    follow_up = " ".join(["What colour is the car next to the sign, and is it parked?"] * 8)  # > 64 tokens
+    long_text = " ".join(["Describe the street once more, in full detail."] * 30)           # > 256 tokens
+    seen = {}
+    for name, engine in (("hf", hf), ("static", static)):
+        conv = ChatSession(engine, street_image).conv
+        engine.append(conv, prompts.reasoning_prompt("hi", 2, boxes.REL1000))
+        engine.prefill(conv)                                      # the image prompt: HF in both
+        engine.append(conv, follow_up)
+        chunk = len(conv.token_ids) - conv.kv_len
+        short = engine.prefill(conv)                              # static path in the static engine
+        engine.append(conv, long_text)
+        seen[name] = (chunk, short, engine.prefill(conv), conv.kv_len)   # longer than 256: HF in both
+    assert 64 < seen["hf"][0] <= 256
+    assert [b.last_width for b in static.static.buckets.values()] == [64], "the static path ran, 64 wide"
+    assert seen["static"][3] == seen["hf"][3]
+    assert torch.allclose(seen["static"][1], seen["hf"][1], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(seen["static"][2], seen["hf"][2], atol=1e-4, rtol=1e-4)

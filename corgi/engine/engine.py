@@ -27,6 +27,10 @@ from .conversation import Conversation
 from .loading import LoadedModel, load_model
 from .vision import EncoderOutput, VisionEncoder
 
+# Text chunks up to this long after a cached prefix go through the static bucket (CUDA graphs);
+# a longer chunk (a first turn's prompt) is one HF forward, which is compute-bound anyway.
+STATIC_PREFILL_TOKENS = 256
+
 MB = 1024 * 1024
 
 
@@ -271,6 +275,13 @@ class Engine:
         stats.prompt_tokens += stop
         stats.prefix_tokens_reused += start
         stats.prefill_tokens_computed += stop - start
+        if images is None and start > 0 and stop - start <= STATIC_PREFILL_TOKENS and self.static is not None:
+            logits = self._prefill_static(conv, start, stop)
+            if logits is not None:
+                conv.kv_len = stop
+                conv.kv_bytes = conv.nbytes()
+                self._enforce_kv_budget(keep=conv)
+                return logits
         try:
             logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
         except BaseException:
@@ -283,6 +294,26 @@ class Engine:
         conv.kv_bytes = conv.nbytes()
         self._enforce_kv_budget(keep=conv)
         return logits
+
+    def _prefill_static(self, conv: Conversation, start: int, stop: int) -> torch.Tensor | None:
+        """A short text chunk after a cached prefix (a follow-up question, the next phase's
+        prompt) through the static bucket's multi-token forward, PREFILL_WIDTH tokens a forward:
+        on CUDA captured graphs instead of an eager HF forward, which launches every layer's
+        small kernels from the host (the follow-up's time to first token). The conversation's
+        cache gets the new state only once every chunk has gone through, so a failure leaves it
+        where it was. None: no bucket fits; the caller prefills through HF."""
+        from .static_decode import PREFILL_WIDTH
+        bucket = self.static.bucket(1, stop + PREFILL_WIDTH)
+        if bucket is None or not bucket.multi_token:
+            return None
+        device = self.lm.device
+        bucket.load(conv.kv, start, torch.tensor([start + conv.rope_delta], device=device), valid=None)
+        for first in range(start, stop, PREFILL_WIDTH):
+            chunk = conv.token_ids[first:min(stop, first + PREFILL_WIDTH)]
+            logits = bucket.extend(torch.tensor([chunk], device=device), lengths=[len(chunk)])  # [1, T, V]
+            bucket.keep([len(chunk)])             # the padding's columns (to the width) go again
+        bucket.append_to(conv.kv, start, stop)
+        return logits[:, -1]                                                               # [1, V]
 
     def _enforce_kv_budget(self, keep: Conversation) -> None:
         """Evict the least recently used conversations' state (never `keep`'s) while the

@@ -34,7 +34,8 @@ from .linear_attention import (fused_delta_rule_available, gated_attention_layer
 
 LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
-WIDTH_BUCKETS = (2, 4, 8, 16, 32)       # multi-token forwards (jump-forward chunks, drafts)
+WIDTH_BUCKETS = (2, 4, 8, 16, 32, 64)   # multi-token forwards (jump-forward chunks, drafts, short prefills)
+PREFILL_WIDTH = 64                        # tokens per forward of a short prefill (engine._prefill_static)
 CAPACITY_BUCKETS = (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
@@ -643,5 +644,11 @@ class StaticDecoder:
         return self.buckets[shape]
 
     def warm_up(self, shapes) -> None:
+        """Create (capture) the buckets; one-row buckets also capture the short-prefill width,
+        which every follow-up uses, so a first follow-up does not compile it mid-turn."""
         for rows, columns in shapes:
-            self.bucket(rows, columns)
+            bucket = self.bucket(rows, columns)
+            if bucket is not None and rows == 1 and bucket.graph is not None and bucket.multi_token:
+                if PREFILL_WIDTH not in bucket.wide:
+                    with torch.inference_mode():
+                        bucket.wide[PREFILL_WIDTH] = bucket._capture_extend(PREFILL_WIDTH)
