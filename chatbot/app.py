@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
-import torch
 
 from corgi.config import Config, PipelineConfig
 from corgi.engine.tiny import default_cache_dir, is_tiny_name
@@ -50,7 +49,7 @@ from corgi.engine.engine import Engine
 from corgi.images import ImageError, image_digest, load_image
 from corgi.pipeline import ChatSession, InputError, as_backend, clean_question
 from corgi.remote import RemoteError
-from corgi.types import TextDelta
+from corgi.types import OutOfMemory, TextDelta
 
 from . import limits, render
 from .display_files import save_jpeg
@@ -742,10 +741,8 @@ class CorgiApp:
             raise
         except InputError as exc:
             view.end(f"This question cannot be asked: {exc}.")
-        except torch.OutOfMemoryError:
+        except OutOfMemory:         # the engine has handed the failed turn's blocks back already
             log.exception("out of memory in a turn")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()    # hand the failed turn's blocks back before the next one
             view.end("The model ran out of memory on this turn. The conversation goes on from before "
                      "this question: try again, lower the token budgets or regions, or start a New conversation.")
         except RemoteError as exc:

@@ -13,7 +13,7 @@ from typing import Iterator
 from PIL import Image
 
 from . import prompts
-from .engine.engine import Engine
+from .engine.engine import Engine, out_of_memory_as_error
 from .json_schemas import Structure
 from .types import CacheStats, Phase, RegionDone, Sampling, TextDelta
 
@@ -93,7 +93,8 @@ class LocalBackend:
 
     def join(self, conv, images: list[Image.Image]) -> list[int]:
         texts = prompts.joined_images(len(conv.images) + 1, len(images))
-        return self.engine.add_images(conv, images, texts)
+        with out_of_memory_as_error():
+            return self.engine.add_images(conv, images, texts)
 
     def mark(self, conv) -> int:
         return len(conv.token_ids)
@@ -103,7 +104,8 @@ class LocalBackend:
 
     def warm_up(self, conv, stats: CacheStats) -> None:
         if conv.kv_len < len(conv.token_ids):
-            self.engine.prefill(conv, stats)
+            with out_of_memory_as_error():
+                self.engine.prefill(conv, stats)
 
     def close(self, conv) -> None:
         self.engine.end_conversation(conv)
@@ -118,7 +120,13 @@ class LocalBackend:
               branch: bool = False) -> Iterator:
         """Stream the reply to `prompt` (TextDelta, SpanTimed); return its text. The reply stays
         in the conversation, closed as a message; branch=True: it leaves it again (the plain
-        answer), from the turn's warm prefix."""
+        answer), from the turn's warm prefix. Out of memory: OutOfMemory."""
+        with out_of_memory_as_error():
+            return (yield from self._reply(conv, phase, prompt, max_new_tokens, sampling, structure, stats, clock,
+                                           branch))
+
+    def _reply(self, conv, phase: Phase, prompt: str, max_new_tokens: int, sampling: Sampling,
+               structure: Structure | None, stats: CacheStats, clock, branch: bool) -> Iterator:
         engine = self.engine
         start, vision = clock.now(), clock.vision_seconds()
         computed, reused = stats.prefill_tokens_computed, stats.prefix_tokens_reused
@@ -176,6 +184,11 @@ class LocalBackend:
                  sampling: Sampling, stats: CacheStats, clock) -> Iterator:
         """Phase 3: every crop with its task, as one batch. Yields TextDelta(region=row),
         SpanTimed (prefill, then one per region) and RegionDone(row, text) per region."""
+        with out_of_memory_as_error():
+            yield from self._captions(crops, tasks, max_new_tokens, max_pixels, sampling, stats, clock)
+
+    def _captions(self, crops: list[Image.Image], tasks: list[str], max_new_tokens: int, max_pixels: int,
+                  sampling: Sampling, stats: CacheStats, clock) -> Iterator:
         engine = self.engine
         head_before, head_after = prompts.crop_head()
         heads = [(head_before, head_after + task + prompts.IM_END + "\n" + prompts.IM_START + "assistant\n")

@@ -242,3 +242,9 @@ class RegionDone:
 
 Event = Union[PhaseStarted, TextDelta, PhaseFinished, StepStreamed, SpanTimed, StepsParsed, EvidenceReady,
               AnswerReady, TurnFinished]
+
+
+class OutOfMemory(RuntimeError):
+    """The model ran out of accelerator memory in a turn (torch's OutOfMemoryError, translated
+    by the engine so that the pipeline, the CLI and the UI need no torch). The turn is dropped;
+    the conversation goes on from before it."""

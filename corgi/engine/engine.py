@@ -11,6 +11,7 @@ an empty KV cache and re-encodes the image: the naive pipeline, kept for equalit
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -21,11 +22,23 @@ import torch
 from PIL import Image
 
 from ..config import Config
-from ..types import CacheStats, Sampling  # noqa: F401  (Sampling: re-exported)
+from ..types import CacheStats, OutOfMemory, Sampling  # noqa: F401  (Sampling: re-exported)
 from . import decode, state
 from .conversation import Conversation
 from .loading import LoadedModel, load_model
 from .vision import EncoderOutput, VisionEncoder
+
+@contextlib.contextmanager
+def out_of_memory_as_error():
+    """torch's OutOfMemoryError inside the block as corgi's OutOfMemory, after the failed work's
+    cached blocks have gone back to the device (the next turn needs them)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemory(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "out of memory") from exc
+
 
 # Text chunks up to this long after a cached prefix go through the static bucket (CUDA graphs);
 # a longer chunk (a first turn's prompt) is one HF forward, which is compute-bound anyway.
