@@ -738,6 +738,9 @@ class CorgiApp:
                     changed, last = set(), now
         except GeneratorExit:   # Stop: Gradio closes this generator
             view.end("Stopped. The conversation goes on from before this question.")
+            # The update it was cancelled in may never have reached the browser: what `sent`
+            # recorded for it is not on the page, so the next update sends every panel again.
+            session.sent.clear()
             raise
         except InputError as exc:
             view.end(f"This question cannot be asked: {exc}.")

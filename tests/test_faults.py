@@ -254,6 +254,8 @@ def test_ui_stop_during_a_phase_keeps_the_conversation(app, references, point):
     updates.close()                     # Gradio closes the generator when Stop cancels the event
     del session.chat.ask
     assert any(first_event_of(point)(e) for e in events)
+    # The update Stop cancelled may not have reached the page: nothing counts as shown any more.
+    assert session.sent == {}
     stopped = app.stop(None, request("user"))
     assert chat_texts(stopped)[-1] == "Stopped. The conversation goes on from before this question."
     assert len(session.results) == 1 and not session.lock.locked() and not app.model_lock.locked()
