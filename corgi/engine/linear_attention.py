@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import chunk_attention
 from .int8_weights import linear
 
 try:                                    # CUDA hosts: the delta rule as one Triton kernel
@@ -211,7 +212,6 @@ def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     write [T] (columns); mask [B, 1, T, C] (causal inside the chunk)."""
     batch, width = h.shape[:2]
     head_dim = k_cache.shape[-1]
-    group = n_heads // n_kv
     x = zc_rms_norm(h, ln1, eps)
     qg, k, v = linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     qg = qg.reshape(batch, width, n_heads, 2 * head_dim)
@@ -221,14 +221,7 @@ def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     v = v.reshape(batch, width, n_kv, head_dim)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]                          # [B, T, 1, rot]
     q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
-    k_cache.index_copy_(2, write, k.transpose(1, 2))                           # columns write[0..T-1]
-    v_cache.index_copy_(2, write, v.transpose(1, 2))
-    # Query rows ordered (group, token): [B, Hkv, G*T, D] x [B, Hkv, D, C], K/V not repeated.
-    q = q.view(batch, width, n_kv, group, head_dim).permute(0, 2, 3, 1, 4).reshape(batch, n_kv, group * width, head_dim)
-    scores = torch.matmul(q, k_cache.transpose(-1, -2)) * head_dim ** -0.5    # [B, Hkv, G*T, C]
-    probs = torch.softmax(scores.float() + mask.repeat(1, 1, group, 1), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v_cache)                                         # [B, Hkv, G*T, D]
-    out = out.view(batch, n_kv, group, width, head_dim).permute(0, 3, 1, 2, 4).reshape(batch, width, n_heads * head_dim)
+    out = chunk_attention(q, k, v, k_cache, v_cache, write, mask)             # [B, T, Hq*D]
     out = out * torch.sigmoid(gate)
     h = h + linear(out, wo)
     x = zc_rms_norm(h, ln2, eps)
