@@ -105,12 +105,14 @@ class RemoteBackend:
         self.client = client or OpenAI(base_url=m.base_url, api_key=os.environ.get(m.api_key_env) or "EMPTY",
                                        timeout=m.timeout_s, max_retries=0)
         self._api_key_env = m.api_key_env
+        self._sees_images = False     # check_vision passed (once per backend)
 
     def check(self) -> None:
-        """Reach the server once: an unreachable server, a refused key or a model it does not
-        serve is one RemoteError now, not in the middle of a turn. The model list says which
-        models it serves; a server whose list cannot be read (transformers serve lists only
-        its hub cache) is asked for one token of the model instead."""
+        """Reach the server once: an unreachable server, a refused key, a model it does not serve
+        or one that does not take images is one RemoteError now, not in the middle of a turn. The
+        model list says which models it serves; for a server whose list cannot be read
+        (transformers serve lists only its hub cache) the answer to check_vision's first
+        one-token request tells whether it serves the model."""
         import openai
         try:
             served = [m.id for m in self.client.models.list()]
@@ -120,17 +122,41 @@ class RemoteBackend:
             served = None
         except Exception as exc:
             raise self.explain(exc) from None
-        if served:
-            if self.model not in served:
-                raise RemoteError(f"the model server at {self.base_url} does not serve model {self.model!r} "
-                                  f"(it serves: {', '.join(served[:8])})")
+        if served and self.model not in served:
+            raise RemoteError(f"the model server at {self.base_url} does not serve model {self.model!r} "
+                              f"(it serves: {', '.join(served[:8])})")
+        self.check_vision()
+
+    def check_vision(self) -> None:
+        """Fail unless the served model sees images. A text-only model's server may refuse an
+        image (vLLM: an HTTP 400 that explain() gives the vision hint) or, as `transformers serve`
+        5.23 does, drop the image parts without a word and answer the text alone: HTTP 200
+        (`get_processor_inputs_from_messages` keeps only the text parts for an LLM), and every
+        turn would be answered about an image the model never saw. That shows only in the
+        prompt's length, so: one token for "Hi", then for "Hi" after a small image; the same
+        prompt length means the image never reached the model. Once per backend: check() at
+        start-up, else the first reply with images (a RemoteBackend used without check())."""
+        if self._sees_images:
             return
+        without = self._prompt_tokens("Hi")
+        side = 2 * self.factor
+        image = _image_url(Image.new("RGB", (side, side), (128, 128, 128)))
+        with_image = self._prompt_tokens([image, _text("Hi")])
+        if without is not None and with_image is not None and with_image <= without:
+            raise RemoteError(f"the model {self.model!r} at {self.base_url} does not take images: the server "
+                              f"answered a request with an image as if it had none ({with_image} prompt tokens "
+                              f"with it, {without} without); serve a vision model")
+        self._sees_images = True       # or the server does not count tokens: nothing to tell by
+
+    def _prompt_tokens(self, content) -> int | None:
+        """The prompt length the server counts for one user message (one token of reply)."""
         try:
             # Retries: a server that failed the list may have closed the connection it kept open.
-            self.client.with_options(max_retries=2).chat.completions.create(
-                model=self.model, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+            answer = self.client.with_options(max_retries=2).chat.completions.create(
+                model=self.model, max_tokens=1, messages=[{"role": "user", "content": content}])
         except Exception as exc:
             raise self.explain(exc) from None
+        return getattr(getattr(answer, "usage", None), "prompt_tokens", None)
 
     def explain(self, exc: BaseException) -> RemoteError:
         """One line for anything the client raised."""
@@ -226,6 +252,8 @@ class RemoteBackend:
               branch: bool = False) -> Iterator:
         """Stream the server's reply to `prompt` after the conversation (TextDelta, SpanTimed);
         return its text. The user message and the reply join the conversation unless branch."""
+        if conv.images:
+            self.check_vision()       # a text-only server answers as if no image were there
         user = {"role": "user", "content": prompt}
         request = self._request(conv.messages + [user], max_new_tokens, sampling, structure, no_think)
         start = clock.now()

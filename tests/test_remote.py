@@ -4,12 +4,18 @@
 fallback to the tolerant parser is what runs. The CLI's two-turn contract, the region captions
 as concurrent requests, Stop, a server that goes away and comes back, one UI turn through
 gradio_client, and the errors a user can make (unreachable server, wrong model, unknown family,
-time-out): one line each."""
+time-out, a key the server refuses, a server whose model takes no images): one line each, and the
+conversation keeps working once the cause is fixed. The key is checked by a small reverse proxy
+in this process in front of the twin's server; the server without vision is a second, plain
+`transformers serve` of a tiny text-only checkpoint built here."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -28,6 +34,35 @@ pipeline: {max_steps: 3, max_regions: 3, reasoning_max_new_tokens: 32, evidence_
 ui: {remote_concurrency: 3}
 """
 FALLBACK = "not the JSON its schema asks for"
+KEY = "sk-corgi-test"           # the key the proxy wants
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log_path):
+    """A server process on `port`, up once its /health answers; ended (terminate, then kill) after."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while True:
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"{command[:4]} did not start"
+            time.sleep(0.25)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +72,94 @@ def twin_server(tmp_path_factory):
     from twin_server import serve_folder
     folder = serve_folder(ensure_tiny_checkpoint("tiny-qwen2.5-vl"), tmp_path_factory.mktemp("served") / "twin")
     port = free_port()
-    log = open(folder.parent / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "twin_server.py"), str(folder), "--device", "cpu",
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            assert proc.poll() is None, (folder.parent / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "transformers serve did not start"
-            time.sleep(0.25)
+    with serving([sys.executable, str(ROOT / "tests" / "twin_server.py"), str(folder), "--device", "cpu",
+                  "--host", "127.0.0.1", "--port", str(port)], port, folder.parent / "serve.log"):
         yield f"http://127.0.0.1:{port}/v1", str(folder)
-    finally:
-        proc.terminate()
+
+
+class KeyChecker(http.server.BaseHTTPRequestHandler):
+    """An API gateway's key check: a request without `Authorization: Bearer KEY` gets OpenAI's
+    401 answer; any other goes on to the server, whose answer comes back chunk by chunk (so a
+    streamed reply still streams). HTTP/1.0: the answer ends when the connection closes."""
+
+    def do_GET(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Authorization") != f"Bearer {KEY}":
+            self._refuse()
+            return
+        import httpx
+        headers = {"Content-Type": self.headers.get("Content-Type", "application/json")}
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            with httpx.stream(self.command, self.server.upstream + self.path, headers=headers, content=body,
+                              timeout=60) as answer:
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
+                self.end_headers()
+                for chunk in answer.iter_bytes():
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass                       # the client went away (Stop)
+
+    do_POST = do_GET
+
+    def _refuse(self):
+        error = json.dumps({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                      "param": None, "code": "invalid_api_key"}}).encode()
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(error)))
+        self.end_headers()
+        self.wfile.write(error)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def keyed_server(twin_server):
+    """(base_url, served model name): the twin's server behind KeyChecker, in a thread here."""
+    base_url, model = twin_server
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeyChecker)
+    proxy.daemon_threads = True
+    proxy.upstream = base_url.removesuffix("/v1")
+    thread = threading.Thread(target=proxy.serve_forever, name="key-checker", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}/v1", model
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=10)
+
+
+def text_only_checkpoint(folder):
+    """A tiny random-weight Qwen2ForCausalLM (no vision) with the twin's real Qwen tokenizer and
+    chat template: `transformers serve` loads it as an LLM, its processor a plain tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from corgi.engine.tiny import ensure_tiny_checkpoint
+    twin = ensure_tiny_checkpoint("tiny-qwen2.5-vl")
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        (folder / name).symlink_to(twin / name)
+    config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         bos_token_id=151643, eos_token_id=151645)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_only_server(tmp_path_factory):
+    """(base_url, served model name): plain `transformers serve` of the text-only checkpoint (no
+    video processor to stand in for: the launcher is not needed)."""
+    folder = text_only_checkpoint(tmp_path_factory.mktemp("text-only") / "model")
+    port = free_port()
+    with serving([sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--device", "cpu",
+                  "--host", "127.0.0.1", "--port", str(port)], port, folder.parent / "serve.log"):
+        yield f"http://127.0.0.1:{port}/v1", str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +315,79 @@ def test_bad_server_settings_are_one_line_and_exit_2(case, twin_server, config_f
     expected = {"unreachable": "cannot reach the model server", "wrong model": "Server is pinned to",
                 "unknown family": "set model.family", "time-out": "did not answer within 0.001 s"}[case]
     assert lines[0].startswith("error: ") and expected in lines[0]
+
+
+def run_main(*args) -> int:
+    from corgi.__main__ import main
+    return main(["run", "--image", IMAGE, "--question", "hi", "--backend", "openai", *args])
+
+
+def one_error_line(out) -> str:
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and out.out == "", out.err
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+def test_a_refused_key_is_one_line_and_exit_2_until_it_is_set(keyed_server, config_file, monkeypatch, capsys):
+    base_url, model = keyed_server
+    env = remote_config(base_url, model).model.api_key_env          # the config's default name
+    args = ("--config", config_file, "--base-url", base_url, "--model", model, "--family", "qwen2.5-vl", "--json")
+    for key in (None, "sk-wrong"):
+        if key is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, key)
+        code = run_main(*args)
+        out = capsys.readouterr()
+        assert code == 2, out.err
+        line = one_error_line(out)
+        assert "refused the API key (HTTP 401)" in line and f"${env}" in line
+    monkeypatch.setenv(env, KEY)
+    code = run_main(*args)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    turns = json.loads(out.out)["turns"]
+    assert len(turns) == 1 and turns[0]["answer"].strip()
+
+
+def test_a_refused_key_keeps_the_conversation_until_it_is_fixed(keyed_server, monkeypatch):
+    from corgi.pipeline import ChatSession
+    from corgi.remote import RemoteBackend, RemoteError
+    from corgi.types import TurnFinished
+    config = remote_config(*keyed_server)
+    monkeypatch.setenv(config.model.api_key_env, "sk-wrong")
+    backend = RemoteBackend(config)
+    session = ChatSession(backend, Image.open(IMAGE))
+    head = list(session.conv.messages)
+    with pytest.raises(RemoteError, match=r"refused the API key \(HTTP 401\); set \$OPENAI_API_KEY"):
+        list(session.ask("What is here?"))
+    assert session.conv.messages == head and not session.turns
+    backend.client = backend.client.with_options(api_key=KEY)      # the key fixed
+    finished = [e for e in session.ask("What is here?") if isinstance(e, TurnFinished)]
+    assert len(finished) == 1 and len(session.conv.messages) == len(head) + 4
+
+
+def test_a_server_without_vision_is_one_line_and_exit_2(text_only_server, config_file, capsys):
+    """transformers serve answers a text-only model's request with an image HTTP 200, the image
+    dropped: check() tells by the prompt's length."""
+    base_url, model = text_only_server
+    code = run_main("--config", config_file, "--base-url", base_url, "--model", model, "--family", "qwen2.5-vl")
+    out = capsys.readouterr()
+    assert code == 2, out.err
+    line = one_error_line(out)
+    assert f"the model {model!r} at {base_url} does not take images" in line and "serve a vision model" in line
+
+
+def test_a_server_without_vision_fails_the_turn_and_keeps_the_conversation(text_only_server):
+    """Without check(): the first reply with images asks the same question first."""
+    from corgi.pipeline import ChatSession
+    from corgi.remote import RemoteBackend, RemoteError
+    session = ChatSession(RemoteBackend(remote_config(*text_only_server)), Image.open(IMAGE))
+    head = list(session.conv.messages)
+    with pytest.raises(RemoteError, match="does not take images"):
+        list(session.ask("What is here?"))
+    assert session.conv.messages == head and not session.turns and not session.pending
 
 
 def test_smart_resize_is_the_processors_and_the_family_follows_the_name():
