@@ -27,6 +27,38 @@ def test_int8_linear_is_the_dequantised_linear():
     assert linear(x, w).shape == (3, 5, 48)                  # plain weights pass straight through
 
 
+KERNEL_CHECK = """
+import torch
+from corgi.engine import int8_kernel
+from corgi.engine.int8_weights import quantize
+torch.manual_seed(0)
+# One row and float32 rows: the GEMV; float16 rows: the tensor-core tiles (the interpreter gets
+# bfloat16 wrong: NumPy has no bfloat16, so the GPU check in gpu_quant.py covers that dtype).
+for rows, n, k, dtype in ((1, 40, 96, torch.float32), (3, 40, 96, torch.float32), (6, 40, 96, torch.float16),
+                          (40, 72, 64, torch.float16)):
+    w, x, b = torch.randn(n, k) * 0.02, torch.randn(rows, k).to(dtype), torch.randn(n).to(dtype)
+    q = quantize(w)
+    ref = x.float() @ q.q.float().T * q.scale + b.float()
+    got = int8_kernel.int8_linear(x, q.q, q.scale, b).float()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert got.shape == (rows, n) and err < 2e-3, (rows, n, k, dtype, err)
+print("ok")
+"""
+
+
+def test_the_triton_kernels_compute_the_dequantised_product():
+    """The CUDA kernels themselves (int8_kernel.py), run by Triton's interpreter on the CPU: every
+    dispatch branch of int8_linear against the dequantised float32 product."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    from conftest import ROOT
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def _int8_weights(stack) -> list[torch.Tensor]:
     """The tensors the int8 stack keeps copies of, on a float stack over the same model."""
     found = [stack.lm_head]

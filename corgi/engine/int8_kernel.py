@@ -66,6 +66,12 @@ def _int8_gemm_rows(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K: tl.constexpr, 
              mask=m_ok[:, None] & row_ok[None, :])
 
 
+def block_sizes(k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of `_int8_gemv`: the H200 sweep's best configs were BLOCK_N
+    4-8 with 512-2048 columns a slice; longer rows (the MLP down projection) take the longer slices."""
+    return (4, 1024, 4) if k >= 8192 else (4, 512, 4)
+
+
 ROWS_CONFIG: dict = {}     # benchmarks/gpu_quant.py --rows-sweep sets one config here to time it
 
 
