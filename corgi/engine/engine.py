@@ -288,21 +288,18 @@ class Engine:
         stats.prompt_tokens += stop
         stats.prefix_tokens_reused += start
         stats.prefill_tokens_computed += stop - start
+        logits = None
         if images is None and start > 0 and stop - start <= STATIC_PREFILL_TOKENS and self.static is not None:
             logits = self._prefill_static(conv, start, stop)
-            if logits is not None:
-                conv.kv_len = stop
-                conv.kv_bytes = conv.nbytes()
-                self._enforce_kv_budget(keep=conv)
-                return logits
-        try:
-            logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
-        except BaseException:
-            # A forward that failed part-way (out of memory, a kernel error, an interrupt) has
-            # written state into some layers and not others: go back to where it started (or
-            # drop everything); the next prefill rebuilds from the tokens.
-            conv.rewind_kv(start, dirty=True) if start else conv.drop_kv()
-            raise
+        if logits is None:
+            try:
+                logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
+            except BaseException:
+                # A forward that failed part-way (out of memory, a kernel error, an interrupt) has
+                # written state into some layers and not others: go back to where it started (or
+                # drop everything); the next prefill rebuilds from the tokens.
+                conv.rewind_kv(start, dirty=True) if start else conv.drop_kv()
+                raise
         conv.kv_len = stop
         conv.kv_bytes = conv.nbytes()
         self._enforce_kv_budget(keep=conv)
