@@ -4,11 +4,12 @@
     python3 benchmarks/gpu_decode_step.py --shape qwen3-vl-30b-a3b        # MoE: eager HF arms
 
 Dense and hybrid shapes: the engine's static step (compiled layers, one CUDA graph per bucket)
-at batch 1 with `--context` cached tokens, for each delta-rule arm of a hybrid stack ("torch":
-plain ops compiled by inductor; "triton": corgi/engine/delta_rule_kernel.py), against the floor
-(bytes a step must read over the copy bandwidth measured in the same run, as gpu_pipeline.py).
-Before timing, the Triton kernel is checked against the torch ops in float32, and the two arms'
-logits from the same state are compared.
+at batch 1 with `--context` cached tokens, for each arm of kernels (ARMS: the delta rule as torch
+ops or corgi/engine/delta_rule_kernel.py; one-token attention as torch ops or the split-KV kernels
+of decode_attention_kernel.py; linear layers on cuBLAS or, per shape where it measured faster,
+gemv_kernel.py), against the floor (bytes a step must read over the copy bandwidth measured in the
+same run, as gpu_pipeline.py). Before timing, the kernels are checked against the torch ops, and
+every arm's logits from the same state are compared with the first arm's.
 
 MoE shapes (the static step covers dense MLPs only): HF's own forward, one token at a time over a
 DynamicCache prefilled with `--context` tokens, for each experts implementation transformers 5.23
@@ -18,6 +19,7 @@ routed experts only: top_k of num_experts).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -91,14 +93,42 @@ def place(bucket, context: int) -> None:
     bucket.positions.fill_(context)
 
 
+# Arms of the static step: which kernels it runs (StaticDecoder's delta_rule / attention / gemv).
+ARMS = {
+    "delta-torch": {"delta_rule": "torch", "attention": "torch", "gemv": "cublas"},
+    "baseline": {"delta_rule": "auto", "attention": "torch", "gemv": "cublas"},
+    "split-kv": {"delta_rule": "auto", "attention": "triton", "gemv": "cublas"},
+    "split-kv+gemv": {"delta_rule": "auto", "attention": "triton", "gemv": "auto"},
+}
+
+
 @torch.inference_mode()
-def static_arm(lm, delta_rule: str, context: int, capacity: int, replays: int, profile: bool) -> tuple[dict, object]:
+def check_attention(n_heads: int, n_kv: int, head_dim: int, context: int, capacity: int) -> dict:
+    """The split-KV kernels in bf16 against the torch ops in float32 on the same inputs."""
+    from corgi.engine.attention import decode_attention
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=gen)          # noqa: E731
+    k_cache, v_cache = rnd(1, n_kv, capacity, head_dim), rnd(1, n_kv, capacity, head_dim)
+    q, k, v = rnd(1, n_heads, head_dim), rnd(1, n_kv, head_dim), rnd(1, n_kv, head_dim)
+    mask = torch.full((1, 1, 1, capacity), float("-inf"), device="cuda")
+    mask[..., :context + 1] = 0.0
+    write = torch.tensor([context], device="cuda")
+    ref = decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), write, mask)
+    bf = lambda t: t.to(torch.bfloat16)                                       # noqa: E731
+    got = decode_attention(bf(q), bf(k), bf(v), bf(k_cache), bf(v_cache), write, mask, split_kv=True)
+    return {"max_abs_diff": (got.float() - ref).abs().max().item(), "max_abs": ref.abs().max().item()}
+
+
+@torch.inference_mode()
+def static_arm(lm, arm: str, context: int, capacity: int, replays: int, profile: bool) -> tuple[dict, object]:
     t0 = time.perf_counter()
-    decoder = StaticDecoder(lm.model, lm.device, lm.dtype, use_graphs=True, compile_layers=True,
-                            delta_rule=delta_rule)
+    kernels = dict(ARMS[arm])
+    decoder = StaticDecoder(lm.model, lm.device, lm.dtype, use_graphs=True, compile_layers=True, **kernels)
+    tuned_s = time.perf_counter() - t0
     bucket = decoder.bucket(1, capacity)
     sync()
-    out = {"delta_rule": delta_rule if decoder.hybrid else None, "fused_delta_rule": decoder.fused_delta_rule,
+    out = {"arm": arm, **kernels, "fused_delta_rule": decoder.fused_delta_rule, "split_kv": decoder.split_kv,
+           "gemv_report": decoder.gemv_report, "gemv_tuning_s": tuned_s,
            "compile_and_capture_s": time.perf_counter() - t0}
     if decoder.hybrid:                      # a non-zero state (the time does not depend on it)
         gen = torch.Generator(device="cuda").manual_seed(1)
@@ -186,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=1426, help="cached tokens (W1's phase 1+2 midpoint)")
     ap.add_argument("--capacity", type=int, default=2048, help="static bucket columns")
     ap.add_argument("--replays", type=int, default=100)
-    ap.add_argument("--arms", default="torch,triton", help="hybrid delta-rule arms")
+    ap.add_argument("--arms", default=None, help=f"static-step arms, of {sorted(ARMS)} (default: all that apply)")
     ap.add_argument("--moe-arms", default="grouped_mm,batched_mm,eager")
     ap.add_argument("--moe-tokens", type=int, default=32)
     ap.add_argument("--layers", type=int, default=None)
@@ -205,26 +235,34 @@ def main(argv=None) -> int:
         step_bytes = decode_step_bytes(lm.model, args.context)
         floor_ms = step_bytes["total"] / (bw * 1e9) * 1e3
         result.update(step_bytes=step_bytes, floor_ms=floor_ms)
-        arms = args.arms.split(",") if getattr(lm.family, "hybrid", False) else ["auto"]
-        if "triton" in arms:
-            tc = lm.model.config.get_text_config()
+        hybrid = getattr(lm.family, "hybrid", False)
+        arms = args.arms.split(",") if args.arms else [a for a in ARMS if hybrid or a != "delta-torch"]
+        tc = lm.model.config.get_text_config()
+        if hybrid:
             result["kernel_check_float32"] = check_kernel(tc.linear_num_key_heads, tc.linear_num_value_heads,
                                                           tc.linear_key_head_dim, tc.linear_value_head_dim)
-            print("kernel vs torch ops (float32):", result["kernel_check_float32"], flush=True)
+            print("delta-rule kernel vs torch ops (float32):", result["kernel_check_float32"], flush=True)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        result["attention_check_bf16"] = check_attention(tc.num_attention_heads, tc.num_key_value_heads, head_dim,
+                                                         args.context, args.capacity)
+        print("split-KV attention (bf16) vs torch ops (float32):", result["attention_check_bf16"], flush=True)
         result["arms"], buckets = [], []
         for arm in arms:
             out, bucket = static_arm(lm, arm, args.context, args.capacity, args.replays, args.profile)
             out["x_floor"] = out["graph_replay_ms"] / floor_ms
             result["arms"].append(out)
             buckets.append(bucket)
-            print(f"  static step, delta rule {arm}: {out['graph_replay_ms']:.3f} ms "
-                  f"({out['x_floor']:.2f}x floor {floor_ms:.3f} ms); compile+capture "
-                  f"{out['compile_and_capture_s']:.1f} s", flush=True)
+            print(f"  static step, {arm}: {out['graph_replay_ms']:.3f} ms "
+                  f"({out['x_floor']:.2f}x floor {floor_ms:.3f} ms); gemv tuning {out['gemv_tuning_s']:.1f} s, "
+                  f"compile+capture {out['compile_and_capture_s']:.1f} s", flush=True)
+            if out["gemv_report"]:
+                print("  gemv per shape (us):", json.dumps(out["gemv_report"]), flush=True)
             if "profile" in out:
                 print(out["profile"], flush=True)
-        if len(buckets) == 2:
-            result["arms_logits_bf16"] = compare_buckets(buckets[0], buckets[1], args.context)
-            print("  same state, one step, both arms (bf16):", result["arms_logits_bf16"], flush=True)
+        result["arms_logits_bf16"] = {}
+        for arm, bucket in zip(arms[1:], buckets[1:]):
+            result["arms_logits_bf16"][arm] = compare_buckets(buckets[0], bucket, args.context)
+            print(f"  same state, one step, {arms[0]} vs {arm} (bf16):", result["arms_logits_bf16"][arm], flush=True)
     else:
         step_bytes = moe_step_bytes(lm.model, args.context)
         floor_ms = step_bytes["total"] / (bw * 1e9) * 1e3

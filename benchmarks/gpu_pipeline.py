@@ -290,10 +290,14 @@ class _StepClock(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def hf_generate_ms_per_token(engine: Engine, image: Image.Image, tokens: int, max_pixels: int) -> dict:
-    """HF model.generate() with its default cache on the decode arms' prompt (same ids,
-    pixel_values, mm_token_type_ids): greedy, min_new_tokens == max_new_tokens. ms/token from
-    generate's own per-step clock over the steps after the first DECODE_SKIP, as the other arms."""
+def hf_generate_ms_per_token(engine: Engine, image: Image.Image, tokens: int, max_pixels: int,
+                             static: bool = False) -> dict:
+    """HF model.generate() on the decode arms' prompt (same ids, pixel_values, mm_token_type_ids):
+    greedy, min_new_tokens == max_new_tokens. ms/token from generate's own per-step clock over the
+    steps after the first DECODE_SKIP, as the other arms. static: what a user would pick instead
+    of the default DynamicCache, `cache_implementation="static"`, with which generate() compiles
+    the decode forward itself (its default CompileConfig: inductor, "reduce-overhead", i.e. CUDA
+    graphs); the warm call has the same length, so the timed one reuses cache and compilation."""
     from transformers import StoppingCriteriaList
     lm = engine.lm
     conv = _decode_prompt(engine, image)
@@ -301,18 +305,23 @@ def hf_generate_ms_per_token(engine: Engine, image: Image.Image, tokens: int, ma
     engine.end_conversation(conv)
     cfg = engine.config.image
     pixel_values, grid, _ = naive._image_inputs(lm, image, cfg.min_pixels, max_pixels)
-    naive._generate(lm, ids, pixel_values, grid, 2)            # warm: first-call costs
+    extra = {"cache_implementation": "static"} if static else {}
+    t0 = time.perf_counter()
+    naive._generate(lm, ids, pixel_values, grid, DECODE_SKIP + tokens if static else 2, **extra)   # warm
+    warm_s = time.perf_counter() - t0
     clock = _StepClock()
     sync()
     t0 = time.perf_counter()
     naive._generate(lm, ids, pixel_values, grid, DECODE_SKIP + tokens,
-                    stopping_criteria=StoppingCriteriaList([clock]))
+                    stopping_criteria=StoppingCriteriaList([clock]), **extra)
     times = clock.times
     assert len(times) == DECODE_SKIP + tokens, len(times)
     return {"ms_per_token": (times[-1] - times[DECODE_SKIP - 1]) / tokens * 1e3,
             "first_token_s": times[0] - t0, "tokens": tokens, "prompt_tokens": len(ids),
             "context": len(ids) + DECODE_SKIP + tokens / 2,
-            "cache": "generate() default (DynamicCache(config=...))"}
+            "warm_call_s": warm_s,
+            "cache": ('cache_implementation="static" (generate() compiles the decode forward)' if static
+                      else "generate() default (DynamicCache(config=...))")}
 
 
 @torch.inference_mode()
@@ -374,6 +383,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-hf-generate", action="store_true")
+    parser.add_argument("--skip-hf-static", action="store_true",
+                        help="skip HF generate() with a static cache + its own torch.compile")
     parser.add_argument("--profile", action="store_true", help="print the kernel breakdown of a decode step")
     parser.add_argument("--device", default="cuda", help="cpu: a functional check of this script only")
     parser.add_argument("--tokens-scale", type=float, default=1.0,
@@ -463,8 +474,17 @@ def main(argv=None) -> int:
     result["decode_context_tokens"] = context
     if not args.skip_hf_generate:
         result["hf_generate"] = hf_generate_ms_per_token(eager, image, eager_tokens, geo.max_pixels)
+    if not args.skip_hf_static and cuda:
+        try:
+            result["hf_generate_static"] = hf_generate_ms_per_token(eager, image, decode_tokens, geo.max_pixels,
+                                                                    static=True)
+        except Exception as e:       # noqa: BLE001 - report (e.g. a cache this family lacks), keep the rest
+            result["hf_generate_static_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("HF generate static:", result["hf_generate_static_error"], flush=True)
     print(f"decode ms/token: eager loop {result['decode_ms_eager']:.2f}, static {result['decode_ms_static']:.2f}"
-          + (f", HF generate {result['hf_generate']['ms_per_token']:.2f}" if "hf_generate" in result else ""),
+          + (f", HF generate {result['hf_generate']['ms_per_token']:.2f}" if "hf_generate" in result else "")
+          + (f", HF generate static+compile {result['hf_generate_static']['ms_per_token']:.2f} (warm call "
+             f"{result['hf_generate_static']['warm_call_s']:.0f} s)" if "hf_generate_static" in result else ""),
           flush=True)
 
     # The floor at the static arm's mean context (the other arms' contexts are within a few %).
@@ -559,6 +579,11 @@ def print_report(result: dict) -> None:
     if "hf_generate" in result:
         ms = result["hf_generate"]["ms_per_token"]
         print(f"| decode, HF generate() | {ms:.2f} ms/token{x(ms)} |")
+    if "hf_generate_static" in result:
+        ms = result["hf_generate_static"]["ms_per_token"]
+        print(f"| decode, HF generate() static cache + compile | {ms:.2f} ms/token{x(ms)} |")
+    elif "hf_generate_static_error" in result:
+        print(f"| decode, HF generate() static cache + compile | {result['hf_generate_static_error'][:120]} |")
     if "graph_replay_ms" in result:
         print(f"| graph replay alone | {result['graph_replay_ms']:.2f} ms/step{x(result['graph_replay_ms'])} |")
     print(f"| {result['captions_n']} captions / 1 caption | {result['captions_6_s']:.3f} / {result['captions_1_s']:.3f} s "

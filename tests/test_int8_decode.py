@@ -9,7 +9,8 @@ import torch
 
 from conftest import fast_config, run_turn
 from corgi.engine.engine import Engine
-from corgi.engine.int8_weights import Int8Weight, dequantize, linear, quantize
+from corgi.engine.int8_weights import Int8Weight, dequantize, quantize
+from corgi.engine.step_linear import linear
 from corgi.engine.loading import load_model
 from corgi.pipeline import ChatSession
 

@@ -12,13 +12,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-
-try:
-    from . import int8_kernel
-except ImportError:       # no Triton (CPU wheels): the torch ops below
-    int8_kernel = None
-
 
 class Int8Weight(NamedTuple):
     q: torch.Tensor           # int8 [N, K]
@@ -35,16 +28,3 @@ def quantize(weight: torch.Tensor) -> Int8Weight:
 
 def dequantize(weight: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
     return (weight.q.float() * weight.scale[:, None]).to(dtype)
-
-
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a plain weight or an Int8Weight. x [..., K] -> [..., N]."""
-    if not isinstance(weight, Int8Weight):
-        return F.linear(x, weight, bias)
-    if x.is_cuda and int8_kernel is not None:
-        flat = x.reshape(-1, x.shape[-1]).contiguous()                  # [M, K]
-        return int8_kernel.int8_linear(flat, weight.q, weight.scale, bias).reshape(*x.shape[:-1], -1)
-    out = F.linear(x.float(), weight.q.float()) * weight.scale          # same products, float32 sums
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)

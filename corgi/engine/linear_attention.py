@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import chunk_attention
-from .int8_weights import linear
+from .attention import chunk_attention, decode_attention
+from .step_linear import linear
 
 try:                                    # CUDA hosts: the delta rule as one Triton kernel
     from . import delta_rule_kernel
@@ -178,7 +178,8 @@ def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def gated_attention_layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
-                               k_cache, v_cache, cos, sin, write, mask, eps: float, n_heads: int, n_kv: int):
+                               k_cache, v_cache, cos, sin, write, mask, eps: float, n_heads: int, n_kv: int,
+                               split_kv: bool = False):
     """One Qwen3.5 decoder layer with full attention, one new token per row.
     wqkv [Hq*2D + 2*Hkv*D, H]: q_proj (per head: D query rows then D gate rows) | k | v;
     k_cache/v_cache [B, Hkv, C, D]; cos/sin [B, rot]; write [1]; mask [B, 1, 1, C]."""
@@ -193,12 +194,7 @@ def gated_attention_layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     v = v.reshape(batch, n_kv, head_dim)
     cos, sin = cos[:, None, :], sin[:, None, :]
     q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
-    k_cache.index_copy_(2, write, k[:, :, None, :])
-    v_cache.index_copy_(2, write, v[:, :, None, :])
-    q = q.reshape(batch, n_kv, n_heads // n_kv, head_dim)
-    scores = torch.matmul(q, k_cache.transpose(-1, -2)) * head_dim ** -0.5   # [B, Hkv, G, C]
-    probs = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v_cache).reshape(batch, n_heads * head_dim)
+    out = decode_attention(q, k, v, k_cache, v_cache, write, mask, split_kv)    # [B, Hq*D]
     out = out * torch.sigmoid(gate)                                 # output gate from q_proj
     h = h + linear(out, wo)
     x = zc_rms_norm(h, ln2, eps)

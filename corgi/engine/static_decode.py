@@ -27,8 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import chunk_attention
-from .int8_weights import linear, quantize
+from .attention import chunk_attention, decode_attention
+from .int8_weights import quantize
+from . import step_linear
+from .step_linear import linear
 
 from .linear_attention import (fused_delta_rule_available, gated_attention_layer_extend,
                                gated_attention_layer_step, linear_layer_extend, linear_layer_step, zc_rms_norm)
@@ -54,10 +56,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
-               k_cache, v_cache, cos, sin, write, mask, eps: float, n_heads: int, n_kv: int):
+               k_cache, v_cache, cos, sin, write, mask, eps: float, n_heads: int, n_kv: int,
+               split_kv: bool = False):
     """One decoder layer for one new token per row.
     h [B, H]; wqkv [(Hq+2*Hkv)*D, H] (q|k|v stacked); wgu [2*I, H] (gate|up stacked);
-    k_cache/v_cache [B, Hkv, C, D]; cos/sin [B, D]; write [1] (column); mask [B, 1, 1, C]."""
+    k_cache/v_cache [B, Hkv, C, D]; cos/sin [B, D]; write [1] (column); mask [B, 1, 1, C];
+    split_kv: attention as the split-KV Triton kernels (CUDA)."""
     batch = h.shape[0]
     head_dim = k_cache.shape[-1]
     x = rms_norm(h, ln1, eps)
@@ -72,13 +76,7 @@ def layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     cos, sin = cos[:, None, :], sin[:, None, :]                     # [B, 1, D]
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    k_cache.index_copy_(2, write, k[:, :, None, :])                 # write column `write`
-    v_cache.index_copy_(2, write, v[:, :, None, :])
-    # Grouped-query attention without repeating K/V: [B, Hkv, G, D] x [B, Hkv, D, C].
-    q = q.view(batch, n_kv, n_heads // n_kv, head_dim)
-    scores = torch.matmul(q, k_cache.transpose(-1, -2)) * head_dim ** -0.5   # [B, Hkv, G, C]
-    probs = torch.softmax(scores.float() + mask, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v_cache).reshape(batch, n_heads * head_dim)   # [B, Hq*D]
+    out = decode_attention(q, k, v, k_cache, v_cache, write, mask, split_kv)     # [B, Hq*D]
     h = h + linear(out, wo)
     x = rms_norm(h, ln2, eps)
     gate, up = linear(x, wgu).chunk(2, dim=-1)                     # one GEMV for gate and up
@@ -129,17 +127,18 @@ def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _weights(int8: bool):
-    """How the stacks keep a linear weight: the tensor itself, or its int8 copy (int8_weights.py)."""
-    return quantize if int8 else (lambda w: w)
+def _weights(int8: bool, tuner):
+    """How the stacks keep a linear weight: its int8 copy (int8_weights.py), a TunedWeight where
+    the tuner's one-row kernel beat cuBLAS (gemv_kernel.py), or the tensor itself."""
+    return quantize if int8 else tuner if tuner is not None else (lambda w: w)
 
 
 class TextStack:
     """The text decoder's weights as plain tensors, per layer, for `layer_step` (int8: the linear
     weights and the lm_head as `Int8Weight` copies)."""
 
-    def __init__(self, model, int8: bool = False):
-        w = _weights(int8)
+    def __init__(self, model, int8: bool = False, tuner=None):
+        w = _weights(int8, tuner)
         lm = model.model.language_model
         cfg = model.config.get_text_config()
         self.eps = cfg.rms_norm_eps
@@ -190,8 +189,8 @@ def supported(model) -> bool:
 class HybridTextStack:
     """Qwen3.5 dense text decoder weights as plain tensors, per layer, for the two layer kinds."""
 
-    def __init__(self, model, int8: bool = False):
-        w = _weights(int8)
+    def __init__(self, model, int8: bool = False, tuner=None):
+        w = _weights(int8, tuner)
         lm = model.model.language_model
         cfg = model.config.get_text_config()
         if not supported(model):
@@ -240,9 +239,11 @@ class Bucket:
     rewindable = True
     multi_token = True        # extend() is one forward: T tokens cost about one step's weight reads
 
-    def __init__(self, stack: TextStack, batch: int, capacity: int, device, dtype, layer_fn, extend_fn=None):
+    def __init__(self, stack: TextStack, batch: int, capacity: int, device, dtype, layer_fn, extend_fn=None,
+                 split_kv: bool = False):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
         self.extend_fn = extend_fn or layer_extend
+        self.split_kv = split_kv      # one-token attention as the split-KV Triton kernels (CUDA)
         shape = (batch, stack.n_kv, capacity, stack.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in stack.layers]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in stack.layers]
@@ -267,7 +268,7 @@ class Bucket:
         cos, sin = s.rope(self.positions, self.dtype)
         for i, weights in enumerate(s.layers):
             h = self.layer_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
-                              s.eps, s.n_heads, s.n_kv)
+                              s.eps, s.n_heads, s.n_kv, split_kv=self.split_kv)
         h = rms_norm(h, s.norm, s.eps)
         logits = linear(h, s.lm_head).float()        # [B, V]
         # Advance inside the step so a replayed graph needs no host-side bookkeeping.
@@ -440,10 +441,11 @@ class HybridBucket(Bucket):
     multi_token = True
 
     def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn,
-                 fused: bool = False, extend_fn=None):
+                 fused: bool = False, extend_fn=None, split_kv: bool = False):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
         self.extend_fn = extend_fn or {LINEAR: linear_layer_extend, FULL: gated_attention_layer_extend}
         self.fused = fused            # the delta rule as one Triton kernel (CUDA)
+        self.split_kv = split_kv      # one-token attention as the split-KV Triton kernels (CUDA)
         kv = (batch, stack.n_kv, capacity, stack.head_dim)
         full = [kind == FULL for kind in stack.kinds]
         self.k = [torch.zeros(kv, device=device, dtype=dtype) if f else None for f in full]
@@ -470,7 +472,7 @@ class HybridBucket(Bucket):
                               fused=self.fused)
             else:
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
-                                 s.eps, s.n_heads, s.n_kv)
+                                 s.eps, s.n_heads, s.n_kv, split_kv=self.split_kv)
         h = zc_rms_norm(h, s.norm, s.eps)
         logits = linear(h, s.lm_head).float()        # [B, V]
         self.positions.add_(1)
@@ -567,6 +569,20 @@ def _use_fused_delta_rule(choice: str, device: torch.device, stack: "HybridTextS
     return usable if choice == "auto" else choice == "triton"
 
 
+def _use_split_kv(choice: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether one-token attention runs as the split-KV Triton kernels: on CUDA in 16-bit dtypes
+    ("auto"); float32 keeps the torch ops, whose results the eager path matches exactly (tl.dot
+    would round float32 inputs to TF32)."""
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"attention must be auto, triton or torch, not {choice!r}")
+    from . import attention
+    usable = (device.type == "cuda" and attention.split_kv_available() and dtype in (torch.bfloat16, torch.float16)
+              and attention.decode_attention_kernel.usable(head_dim, min(CAPACITY_BUCKETS)))
+    if choice == "triton" and not usable:
+        raise ValueError("the split-KV attention kernels need CUDA, Triton, a 16-bit dtype and a power-of-two head dim")
+    return usable if choice == "auto" else choice == "triton"
+
+
 _COMPILED: dict = {}
 
 
@@ -586,14 +602,23 @@ class StaticDecoder:
     """Buckets by (batch, capacity), created on first use or at warm-up."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype, use_graphs: bool, compile_layers: bool,
-                 delta_rule: str = "auto", int8: bool = False):
+                 delta_rule: str = "auto", int8: bool = False, attention: str = "auto", gemv: str = "auto"):
         """delta_rule (hybrid stacks): "triton" (one kernel per layer), "torch" (plain ops), or
         "auto": Triton on CUDA when it imports and the head dims suit it. int8: decode reads
-        weight-only int8 copies of the linear weights (int8_weights.py)."""
+        weight-only int8 copies of the linear weights (int8_weights.py). attention: one-token
+        attention as the split-KV kernels ("triton"), torch ops ("torch"), or "auto" (see _use_split_kv).
+        gemv: "auto" times the one-row Triton GEMV against cuBLAS per weight shape on CUDA in 16-bit
+        dtypes and keeps the faster (gemv_kernel.py; the timings in `gemv_report`), "cublas": F.linear."""
+        if gemv not in ("auto", "cublas"):
+            raise ValueError(f"gemv must be auto or cublas, not {gemv!r}")
         self.hybrid = is_hybrid(model)
-        self.stack = HybridTextStack(model, int8) if self.hybrid else TextStack(model, int8)
+        tune = (gemv == "auto" and not int8 and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))
+        tuner = step_linear.tuner() if tune else None
+        self.stack = HybridTextStack(model, int8, tuner) if self.hybrid else TextStack(model, int8, tuner)
+        self.gemv_report = tuner.report if tuner is not None else {}
         self.bucket_class = HybridBucket if self.hybrid else Bucket
         self.fused_delta_rule = self.hybrid and _use_fused_delta_rule(delta_rule, device, self.stack)
+        self.split_kv = _use_split_kv(attention, device, dtype, self.stack.head_dim)
         self.device, self.dtype = device, dtype
         self.use_graphs = use_graphs and device.type == "cuda"
         self.layer_fn = {LINEAR: linear_layer_step, FULL: gated_attention_layer_step} if self.hybrid else layer_step
@@ -630,7 +655,7 @@ class StaticDecoder:
             with torch.inference_mode():    # buffers are written only under inference mode
                 extra = {"fused": self.fused_delta_rule} if self.hybrid else {}
                 bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn,
-                                           extend_fn=self.extend_fn, **extra)
+                                           extend_fn=self.extend_fn, split_kv=self.split_kv, **extra)
                 if self.use_graphs:
                     bucket.capture()
             self.buckets[shape] = bucket
