@@ -623,12 +623,12 @@ class StaticDecoder:
         self.use_graphs = use_graphs and device.type == "cuda"
         self.layer_fn = {LINEAR: linear_layer_step, FULL: gated_attention_layer_step} if self.hybrid else layer_step
         if compile_layers:
-            import torch._dynamo
+            from torch import _dynamo
             # One specialisation per bucket shape; the default limit (8) would silently fall
             # back to eager once more buckets exist.
             for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+                if hasattr(_dynamo.config, name):
+                    setattr(_dynamo.config, name, max(64, getattr(_dynamo.config, name)))
             if self.hybrid:
                 self.layer_fn = {kind: _compiled(fn) for kind, fn in self.layer_fn.items()}
             else:
