@@ -89,8 +89,12 @@ def check_kernel(n_k: int, n_v: int, d_k: int, d_v: int, rows: int = 2) -> dict:
 # ---- the static step ------------------------------------------------------------------------
 
 def place(bucket, context: int) -> None:
+    """The step as it runs after `context` cached tokens: those columns count in the mask (the
+    split-KV kernels skip column blocks that are all masked, the torch ops do not)."""
     bucket.write.fill_(context)
     bucket.positions.fill_(context)
+    bucket.mask.fill_(float("-inf"))
+    bucket.mask[..., :context] = 0.0
 
 
 # Arms of the static step: which kernels it runs (StaticDecoder's delta_rule / attention / gemv).
@@ -159,7 +163,12 @@ def static_arm(lm, arm: str, context: int, capacity: int, replays: int, profile:
 
 @torch.inference_mode()
 def compare_buckets(a, b, context: int) -> dict:
-    """The same state in both buckets, one step each: how far apart are the logits?"""
+    """The same state in both buckets, one step each: how far apart are the logits? The cached
+    K/V are random first, so attention over the context is not trivially equal."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for cache in a.k + a.v:
+        if cache is not None:
+            cache.normal_(0, 1, generator=gen)
     for name in ("k", "v", "conv", "rec"):
         for x, y in zip(getattr(a, name, []), getattr(b, name, [])):
             if x is not None:

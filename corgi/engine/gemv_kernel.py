@@ -5,9 +5,10 @@ Why: at batch 1 every linear layer is a GEMV that streams its weight once, and c
 kernels leave bandwidth unused at some of Qwen's shapes: on the H200 the best Triton config was
 1.1-1.4x cuBLAS on most of them and slower on others, with a different best config per shape
 (benchmarks/gpu_gemv.py, results/gemv_h200.json). So the choice is measured, per (N, K), when the
-static decoder is built (`GemvTuner`): cuBLAS and each config in CONFIGS timed with Triton's
-do_bench (which flushes L2 between runs, as a decode step's weight stream does), the kernel kept
-only when it is at least MARGIN faster.
+static decoder is built (`GemvTuner`): cuBLAS and each config in CONFIGS timed as the step runs
+them, inside a CUDA graph (no launch overhead: timed eagerly, a Triton launch costs more host time
+than the kernel takes) over rotating copies of the weight that together exceed the L2 cache (a
+decode step streams every weight once); the kernel is kept only when it is at least MARGIN faster.
 
 Each program owns BLOCK_N whole rows of W (nn.Linear layout [N, K]), streams them in BLOCK_K
 slices with the x slice in registers and reduces in float32 (no split-K, no atomics: the result
@@ -79,6 +80,41 @@ def one_row_linear(x: torch.Tensor, weight: TunedWeight, bias: torch.Tensor | No
     return F.linear(x, w, bias)
 
 
+ROTATION_BYTES = 256 << 20      # weight copies per timing: together several times the H200's 50 MB L2
+
+
+def weight_bytes(weight: torch.Tensor) -> int:
+    return weight.numel() * weight.element_size()
+
+
+def graph_us(calls, calls_per_graph: int = 48, replays: int = 5) -> float:
+    """GPU time of one call, in microseconds: the calls (one GEMV each, on rotating weight
+    copies) repeated to calls_per_graph in one CUDA graph, median over replays."""
+    rounds = max(1, calls_per_graph // len(calls))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:                       # compile/select kernels outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (rounds * len(calls)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 class GemvTuner:
     """Wraps a linear weight as a TunedWeight where the kernel beats cuBLAS at its shape; the
     timings per (N, K) are kept in `report` (microseconds), one measurement per shape."""
@@ -98,12 +134,13 @@ class GemvTuner:
 
     @torch.inference_mode()
     def _measure(self, weight: torch.Tensor) -> tuple | None:
-        from triton.testing import do_bench
         n, k = weight.shape
         x = torch.randn(k, device=weight.device, dtype=weight.dtype)
-        bench = lambda fn: do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3     # noqa: E731
-        cublas = bench(lambda: F.linear(x[None], weight))
-        timed = {config: bench(lambda c=config: gemv(x, weight, None, *c)) for config in CONFIGS}
+        copies = [weight] + [weight.clone() for _ in range(min(15, -(-ROTATION_BYTES // weight_bytes(weight)) - 1))]
+        cublas = graph_us([lambda w=w: F.linear(x[None], w) for w in copies])
+        timed = {config: graph_us([lambda w=w, c=config: gemv(x, w, None, *c) for w in copies])
+                 for config in CONFIGS}
+        del copies
         best = min(timed, key=timed.get)
         won = timed[best] < cublas * (1 - MARGIN)
         self.report[f"{n}x{k}"] = {"cublas_us": round(cublas, 2), "triton_us": round(timed[best], 2),
