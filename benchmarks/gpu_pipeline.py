@@ -390,6 +390,12 @@ def parse_args(argv=None):
     parser.add_argument("--skip-hf-static", action="store_true",
                         help="skip HF generate() with a static cache + its own torch.compile")
     parser.add_argument("--profile", action="store_true", help="print the kernel breakdown of a decode step")
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="keep prompt-lookup drafts on; off by default: the scripted outputs copy the "
+                             "prompt, so drafts would be accepted as no random-weight model accepts them")
+    parser.add_argument("--attention", default="auto", choices=("auto", "triton", "torch"),
+                        help="model.decode_attention of the compiled step")
+    parser.add_argument("--gemv", default="auto", choices=("auto", "cublas"), help="model.decode_gemv")
     parser.add_argument("--device", default="cuda", help="cpu: a functional check of this script only")
     parser.add_argument("--tokens-scale", type=float, default=1.0,
                         help="scale every token count (cpu check); phase 1+2 / 4 never go below what "
@@ -447,10 +453,18 @@ def main(argv=None) -> int:
     base = {"model.device": DEVICE, "model.dtype": str(dtype).removeprefix("torch."),
             "image.max_pixels": geo.max_pixels, "cache.kv_cache_mb": 16384.0, "cache.vision_cache_mb": 4096.0,
             "pipeline.structured_output": True, "pipeline.temperature": 0.0, "pipeline.max_steps": 6,
-            "pipeline.crop_padding": 0.0, "pipeline.crop_max_pixels": geo.crop ** 2}
+            "pipeline.crop_padding": 0.0, "pipeline.crop_max_pixels": geo.crop ** 2,
+            "pipeline.prompt_lookup": args.prompt_lookup,
+            "model.decode_attention": args.attention, "model.decode_gemv": args.gemv}
     eager = Engine(lm, load_config(None, dict(base, **{"model.compile": False})))
     fast = TimedEngine(lm, load_config(None, dict(base, **{"model.compile": True, "model.warmup": False})))
     result["static_decode"] = fast.static is not None
+    result["prompt_lookup"] = args.prompt_lookup
+    if fast.static is not None:
+        result["decode_kernels"] = {"split_kv_attention": fast.static.split_kv, "gemv": fast.static.gemv_report}
+        chosen = [k for k, r in fast.static.gemv_report.items() if r["chosen"] == "triton"]
+        print(f"decode kernels: split-KV attention {fast.static.split_kv}; Triton GEMV for {chosen or 'none'}",
+              flush=True)
 
     # Phase budgets never below what the scripts need (only a --tokens-scale run gets there).
     grid = fast.image_grid(image, fast.config.image.min_pixels, geo.max_pixels)

@@ -58,6 +58,11 @@ class ModelConfig:
     # compiled step reads weight-only int8 copies: faster decode, more memory; needs compile)
     quantization: str = "none"
     compile: bool = False                # CUDA: static KV + CUDA-graph decoding
+    # With compile on CUDA in bf16/fp16: one-token attention as the split-KV Triton kernels
+    # (auto | triton) or torch ops (torch); one-row linear layers as a Triton GEMV where it times
+    # faster than cuBLAS at load (auto) or always cuBLAS (cublas).
+    decode_attention: str = "auto"
+    decode_gemv: str = "auto"
     warmup: bool = True                  # with compile: run the shapes once at load time
     # local: load the model here. openai: drive an OpenAI-compatible server (vLLM, SGLang,
     # transformers serve) that serves `id`; the options above are then the server's business.
@@ -154,6 +159,8 @@ _CHOICES = {
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
     "model.attn_implementation": {"auto", "sdpa", "eager", "flash_attention_2"},
     "model.quantization": {"none", "8bit", "4bit", "int8-decode"},
+    "model.decode_attention": {"auto", "triton", "torch"},
+    "model.decode_gemv": {"auto", "cublas"},
     "model.backend": {"local", "openai"},
     "model.family": {"auto", *BY_NAME},
 }

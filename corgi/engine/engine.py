@@ -76,7 +76,8 @@ class Engine:
             from .static_decode import StaticDecoder
             cuda = loaded.device.type == "cuda"
             self.static = StaticDecoder(loaded.model, loaded.device, loaded.dtype,
-                                        use_graphs=cuda, compile_layers=cuda, int8=int8)
+                                        use_graphs=cuda, compile_layers=cuda, int8=int8,
+                                        attention=config.model.decode_attention, gemv=config.model.decode_gemv)
             if config.model.warmup:
                 self.static.warm_up(self.warmup_shapes())
 
