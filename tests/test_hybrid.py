@@ -97,6 +97,15 @@ def test_interleaved_conversations_equal_solo(street_image, reference):
     assert b.conv.token_ids == solo_b.conv.token_ids
 
 
+def test_prefill_warm_up_keeps_nothing_and_changes_nothing(street_image, reference):
+    """The CUDA warm-up's filler prefills (batches with left padding, then a chunk on top of
+    a state) run on the CPU too when called: no state is kept, later turns are unchanged."""
+    engine = engine_of()
+    engine.warm_up_prefill(rows=(1, 2), lengths=(5,))
+    assert engine.kv_bytes_total() == 0 and engine.snapshot_bytes_total() == 0
+    assert conversation(engine, street_image, QUESTIONS[:2]).conv.token_ids == reference
+
+
 def test_batched_captions_equal_one_by_one(street_image):
     """Left padding must not leak into the recurrent state of the padded rows."""
     from corgi import boxes

@@ -41,8 +41,16 @@ def out_of_memory_as_error():
 
 
 # Text chunks up to this long after a cached prefix go through the static bucket (CUDA graphs);
-# a longer chunk (a first turn's prompt) is one HF forward, which is compute-bound anyway.
+# a longer chunk (a first turn's prompt) is one HF forward, which is compute-bound anyway. A
+# hybrid model's text chunks go through the bucket at any length it holds: HF's linear-attention
+# prefill (flash-linear-attention's Triton kernels) autotunes and compiles on the first call of
+# each new shape class, which stalled a turn's phase 4 by 15-20 s on the H200 (RESULTS.md).
 STATIC_PREFILL_TOKENS = 256
+# The HF prefills a hybrid model's warm-up runs on CUDA (`warm_up_prefill`): every batch size a
+# caption batch takes, two lengths (Triton specialises integer arguments on divisibility by 16),
+# from an empty state and on top of one.
+WARMUP_PREFILL_ROWS = tuple(range(1, 9))
+WARMUP_PREFILL_LENGTHS = (61, 64)
 
 MB = 1024 * 1024
 
@@ -80,6 +88,8 @@ class Engine:
                                         attention=config.model.decode_attention, gemv=config.model.decode_gemv)
             if config.model.warmup:
                 self.static.warm_up(self.warmup_shapes())
+        if config.model.warmup and loaded.family.hybrid and loaded.device.type == "cuda":
+            self.warm_up_prefill()
 
     @classmethod
     def load(cls, config: Config) -> "Engine":
@@ -290,7 +300,8 @@ class Engine:
         stats.prefix_tokens_reused += start
         stats.prefill_tokens_computed += stop - start
         logits = None
-        if images is None and start > 0 and stop - start <= STATIC_PREFILL_TOKENS and self.static is not None:
+        short = stop - start <= STATIC_PREFILL_TOKENS or self.lm.family.hybrid
+        if images is None and start > 0 and short and self.static is not None:
             logits = self._prefill_static(conv, start, stop)
         if logits is None:
             try:
@@ -305,6 +316,30 @@ class Engine:
         conv.kv_bytes = conv.nbytes()
         self._enforce_kv_budget(keep=conv)
         return logits
+
+    @torch.inference_mode()
+    def warm_up_prefill(self, rows=WARMUP_PREFILL_ROWS, lengths=WARMUP_PREFILL_LENGTHS) -> None:
+        """HF prefills of filler text, so that the first turn does not pay for the kernels' first
+        calls (a hybrid model's linear-attention kernels autotune per batch size and specialise per
+        length class). Left-padded rows for a batch, as generate_batch makes them; each cache
+        then takes one more chunk on top (a prefill that starts from a state). Nothing is kept."""
+        device, pad = self.lm.device, self.lm.special.end_of_text
+        filler = (self.encode_text(" the") or [pad])[0]
+        for batch in rows:
+            for length in lengths:
+                ids = torch.full((batch, length), filler, dtype=torch.long, device=device)   # [B, T]
+                mask = torch.ones((batch, length), dtype=torch.long, device=device)
+                mask[1:, :3] = 0                         # rows after the first: left padding
+                ids[mask == 0] = pad
+                cache = state.new_cache(self.lm.text_config, self.lm.family.hybrid)
+                decode.forward(self.lm.model, ids, decode.text_positions(0, length, 0, batch, device), cache,
+                               attention_mask=mask)
+                more = torch.cat((mask, torch.ones_like(mask)), dim=1)                    # [B, 2T]
+                decode.forward(self.lm.model, torch.full_like(ids, filler),
+                               decode.text_positions(length, 2 * length, 0, batch, device), cache,
+                               attention_mask=more)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def _prefill_static(self, conv: Conversation, start: int, stop: int) -> torch.Tensor | None:
         """A short text chunk after a cached prefix (a follow-up question, the next phase's
