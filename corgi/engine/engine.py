@@ -87,7 +87,7 @@ class Engine:
                                         use_graphs=cuda, compile_layers=cuda, int8=int8,
                                         attention=config.model.decode_attention, gemv=config.model.decode_gemv)
             if config.model.warmup:
-                self.static.warm_up(self.warmup_shapes())
+                self.static.warm_up(self.warmup_shapes(), self.warmup_widths())
         if config.model.warmup and loaded.family.hybrid and loaded.device.type == "cuda":
             self.warm_up_prefill()
 
@@ -235,6 +235,13 @@ class Engine:
         region-caption batches."""
         return [(1, c) for c in (1536, 2048, 3072, 4096, 6144, 8192)] + [(b, 512) for b in (1, 2, 4, 8)]
 
+    def warmup_widths(self) -> tuple[int, ...]:
+        """Multi-token widths the one-row buckets capture at warm-up: the short prefill's, and
+        every padded width when jump-forward or drafts make multi-token forwards mid-turn."""
+        from .static_decode import PREFILL_WIDTH, WIDTH_BUCKETS
+        pipeline = self.config.pipeline
+        return WIDTH_BUCKETS if pipeline.jump_forward or pipeline.prompt_lookup else (PREFILL_WIDTH,)
+
     @property
     def jump_forward(self) -> bool:
         """pipeline.jump_forward: the grammar's forced tokens go in without model steps."""
@@ -356,8 +363,13 @@ class Engine:
         bucket.load(conv.kv, start, torch.tensor([start + conv.rope_delta], device=device), valid=None)
         for first in range(start, stop, PREFILL_WIDTH):
             chunk = conv.token_ids[first:min(stop, first + PREFILL_WIDTH)]
-            logits = bucket.extend(torch.tensor([chunk], device=device), lengths=[len(chunk)])  # [1, T, V]
-            bucket.keep([len(chunk)])             # the padding's columns (to the width) go again
+            # Every forward is PREFILL_WIDTH wide, the last chunk padded: its captured graph
+            # serves, where a narrower width would compile and capture mid-turn (the H200's W2
+            # first follow-up: a 26-token tail took 6 s). keep() drops the padding's columns.
+            ids = torch.zeros((1, PREFILL_WIDTH), dtype=torch.long, device=device)      # [1, W]
+            ids[0, :len(chunk)] = torch.tensor(chunk, device=device)
+            logits = bucket.extend(ids, lengths=[len(chunk)])[:, :len(chunk)]           # [1, T, V]
+            bucket.keep([len(chunk)])
         bucket.append_to(conv.kv, start, stop)
         return logits[:, -1]                                                               # [1, V]
 
