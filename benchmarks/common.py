@@ -21,6 +21,7 @@ import torch
 
 from corgi import prompts
 from corgi.boxes import BoxConvention
+from corgi.engine.decode import MinLength
 from corgi.engine.engine import Engine
 from corgi.engine.loading import LoadedModel, SpecialTokens
 
@@ -137,21 +138,11 @@ class Forced:
         return self.pos >= len(self.ids)
 
 
-class NoStop:
-    """Free decoding that cannot end early: only the stop tokens are masked out."""
+class NoStop(MinLength):
+    """Free decoding that cannot end early: only the stop tokens are masked out, on every token."""
 
     def __init__(self, stop_ids):
-        self.stop_ids = list(stop_ids)
-
-    @torch.inference_mode()
-    def mask(self, logits: torch.Tensor) -> None:
-        logits[..., self.stop_ids] = float("-inf")
-
-    def accept(self, token: int) -> bool:
-        return True
-
-    def is_finished(self) -> bool:
-        return False
+        super().__init__(float("inf"), stop_ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,8 +102,7 @@ ARMS = {
     "delta-torch": {"delta_rule": "torch", "attention": "torch", "gemv": "cublas"},
     "baseline": {"delta_rule": "auto", "attention": "torch", "gemv": "cublas"},
     "split-kv": {"delta_rule": "auto", "attention": "triton", "gemv": "cublas"},
-    "split-kv+gemv": {"delta_rule": "auto", "attention": "triton", "gemv": "unfused"},
-    "split-kv+gemv+fused": {"delta_rule": "auto", "attention": "triton", "gemv": "auto"},
+    "split-kv+gemv": {"delta_rule": "auto", "attention": "triton", "gemv": "auto"},
 }
 
 

@@ -395,7 +395,7 @@ def parse_args(argv=None):
                              "prompt, so drafts would be accepted as no random-weight model accepts them")
     parser.add_argument("--attention", default="auto", choices=("auto", "triton", "torch"),
                         help="model.decode_attention of the compiled step")
-    parser.add_argument("--gemv", default="auto", choices=("auto", "unfused", "cublas"), help="model.decode_gemv")
+    parser.add_argument("--gemv", default="auto", choices=("auto", "cublas"), help="model.decode_gemv")
     parser.add_argument("--device", default="cuda", help="cpu: a functional check of this script only")
     parser.add_argument("--tokens-scale", type=float, default=1.0,
                         help="scale every token count (cpu check); phase 1+2 / 4 never go below what "

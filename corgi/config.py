@@ -60,9 +60,7 @@ class ModelConfig:
     compile: bool = False                # CUDA: static KV + CUDA-graph decoding
     # With compile on CUDA in bf16/fp16: one-token attention as the split-KV Triton kernels
     # (auto | triton) or torch ops (torch); one-row linear layers as a Triton GEMV where it times
-    # faster than cuBLAS at load, with the RMSNorm / SwiGLU before it and the residual add after it
-    # in the same kernel where that times faster (auto), the plain GEMV only (unfused), or always
-    # cuBLAS (cublas).
+    # faster than cuBLAS at load (auto) or always cuBLAS (cublas).
     decode_attention: str = "auto"
     decode_gemv: str = "auto"
     warmup: bool = True                  # with compile: run the shapes once at load time
@@ -162,7 +160,7 @@ _CHOICES = {
     "model.attn_implementation": {"auto", "sdpa", "eager", "flash_attention_2"},
     "model.quantization": {"none", "8bit", "4bit", "int8-decode"},
     "model.decode_attention": {"auto", "triton", "torch"},
-    "model.decode_gemv": {"auto", "unfused", "cublas"},
+    "model.decode_gemv": {"auto", "cublas"},
     "model.backend": {"local", "openai"},
     "model.family": {"auto", *BY_NAME},
 }

@@ -95,13 +95,19 @@ class Constraint(Protocol):
 class MinLength:
     """Bans the stop tokens until `n` tokens were accepted (benchmarks force exact counts)."""
 
-    def __init__(self, n: int, stop_ids: Sequence[int]):
+    def __init__(self, n: int | float, stop_ids: Sequence[int]):
         self.n, self.stop_ids, self.count = n, list(stop_ids), 0
+        self._index: torch.Tensor | None = None        # stop_ids on the logits' device
 
     @torch.inference_mode()       # logits from the model are inference tensors
     def mask(self, logits: torch.Tensor) -> None:
         if self.count < self.n:
-            logits[..., self.stop_ids] = float("-inf")
+            # The ids go to the device once: a Python list as an index is copied there on every
+            # call, a blocking copy that waits for the queued step (CUDA), so the overlapped
+            # decode loop lost its overlap on every token (0.25-0.3 ms/token at Qwen3.5 shapes).
+            if self._index is None or self._index.device != logits.device:
+                self._index = torch.tensor(self.stop_ids, dtype=torch.long, device=logits.device)
+            logits.index_fill_(-1, self._index, float("-inf"))
 
     def accept(self, token: int) -> bool:
         self.count += 1

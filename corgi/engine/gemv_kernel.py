@@ -31,66 +31,32 @@ CONFIGS = ((4, 1024, 4), (4, 1024, 8), (4, 512, 4), (4, 512, 8), (8, 512, 4), (8
 MARGIN = 0.05      # the kernel must be 5% faster than cuBLAS: smaller wins are within timing noise
 
 
-# What a fused GEMV does to its input before the product (a PROLOGUE constexpr of the kernel):
-# the decode step's RMSNorms and SwiGLU, each otherwise its own small kernel per layer.
-PROLOGUES = {"none": 0, "rms": 1, "zc-rms": 2, "swiglu": 3}
-
-
 class TunedWeight(NamedTuple):
-    """A linear weight whose one-row product runs as the kernel with these block sizes; prologue
-    and residual: the norm / SwiGLU before it and the residual add after it that the kernel
-    does too (`fused_gemv`; "none" and False: the plain product, `gemv`)."""
+    """A linear weight whose one-row product runs as `gemv` with these block sizes."""
     weight: torch.Tensor      # [N, K], the model's own tensor
     block_n: int
     block_k: int
     warps: int
-    prologue: str = "none"
-    residual: bool = False
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, nw_ptr, r_ptr, N, eps, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-          PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Every rounding to the model dtype below is one the torch ops make (norms.py, F.silu(g) * u,
-    # h + linear(...)), so the fused product rounds where the unfused one does.
+def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    dtype = out_ptr.dtype.element_ty
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    if PROLOGUE == 1 or PROLOGUE == 2:
-        # The norm's statistic over the whole row of x, recomputed by every program: x is K
-        # elements in L2, the weights' BLOCK_N x K rows are what streams from memory.
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            squares += xk * xk
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        if PROLOGUE == 3:                       # x = [gate | up], 2K long: silu(gate) * up
-            g = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
-            x = ((g * tl.sigmoid(g)).to(dtype).to(tl.float32) * u).to(dtype).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if PROLOGUE == 1:                   # Qwen2RMSNorm: cast, then * w
-                nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-                x = ((x * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
-            if PROLOGUE == 2:                   # Qwen3_5RMSNorm: * (1 + w) in float32, then cast
-                nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-                x = (x * rstd * (1.0 + nw)).to(dtype).to(tl.float32)
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0, eviction_policy="evict_first").to(tl.float32)
         acc += w * x[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_RES:
-        y = y.to(dtype).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, y.to(dtype), mask=row_ok)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton_op("corgi::gemv", mutates_args=())
@@ -100,24 +66,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block
     n, k = weight.shape
     out = torch.empty((n,), device=x.device, dtype=x.dtype)
     wrap_triton(_gemv)[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, weight, weight, n, 0.0, K=k,
-        HAS_BIAS=bias is not None, PROLOGUE=0, HAS_RES=False, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps)
-    return out
-
-
-@triton_op("corgi::fused_gemv", mutates_args=())
-def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None,
-               residual: torch.Tensor | None, eps: float, prologue: int, block_n: int, block_k: int,
-               warps: int) -> torch.Tensor:
-    """residual + (prologue(x) W^T + bias) -> [N] in x's dtype, one kernel. x [K] ([2K]: gate | up
-    for swiglu); norm [K] (the RMSNorm's weight, rms / zc-rms); residual [N] or None."""
-    n, k = weight.shape
-    out = torch.empty((n,), device=x.device, dtype=x.dtype)
-    wrap_triton(_gemv)[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, norm if norm is not None else weight,
-        residual if residual is not None else weight, n, eps, K=k, HAS_BIAS=bias is not None,
-        PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        x, weight, bias if bias is not None else weight, out, n, K=k, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
@@ -128,24 +78,6 @@ def one_row_linear(x: torch.Tensor, weight: TunedWeight, bias: torch.Tensor | No
         y = gemv(x.reshape(-1).contiguous(), w, bias, weight.block_n, weight.block_k, weight.warps)
         return y.reshape(*x.shape[:-1], -1)
     return F.linear(x, w, bias)
-
-
-def fusable(x: torch.Tensor, weight, prologue: str, residual: bool) -> bool:
-    """Whether `weight` was tuned for exactly this fused op and x is the one CUDA row it takes."""
-    if not (isinstance(weight, TunedWeight) and weight.prologue == prologue and weight.residual == residual):
-        return False
-    width = weight.weight.shape[1] * (2 if prologue == "swiglu" else 1)
-    return x.is_cuda and x.numel() == width
-
-
-def fused_linear(x: torch.Tensor, weight: TunedWeight, bias: torch.Tensor | None = None,
-                 norm: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 eps: float = 0.0) -> torch.Tensor:
-    """The fused op for one row (see `fusable`). x [..., K or 2K] -> [..., N]."""
-    y = fused_gemv(x.reshape(-1).contiguous(), weight.weight, bias, norm,
-                   residual.reshape(-1).contiguous() if residual is not None else None, eps,
-                   PROLOGUES[weight.prologue], weight.block_n, weight.block_k, weight.warps)
-    return y.reshape(*x.shape[:-1], -1)
 
 
 ROTATION_BYTES = 256 << 20      # weight copies per timing: together several times the H200's 50 MB L2
@@ -184,59 +116,33 @@ def graph_us(calls, calls_per_graph: int = 48, replays: int = 5) -> float:
 
 
 class GemvTuner:
-    """Wraps a linear weight as a TunedWeight where a kernel beats cuBLAS at its shape; the
-    timings per (N, K) and fused op are kept in `report` (microseconds), one measurement each.
+    """Wraps a linear weight as a TunedWeight where the kernel beats cuBLAS at its shape; the
+    timings per (N, K) are kept in `report` (microseconds), one measurement per shape."""
 
-    `prologue` / `residual`: what the step does around this product (an RMSNorm or SwiGLU before
-    it, a residual add after it). The fused kernel is kept where it alone beats cuBLAS alone by
-    MARGIN (conservative: the unfused op also pays the norm's own kernel); else the plain kernel
-    where it wins; else cuBLAS. The step then runs the unfused ops around what was kept."""
-
-    def __init__(self, fuse: bool = True):
-        self.fuse = fuse            # False: time the plain product only (fused ops stay torch ops)
+    def __init__(self):
         self.report: dict[str, dict] = {}
-        self._plain: dict[tuple, tuple] = {}      # (shape, dtype) -> (cuBLAS us, {config: us})
-        self._choice: dict[tuple, TunedWeight | None] = {}
+        self._choice: dict[tuple, tuple | None] = {}
 
-    def __call__(self, weight: torch.Tensor, prologue: str = "none", residual: bool = False):
+    def __call__(self, weight: torch.Tensor):
         if not (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous()):
             return weight
-        if not self.fuse:
-            prologue, residual = "none", False
-        key = (tuple(weight.shape), weight.dtype, prologue, residual)
+        key = (tuple(weight.shape), weight.dtype)
         if key not in self._choice:
-            self._choice[key] = self._measure(weight, prologue, residual)
-        choice = self._choice[key]
-        return weight if choice is None else choice._replace(weight=weight)
+            self._choice[key] = self._measure(weight)
+        config = self._choice[key]
+        return weight if config is None else TunedWeight(weight, *config)
 
     @torch.inference_mode()
-    def _measure(self, weight: torch.Tensor, prologue: str, residual: bool) -> TunedWeight | None:
+    def _measure(self, weight: torch.Tensor) -> tuple | None:
         n, k = weight.shape
-        copies = [weight] + [weight.clone() for _ in range(min(15, -(-ROTATION_BYTES // weight_bytes(weight)) - 1))]
         x = torch.randn(k, device=weight.device, dtype=weight.dtype)
-        shape = (tuple(weight.shape), weight.dtype)
-        if shape not in self._plain:
-            cublas = graph_us([lambda w=w: F.linear(x[None], w) for w in copies])
-            self._plain[shape] = cublas, {config: graph_us([lambda w=w, c=config: gemv(x, w, None, *c) for w in copies])
-                                          for config in CONFIGS}
-        cublas, plain = self._plain[shape]
-        best = min(plain, key=plain.get)
-        entry = {"cublas_us": round(cublas, 2), "triton_us": round(plain[best], 2), "config": list(best)}
-        choice = TunedWeight(weight, *best) if plain[best] < cublas * (1 - MARGIN) else None
-        if prologue != "none" or residual:
-            wide = torch.randn(k * (2 if prologue == "swiglu" else 1), device=weight.device, dtype=weight.dtype)
-            norm = torch.randn(k, device=weight.device, dtype=weight.dtype)
-            res = torch.randn(n, device=weight.device, dtype=weight.dtype) if residual else None
-            code = PROLOGUES[prologue]
-            fused = {config: graph_us([lambda w=w, c=config: fused_gemv(wide, w, None, norm, res, 1e-6, code, *c)
-                                       for w in copies]) for config in CONFIGS}
-            top = min(fused, key=fused.get)
-            entry.update(fused=prologue + ("+residual" if residual else ""), fused_us=round(fused[top], 2),
-                         fused_config=list(top))
-            if fused[top] < cublas * (1 - MARGIN):
-                choice = TunedWeight(weight, *top, prologue=prologue, residual=residual)
+        copies = [weight] + [weight.clone() for _ in range(min(15, -(-ROTATION_BYTES // weight_bytes(weight)) - 1))]
+        cublas = graph_us([lambda w=w: F.linear(x[None], w) for w in copies])
+        timed = {config: graph_us([lambda w=w, c=config: gemv(x, w, None, *c) for w in copies])
+                 for config in CONFIGS}
         del copies
-        entry["chosen"] = ("cublas" if choice is None else "triton" if choice.prologue == "none" and not choice.residual
-                           else "fused")
-        self.report[f"{n}x{k}" + (f" {entry['fused']}" if "fused" in entry else "")] = entry
-        return choice
+        best = min(timed, key=timed.get)
+        won = timed[best] < cublas * (1 - MARGIN)
+        self.report[f"{n}x{k}"] = {"cublas_us": round(cublas, 2), "triton_us": round(timed[best], 2),
+                                   "config": list(best), "chosen": "triton" if won else "cublas"}
+        return best if won else None

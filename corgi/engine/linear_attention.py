@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import chunk_attention, decode_attention
-from .norms import zc_rms_norm
-from .step_linear import linear, norm_linear, swiglu_linear
+from .step_linear import linear
 
 try:                                    # CUDA hosts: the delta rule as one Triton kernel
     from . import delta_rule_kernel
@@ -30,6 +29,15 @@ except ImportError:                     # no Triton (CPU wheels): torch ops only
 
 def fused_delta_rule_available() -> bool:
     return delta_rule_kernel is not None and torch.cuda.is_available()
+
+
+def zc_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3_5RMSNorm (zero-centred): statistics *and* the (1 + w) scale in float32, then cast.
+    (Qwen2RMSNorm instead casts first and multiplies by w.) Decoder norms, final norm, q/k norms."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (x * (1.0 + weight.float())).to(dtype)
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,8 +123,8 @@ def linear_layer_step(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, 
     fused: the delta rule as one Triton kernel (delta_rule_kernel; CUDA) instead of torch ops."""
     batch = h.shape[0]
     key_dim, value_dim = n_k * d_k, n_v * d_v
-    mixed, z, b, a = norm_linear(h, ln1, eps, w_in, zero_centred=True).split(
-        [2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
+    x = zc_rms_norm(h, ln1, eps)
+    mixed, z, b, a = linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
     mixed = conv_step(mixed, conv_state, conv_w)                    # [B, conv_dim]
     q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
     beta = b.sigmoid()
@@ -125,8 +133,10 @@ def linear_layer_step(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, 
     out = step(q.reshape(batch, n_k, d_k), k.reshape(batch, n_k, d_k),
                v.reshape(batch, n_v, d_v), g, beta, rec_state)                     # [B, Hv, dv]
     out = gated_rms_norm(out, z.reshape(batch, n_v, d_v), norm_w, eps)
-    h = linear(out.reshape(batch, value_dim), w_out, residual=h)
-    return swiglu_linear(norm_linear(h, ln2, eps, wgu, zero_centred=True), wd, residual=h)
+    h = h + linear(out.reshape(batch, value_dim), w_out)
+    x = zc_rms_norm(h, ln2, eps)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, wgu, wd,
@@ -138,8 +148,8 @@ def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2
     h [B, T, H]; lengths [B] (1..T). Returns [B, T, H]."""
     batch, width = h.shape[:2]
     key_dim, value_dim = n_k * d_k, n_v * d_v
-    mixed, z, b, a = norm_linear(h, ln1, eps, w_in, zero_centred=True).split(
-        [2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
+    x = zc_rms_norm(h, ln1, eps)
+    mixed, z, b, a = linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
     mixed = conv_extend(mixed, conv_state, conv_w, lengths)                    # [B, T, conv_dim]
     q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
     valid = (torch.arange(width, device=h.device)[None, :] < lengths[:, None])[..., None]   # [B, T, 1]
@@ -149,8 +159,10 @@ def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2
     out = chunk(q.reshape(batch, width, n_k, d_k), k.reshape(batch, width, n_k, d_k),
                 v.reshape(batch, width, n_v, d_v), g, beta, rec_state)                    # [B, T, Hv, dv]
     out = gated_rms_norm(out, z.reshape(batch, width, n_v, d_v), norm_w, eps)
-    h = linear(out.reshape(batch, width, value_dim), w_out, residual=h)
-    return swiglu_linear(norm_linear(h, ln2, eps, wgu, zero_centred=True), wd, residual=h)
+    h = h + linear(out.reshape(batch, width, value_dim), w_out)
+    x = zc_rms_norm(h, ln2, eps)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -173,8 +185,8 @@ def gated_attention_layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     k_cache/v_cache [B, Hkv, C, D]; cos/sin [B, rot]; write [1]; mask [B, 1, 1, C]."""
     batch = h.shape[0]
     head_dim = k_cache.shape[-1]
-    qg, k, v = norm_linear(h, ln1, eps, wqkv, bqkv, zero_centred=True).split(
-        [2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    x = zc_rms_norm(h, ln1, eps)
+    qg, k, v = linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     qg = qg.reshape(batch, n_heads, 2 * head_dim)
     q, gate = qg[..., :head_dim], qg[..., head_dim:].reshape(batch, n_heads * head_dim)
     q = zc_rms_norm(q, qn, eps)                                     # [B, Hq, D]
@@ -184,8 +196,10 @@ def gated_attention_layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
     out = decode_attention(q, k, v, k_cache, v_cache, write, mask, split_kv)    # [B, Hq*D]
     out = out * torch.sigmoid(gate)                                 # output gate from q_proj
-    h = linear(out, wo, residual=h)
-    return swiglu_linear(norm_linear(h, ln2, eps, wgu, zero_centred=True), wd, residual=h)
+    h = h + linear(out, wo)
+    x = zc_rms_norm(h, ln2, eps)
+    gate_, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate_) * up, wd)
 
 
 def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
@@ -194,8 +208,8 @@ def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     write [T] (columns); mask [B, 1, T, C] (causal inside the chunk)."""
     batch, width = h.shape[:2]
     head_dim = k_cache.shape[-1]
-    qg, k, v = norm_linear(h, ln1, eps, wqkv, bqkv, zero_centred=True).split(
-        [2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    x = zc_rms_norm(h, ln1, eps)
+    qg, k, v = linear(x, wqkv, bqkv).split([2 * n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     qg = qg.reshape(batch, width, n_heads, 2 * head_dim)
     q, gate = qg[..., :head_dim], qg[..., head_dim:].reshape(batch, width, n_heads * head_dim)
     q = zc_rms_norm(q, qn, eps)                                                # [B, T, Hq, D]
@@ -205,5 +219,7 @@ def gated_attention_layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     q, k = partial_rope(q, cos, sin), partial_rope(k, cos, sin)
     out = chunk_attention(q, k, v, k_cache, v_cache, write, mask)             # [B, T, Hq*D]
     out = out * torch.sigmoid(gate)
-    h = linear(out, wo, residual=h)
-    return swiglu_linear(norm_linear(h, ln2, eps, wgu, zero_centred=True), wd, residual=h)
+    h = h + linear(out, wo)
+    x = zc_rms_norm(h, ln2, eps)
+    gate_, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate_) * up, wd)

@@ -30,17 +30,24 @@ import torch.nn.functional as F
 from .attention import chunk_attention, decode_attention
 from .int8_weights import quantize
 from . import step_linear
-from .norms import rms_norm
-from .step_linear import linear, norm_linear, swiglu_linear
+from .step_linear import linear
 
 from .linear_attention import (fused_delta_rule_available, gated_attention_layer_extend,
-                               gated_attention_layer_step, linear_layer_extend, linear_layer_step)
+                               gated_attention_layer_step, linear_layer_extend, linear_layer_step, zc_rms_norm)
 
 LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
 WIDTH_BUCKETS = (2, 4, 8, 16, 32, 64)   # multi-token forwards (jump-forward chunks, drafts, short prefills)
 PREFILL_WIDTH = 64                        # tokens per forward of a short prefill (engine._prefill_static)
 CAPACITY_BUCKETS = (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as HF's Qwen2RMSNorm: float32 statistics, cast back, then scale.
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +64,10 @@ def layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     split_kv: attention as the split-KV Triton kernels (CUDA)."""
     batch = h.shape[0]
     head_dim = k_cache.shape[-1]
+    x = rms_norm(h, ln1, eps)
     # One GEMV for q, k and v: at batch 1 separate k/v projections are latency-bound
-    # (5 us each for 1 MB of weights, measured on an H100). The norm goes into the same kernel
-    # where the tuner fused it (step_linear.norm_linear), as do SwiGLU and the residual adds.
-    q, k, v = norm_linear(h, ln1, eps, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    # (5 us each for 1 MB of weights, measured on an H100).
+    q, k, v = linear(x, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(batch, n_heads, head_dim)                         # [B, Hq, D]
     k = k.reshape(batch, n_kv, head_dim)                            # [B, Hkv, D]
     v = v.reshape(batch, n_kv, head_dim)
@@ -70,9 +77,10 @@ def layer_step(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     out = decode_attention(q, k, v, k_cache, v_cache, write, mask, split_kv)     # [B, Hq*D]
-    h = linear(out, wo, residual=h)
-    gate_up = norm_linear(h, ln2, eps, wgu)                         # [B, 2I]: one GEMV for gate and up
-    return swiglu_linear(gate_up, wd, residual=h)
+    h = h + linear(out, wo)
+    x = rms_norm(h, ln2, eps)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)                     # one GEMV for gate and up
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
@@ -81,8 +89,8 @@ def layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     h [B, T, H]; cos/sin [B, T, D]; write [T] (columns); mask [B, 1, T, C] (causal inside the chunk)."""
     batch, width = h.shape[:2]
     head_dim = k_cache.shape[-1]
-    q, k, v = norm_linear(h, ln1, eps, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim],
-                                                         dim=-1)
+    x = rms_norm(h, ln1, eps)
+    q, k, v = linear(x, wqkv, bqkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.reshape(batch, width, n_heads, head_dim)                  # [B, T, Hq, D]
     k = k.reshape(batch, width, n_kv, head_dim)                     # [B, T, Hkv, D]
     v = v.reshape(batch, width, n_kv, head_dim)
@@ -92,8 +100,10 @@ def layer_extend(h, ln1, wqkv, bqkv, wo, qn, kn, ln2, wgu, wd,
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     out = chunk_attention(q, k, v, k_cache, v_cache, write, mask)  # [B, T, Hq*D]
-    h = linear(out, wo, residual=h)
-    return swiglu_linear(norm_linear(h, ln2, eps, wgu), wd, residual=h)
+    h = h + linear(out, wo)
+    x = rms_norm(h, ln2, eps)
+    gate, up = linear(x, wgu).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, wd)
 
 
 def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -119,14 +129,8 @@ def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _weights(int8: bool, tuner):
     """How the stacks keep a linear weight: its int8 copy (int8_weights.py), a TunedWeight where
-    the tuner's kernel beat cuBLAS (gemv_kernel.py), or the tensor itself. The keywords say what the
-    step does around the product (`prologue`: "rms" / "zc-rms" / "swiglu"; `residual`), which the
-    tuner may fuse into its kernel."""
-    if int8:
-        return lambda weight, prologue="none", residual=False: quantize(weight)
-    if tuner is not None:
-        return tuner
-    return lambda weight, prologue="none", residual=False: weight
+    the tuner's one-row kernel beat cuBLAS (gemv_kernel.py), or the tensor itself."""
+    return quantize if int8 else tuner if tuner is not None else (lambda w: w)
 
 
 class TextStack:
@@ -142,7 +146,7 @@ class TextStack:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.embed = lm.embed_tokens.weight
         self.norm = lm.norm.weight
-        self.lm_head = w(model.lm_head.weight, prologue="rms")
+        self.lm_head = w(model.lm_head.weight)
         self.inv_freq = lm.rotary_emb.inv_freq                      # [D/2]
         self.rope_scale = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
         self.layers = []
@@ -153,10 +157,9 @@ class TextStack:
             wqkv, bqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
             wgu, _ = fuse_linears([mlp.gate_proj, mlp.up_proj])
             self.layers.append((
-                layer.input_layernorm.weight, w(wqkv, prologue="rms"), bqkv, w(attn.o_proj.weight, residual=True),
+                layer.input_layernorm.weight, w(wqkv), bqkv, w(attn.o_proj.weight),
                 qn.weight if qn is not None else None, kn.weight if kn is not None else None,
-                layer.post_attention_layernorm.weight, w(wgu, prologue="rms"),
-                w(mlp.down_proj.weight, prologue="swiglu", residual=True)))
+                layer.post_attention_layernorm.weight, w(wgu), w(mlp.down_proj.weight)))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B] -> cos, sin [B, D], computed in float32 like HF, then cast."""
@@ -202,7 +205,7 @@ class HybridTextStack:
         self.kinds = list(cfg.layer_types)[:cfg.num_hidden_layers]
         self.embed = lm.embed_tokens.weight
         self.norm = lm.norm.weight
-        self.lm_head = w(model.lm_head.weight, prologue="zc-rms")
+        self.lm_head = w(model.lm_head.weight)
         self.inv_freq = lm.rotary_emb.inv_freq                      # [rot/2]: partial rotary
         self.rope_scale = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
         self.layers = []
@@ -214,15 +217,13 @@ class HybridTextStack:
                 la = layer.linear_attn
                 w_in, _ = fuse_linears([la.in_proj_qkv, la.in_proj_z, la.in_proj_b, la.in_proj_a])
                 conv_w = la.conv1d.weight.detach().squeeze(1)       # [conv_dim, K], a view
-                self.layers.append((ln1, w(w_in, prologue="zc-rms"), conv_w, la.A_log, la.dt_bias, la.norm.weight,
-                                    w(la.out_proj.weight, residual=True), ln2, w(wgu, prologue="zc-rms"),
-                                    w(mlp.down_proj.weight, prologue="swiglu", residual=True)))
+                self.layers.append((ln1, w(w_in), conv_w, la.A_log, la.dt_bias, la.norm.weight,
+                                    w(la.out_proj.weight), ln2, w(wgu), w(mlp.down_proj.weight)))
             elif kind == FULL:
                 attn = layer.self_attn
                 wqkv, bqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-                self.layers.append((ln1, w(wqkv, prologue="zc-rms"), bqkv, w(attn.o_proj.weight, residual=True),
-                                    attn.q_norm.weight, attn.k_norm.weight, ln2, w(wgu, prologue="zc-rms"),
-                                    w(mlp.down_proj.weight, prologue="swiglu", residual=True)))
+                self.layers.append((ln1, w(wqkv), bqkv, w(attn.o_proj.weight), attn.q_norm.weight,
+                                    attn.k_norm.weight, ln2, w(wgu), w(mlp.down_proj.weight)))
             else:
                 raise ValueError(f"layer kind {kind!r} is not covered by the static decode step")
 
@@ -268,7 +269,8 @@ class Bucket:
         for i, weights in enumerate(s.layers):
             h = self.layer_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
                               s.eps, s.n_heads, s.n_kv, split_kv=self.split_kv)
-        logits = norm_linear(h, s.norm, s.eps, s.lm_head).float()        # [B, V]
+        h = rms_norm(h, s.norm, s.eps)
+        logits = linear(h, s.lm_head).float()        # [B, V]
         # Advance inside the step so a replayed graph needs no host-side bookkeeping.
         self.positions.add_(1)
         self.write.add_(1)
@@ -296,7 +298,8 @@ class Bucket:
         cols, mask, h, cos, sin = self._chunk_inputs(ids)
         for i, weights in enumerate(s.layers):
             h = self.extend_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
-        logits = norm_linear(h, s.norm, s.eps, s.lm_head).float()           # [B, T, V]
+        h = rms_norm(h, s.norm, s.eps)
+        logits = linear(h, s.lm_head).float()                                # [B, T, V]
         self.mask.index_fill_(-1, cols, 0.0)          # kept until keep() masks the rejected ones
         self.positions.add_(width)
         self.write.add_(width)
@@ -470,7 +473,8 @@ class HybridBucket(Bucket):
             else:
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
                                  s.eps, s.n_heads, s.n_kv, split_kv=self.split_kv)
-        logits = norm_linear(h, s.norm, s.eps, s.lm_head, zero_centred=True).float()     # [B, V]
+        h = zc_rms_norm(h, s.norm, s.eps)
+        logits = linear(h, s.lm_head).float()        # [B, V]
         self.positions.add_(1)
         self.write.add_(1)
         return logits
@@ -495,7 +499,8 @@ class HybridBucket(Bucket):
                               s.d_k, s.d_v, fused=self.fused)
             else:
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
-        logits = norm_linear(h, s.norm, s.eps, s.lm_head, zero_centred=True).float()     # [B, T, V]
+        h = zc_rms_norm(h, s.norm, s.eps)
+        logits = linear(h, s.lm_head).float()                                # [B, T, V]
         self.mask.index_fill_(-1, cols, 0.0)
         self.positions.add_(width)
         self.write.add_(width)
@@ -578,7 +583,6 @@ def _use_split_kv(choice: str, device: torch.device, dtype: torch.dtype, head_di
     return usable if choice == "auto" else choice == "triton"
 
 
-GEMV_CHOICES = ("auto", "unfused", "cublas")
 _COMPILED: dict = {}
 
 
@@ -603,15 +607,13 @@ class StaticDecoder:
         "auto": Triton on CUDA when it imports and the head dims suit it. int8: decode reads
         weight-only int8 copies of the linear weights (int8_weights.py). attention: one-token
         attention as the split-KV kernels ("triton"), torch ops ("torch"), or "auto" (see _use_split_kv).
-        gemv: "auto" times the one-row Triton GEMV, plain and fused with the RMSNorm / SwiGLU before
-        it and the residual add after it, against cuBLAS per weight shape on CUDA in 16-bit dtypes
-        and keeps the fastest (gemv_kernel.py; the timings in `gemv_report`); "unfused": the plain
-        GEMV only; "cublas": F.linear."""
-        if gemv not in GEMV_CHOICES:
-            raise ValueError(f"gemv must be one of {', '.join(GEMV_CHOICES)}, not {gemv!r}")
+        gemv: "auto" times the one-row Triton GEMV against cuBLAS per weight shape on CUDA in 16-bit
+        dtypes and keeps the faster (gemv_kernel.py; the timings in `gemv_report`), "cublas": F.linear."""
+        if gemv not in ("auto", "cublas"):
+            raise ValueError(f"gemv must be auto or cublas, not {gemv!r}")
         self.hybrid = is_hybrid(model)
-        tune = (gemv != "cublas" and not int8 and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))
-        tuner = step_linear.tuner(fuse=gemv == "auto") if tune else None
+        tune = (gemv == "auto" and not int8 and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16))
+        tuner = step_linear.tuner() if tune else None
         self.stack = HybridTextStack(model, int8, tuner) if self.hybrid else TextStack(model, int8, tuner)
         self.gemv_report = tuner.report if tuner is not None else {}
         self.bucket_class = HybridBucket if self.hybrid else Bucket
