@@ -16,7 +16,9 @@ MOE_MODELS = ("tiny-qwen3-vl-moe", "tiny-qwen3.5-moe")                 # expert 
 ALL_TWINS = TINY_MODELS + HYBRID_MODELS + MOE_MODELS
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: one intra-op thread each, or their matmuls fight for the cores.
+    # Two workers on two cores: one intra-op thread each, or their matmuls fight for the cores;
+    # the same for the CLI and server processes the tests start (they inherit the environment).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     torch.set_num_threads(1)
 
