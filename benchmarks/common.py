@@ -350,12 +350,15 @@ def synthesis_text(engine: Engine, convention: BoxConvention, n_tokens: int, box
 
 
 class GrammarScriptEngine(ForcedEngine):
-    """ForcedEngine whose phase 1+2 / 4 scripts (`texts[phase]`) run under the real grammar."""
+    """ForcedEngine whose phase 1+2 / 4 scripts run under the real grammar where `texts[phase]`
+    is set, and as forced token sequences (`scripts[phase]`) where it is not."""
 
     def __init__(self, loaded: LoadedModel, config):
         super().__init__(loaded, config)
         self.texts: dict[str, str] = {}
 
     def constraint(self, phase, settings, convention, images=()):
+        if phase not in self.texts:
+            return super().constraint(phase, settings, convention, images)
         return GrammarScript(Engine.constraint(self, phase, settings, convention, images),
                              self.lm.tokenizer, self.texts[phase])

@@ -25,7 +25,6 @@ Verify cost: one static bucket at the W1 context, a one-token step against a k-t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -36,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.gpu_pipeline import FOLLOW_UP, QUESTION, W1, W2, Geometry, test_image  # noqa: E402
+from benchmarks.gpu_pipeline import (FOLLOW_UP, QUESTION, W1, W2, Geometry, TimedEngine,  # noqa: E402
+                                     grammar_turn, test_image)
 from corgi.config import load_config  # noqa: E402
 from corgi.engine.engine import Engine  # noqa: E402
 from corgi.pipeline import ChatSession  # noqa: E402
@@ -47,29 +47,6 @@ ARMS = {"off": (False, False), "jf": (True, False), "jf+pl": (True, True)}
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def scripted_turn(engine, session, question, work, geo, device) -> dict:
-    settings = dataclasses.replace(engine.config.pipeline, max_regions=work["regions"],
-                                   reasoning_max_new_tokens=work["reasoning"] + 32,
-                                   evidence_max_new_tokens=work["evidence"],
-                                   synthesis_max_new_tokens=work["synthesis"] + 32)
-    regions = [(b.x1, b.y1, b.x2, b.y2) for b in geo.regions(work["regions"])]
-    convention = session.convention
-    engine.texts = {"reasoning": common.reasoning_text(engine, convention, work["reasoning"], regions),
-                    "synthesis": common.synthesis_text(engine, convention, work["synthesis"], regions)}
-    sync(device)
-    t0 = time.perf_counter()
-    events = list(session.ask(question, settings))
-    sync(device)
-    total = time.perf_counter() - t0
-    result = events[-1].result
-    assert len(result.evidence) == work["regions"], result.warnings
-    assert result.raw["synthesis"] == engine.texts["synthesis"], "the script was not followed"
-    c = result.cache
-    return {"total": total, **{k: result.timings[k] for k in ("reasoning", "evidence", "synthesis")},
-            "model_steps": c.decode_model_steps, "output_tokens": c.decode_output_tokens,
-            "forced": c.forced_tokens, "drafted": c.drafted_tokens, "accepted": c.accepted_drafts}
 
 
 def free_turn(engine, image, question) -> dict:
@@ -165,7 +142,7 @@ def main(argv=None) -> int:
             "pipeline.structured_output": True, "pipeline.temperature": 0.0, "pipeline.max_steps": 6,
             "pipeline.max_thinking_chars": 4000, "pipeline.crop_padding": 0.0,
             "pipeline.crop_max_pixels": geo.crop ** 2, "model.compile": cuda or args.static, "model.warmup": False}
-    engines = {name: common.GrammarScriptEngine(lm, load_config(None, dict(
+    engines = {name: TimedEngine(lm, load_config(None, dict(
         base, **{"pipeline.jump_forward": jf, "pipeline.prompt_lookup": pl}))) for name, (jf, pl) in ARMS.items()}
     image = test_image(geo.image_size)
     t = time.perf_counter()
@@ -189,9 +166,9 @@ def main(argv=None) -> int:
             img.putpixel((r, 0), (r, r, r))      # new content: vision cache miss, fresh prefill
             engine.vision.clear()
             session = ChatSession(engine, img)
-            run = {"W1": scripted_turn(engine, session, QUESTION, work["W1"], geo, device)}
+            run = {"W1": grammar_turn(engine, session, QUESTION, work["W1"], geo)}
             engine.vision.clear()
-            run["W2"] = scripted_turn(engine, session, FOLLOW_UP, work["W2"], geo, device)
+            run["W2"] = grammar_turn(engine, session, FOLLOW_UP, work["W2"], geo)
             session.close()
             if r:
                 runs[name].append(run)

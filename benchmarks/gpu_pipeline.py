@@ -211,8 +211,9 @@ def linear_attention_kernels(family) -> dict | None:
 
 # ---- the engine through ChatSession -------------------------------------------------------
 
-class TimedEngine(common.ForcedEngine):
-    """ForcedEngine that notes when the first token of a turn came out (time to first token)."""
+class TimedEngine(common.GrammarScriptEngine):
+    """The scripted engine (forced token sequences, or texts under the real grammar) that notes
+    when the first token of a turn came out (time to first token)."""
     first_token_at: float | None = None
 
     def generate(self, *args, **kwargs):
@@ -231,6 +232,7 @@ def engine_turn(engine: TimedEngine, session: ChatSession, question: str, work: 
                                    synthesis_max_new_tokens=work["synthesis"])
     regions = geo.regions(work["regions"])
     convention = session.convention
+    engine.texts = {}
     engine.scripts = {
         "reasoning": common.reasoning_script(engine, convention, work["reasoning"], work["regions"],
                                              boxes=[(b.x1, b.y1, b.x2, b.y2) for b in regions]),
@@ -249,6 +251,37 @@ def engine_turn(engine: TimedEngine, session: ChatSession, question: str, work: 
     return {"ttft": engine.first_token_at - t0, "reasoning": t["reasoning"], "evidence": t["evidence"],
             "synthesis": t["synthesis"], "total": total, "tokens": expected,
             "cache": result.cache.to_json()}
+
+
+def grammar_turn(engine: TimedEngine, session: ChatSession, question: str, work: dict, geo: Geometry) -> dict:
+    """One CoRGI turn whose phase 1+2 / 4 texts (about the budget's token count: think filler,
+    steps with the regions' boxes; an answer with key evidence) are written under the phase's
+    REAL grammar (common.GrammarScript): jump-forward acts where the grammar allows one
+    continuation, as on the default config with a real model. Phase 3 as in engine_turn."""
+    settings = dataclasses.replace(engine.config.pipeline, max_regions=work["regions"],
+                                   reasoning_max_new_tokens=work["reasoning"] + 32,
+                                   evidence_max_new_tokens=work["evidence"],
+                                   synthesis_max_new_tokens=work["synthesis"] + 32)
+    regions = [(b.x1, b.y1, b.x2, b.y2) for b in geo.regions(work["regions"])]
+    convention = session.convention
+    engine.texts = {"reasoning": common.reasoning_text(engine, convention, work["reasoning"], regions),
+                    "synthesis": common.synthesis_text(engine, convention, work["synthesis"], regions)}
+    engine.first_token_at = None
+    sync()
+    t0 = time.perf_counter()
+    events = list(session.ask(question, settings))
+    sync()
+    total = time.perf_counter() - t0
+    script, engine.texts = engine.texts["synthesis"], {}
+    result = events[-1].result
+    assert len(result.evidence) == work["regions"], result.warnings
+    assert result.raw["synthesis"] == script, "the script was not followed"
+    c, t = result.cache, result.timings
+    return {"ttft": engine.first_token_at - t0, "total": total,
+            **{k: t[k] for k in ("reasoning", "evidence", "synthesis")},
+            "model_steps": c.decode_model_steps, "output_tokens": c.decode_output_tokens,
+            "forced": c.forced_tokens, "drafted": c.drafted_tokens, "accepted": c.accepted_drafts,
+            "cache": c.to_json()}
 
 
 # ---- decode speed ---------------------------------------------------------------------------
@@ -389,6 +422,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-hf-generate", action="store_true")
     parser.add_argument("--skip-hf-static", action="store_true",
                         help="skip HF generate() with a static cache + its own torch.compile")
+    parser.add_argument("--skip-grammar", action="store_true",
+                        help="skip the engine turns written under the real grammar (jump-forward acting)")
     parser.add_argument("--profile", action="store_true", help="print the kernel breakdown of a decode step")
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="keep prompt-lookup drafts on; off by default: the scripted outputs copy the "
@@ -548,9 +583,32 @@ def main(argv=None) -> int:
             f"ttft {t['ttft'] * 1e3:.0f} ms; {t['cache']['decode_model_steps']} steps for "
             f"{t['cache']['decode_output_tokens']} tokens)" for w, t in run.items()), flush=True)
     result["engine_runs"] = runs
+    keys = ("ttft", "reasoning", "evidence", "synthesis", "total")
     for w in work:
-        keys = ("ttft", "reasoning", "evidence", "synthesis", "total")
         result[f"engine_{w}"] = {k: statistics.median(run[w][k] for run in runs) for k in keys}
+
+    # The same turns with the texts written under the real grammar: jump-forward (on by default)
+    # appends what the grammar forces without a model step each, as it does for a real model.
+    if not args.skip_grammar:
+        runs = []
+        for r in range(args.repeats):
+            img = image.copy()
+            img.putpixel((r, 1), (r, r, 255 - r))
+            fast.vision.clear()
+            session = ChatSession(fast, img)
+            run = {"W1": grammar_turn(fast, session, QUESTION, work["W1"], geo)}
+            if "W2" in work:
+                fast.vision.clear()
+                run["W2"] = grammar_turn(fast, session, FOLLOW_UP, work["W2"], geo)
+            session.close()
+            runs.append(run)
+            print(f"engine run {r}, real grammar: " + ", ".join(
+                f"{w} {t['total']:.2f}s (1+2 {t['reasoning']:.2f}, 3 {t['evidence']:.2f}, 4 {t['synthesis']:.2f}; "
+                f"ttft {t['ttft'] * 1e3:.0f} ms; {t['model_steps']} steps for {t['output_tokens']} tokens, "
+                f"{t['forced']} forced)" for w, t in run.items()), flush=True)
+        result["engine_grammar_runs"] = runs
+        for w in work:
+            result[f"engine_grammar_{w}"] = {k: statistics.median(run[w][k] for run in runs) for k in keys}
 
     if not args.skip_naive:
         result["naive"] = {}
@@ -621,6 +679,10 @@ def print_report(result: dict) -> None:
             n = result["naive"][w]
             line += f"; naive {n['total']:.2f} s ({n['total'] / e['total']:.1f}x slower)"
         print(line + " |")
+        if f"engine_grammar_{w}" in result:
+            e = result[f"engine_grammar_{w}"]
+            print(f"| engine {w}, texts under the real grammar (jump-forward) | {e['total']:.2f} s (1+2 "
+                  f"{e['reasoning']:.2f}, 3 {e['evidence']:.2f}, 4 {e['synthesis']:.2f}; ttft {e['ttft'] * 1e3:.0f} ms) |")
     k = result.get("linear_attention_kernels")
     if k:
         chosen = {name: v["implementation"].split(".")[0] for name, v in k.items() if isinstance(v, dict)}

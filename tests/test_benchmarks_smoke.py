@@ -165,3 +165,8 @@ def test_gpu_pipeline_engine_turn_through_chat_session():
     out = gpu_pipeline.engine_turn(engine, session, gpu_pipeline.QUESTION, work, geo)
     assert out["tokens"] == 100 + 2 * 3 + 52 and 0 < out["ttft"] < out["total"]
     assert out["cache"]["region_vision_misses"] == 2
+    # A follow-up written under the real grammar: jump-forward appends what the grammar forces,
+    # so the turn takes fewer model steps than it writes tokens, and the script is followed.
+    follow = gpu_pipeline.grammar_turn(engine, session, gpu_pipeline.FOLLOW_UP, dict(work, reasoning=120, synthesis=60), geo)
+    assert follow["forced"] > 0 and follow["model_steps"] < follow["output_tokens"]
+    assert 0 < follow["ttft"] < follow["total"] and engine.texts == {}

@@ -62,15 +62,15 @@ def test_one_step_logits_match_hf(street_image):
 
 @pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3.5"])
 def test_a_short_prefill_through_the_static_bucket_equals_hf(model, street_image):
-    """A text chunk of up to 256 tokens after a cached prefix (a follow-up, the next phase's
+    """A text chunk of up to 1024 tokens after a cached prefix (a follow-up, the next phase's
     prompt) goes through the bucket's multi-token forward, 64 tokens a forward
     (engine._prefill_static): the HF prefill's logits, and a cache that HF then continues
     from as if it had prefilled the chunk itself (K/V columns, and Qwen3.5's linear states).
     A longer chunk goes through HF, except on a hybrid model, whose text chunks all take the
     bucket (HF's linear-attention kernels compile on first use of a shape: engine.py)."""
     hf, static = make_engine(model), make_engine(model, model__compile=True, model__warmup=False)
-    follow_up = " ".join(["What colour is the car next to the sign, and is it parked?"] * 8)  # > 64 tokens
-    long_text = " ".join(["Describe the street once more, in full detail."] * 30)           # > 256 tokens
+    follow_up = " ".join(["What colour is the car next to the sign, and is it parked?"] * 24)  # > 256 tokens
+    long_text = " ".join(["Describe the street once more, in full detail."] * 110)           # > 1024 tokens
     seen = {}
     for name, engine in (("hf", hf), ("static", static)):
         conv = ChatSession(engine, street_image).conv
@@ -80,8 +80,9 @@ def test_a_short_prefill_through_the_static_bucket_equals_hf(model, street_image
         chunk = len(conv.token_ids) - conv.kv_len
         short = engine.prefill(conv)                              # static path in the static engine
         engine.append(conv, long_text)
-        seen[name] = (chunk, short, engine.prefill(conv), conv.kv_len)   # longer than 256
-    assert 64 < seen["hf"][0] <= 256
+        long_chunk = len(conv.token_ids) - conv.kv_len
+        seen[name] = (chunk, short, engine.prefill(conv), conv.kv_len, long_chunk)
+    assert 256 < seen["hf"][0] <= 1024 < seen["hf"][4]
     buckets = 2 if static.lm.family.hybrid else 1       # the long chunk needs a larger bucket
     assert [b.last_width for b in static.static.buckets.values()] == [64] * buckets, "static, 64 wide"
     assert seen["static"][3] == seen["hf"][3]

@@ -40,12 +40,15 @@ def out_of_memory_as_error():
         raise OutOfMemory(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "out of memory") from exc
 
 
-# Text chunks up to this long after a cached prefix go through the static bucket (CUDA graphs);
-# a longer chunk (a first turn's prompt) is one HF forward, which is compute-bound anyway. A
-# hybrid model's text chunks go through the bucket at any length it holds: HF's linear-attention
-# prefill (flash-linear-attention's Triton kernels) autotunes and compiles on the first call of
-# each new shape class, which stalled a turn's phase 4 by 15-20 s on the H200 (RESULTS.md).
-STATIC_PREFILL_TOKENS = 256
+# Text chunks up to this long after a cached prefix go through the static bucket (captured
+# graphs, 64 tokens a forward): every phase prompt and follow-up of a turn. HF's eager prefill
+# paid a first-use cost there on the H200 (3B shape: the first W1's phase-4 prompt of ~300
+# tokens took 1.3 s against 0.4 s warm, RESULTS.md) that a captured graph does not. A longer
+# chunk (a pasted document) is one HF forward, which is compute-bound anyway. A hybrid model's
+# text chunks go through the bucket at any length it holds: HF's linear-attention prefill
+# (flash-linear-attention's Triton kernels) autotunes and compiles on the first call of each
+# new shape class, which stalled a turn's phase 4 by 15-20 s on the H200 (RESULTS.md).
+STATIC_PREFILL_TOKENS = 1024
 # The HF prefills a hybrid model's warm-up runs on CUDA (`warm_up_prefill`): every batch size a
 # caption batch takes, two lengths (Triton specialises integer arguments on divisibility by 16),
 # from an empty state and on top of one.
