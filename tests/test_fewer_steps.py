@@ -196,3 +196,37 @@ def test_switches_are_validated_and_on_by_default():
     args = build_parser().parse_args(["run", "--image", "x.png", "--question", "q", "--no-jump-forward",
                                       "--no-prompt-lookup"])
     assert args.no_jump_forward and args.no_prompt_lookup
+
+
+@pytest.mark.parametrize("model,compiled", [("tiny-qwen2.5-vl", True), ("tiny-qwen2.5-vl", False),
+                                            ("tiny-qwen3.5", True)])
+def test_stopped_while_a_forced_chunk_is_queued(model, compiled, street_image):
+    """The decode loop queues a token's forced chunk before it yields the token (the caller's
+    work overlaps the forward), so a caller that stops right there leaves a cache that covers
+    tokens the conversation never took. generate() cuts it back (attention columns; a hybrid's
+    linear state to its boundary snapshot): the conversation then continues exactly as a cold
+    prefill of its tokens would."""
+    overrides = {"model__compile": True, "model__warmup": False} if compiled else {}
+    engine = make_engine(model, pipeline__prompt_lookup=False, **overrides, **SMALL)
+    session = ChatSession(engine, street_image)
+    settings = engine.config.pipeline
+    before = len(session.conv.token_ids)
+    prompt = prompts.reasoning_prompt("What does the sign say?", 2, session.convention)
+    engine.append(session.conv, prompt)
+    start = len(session.conv.token_ids)
+    full = list(engine.generate(session.conv, 60, constraint=engine.constraint("reasoning", settings, session.convention)))
+    # The first token after which the grammar forces a continuation.
+    probe = engine.constraint("reasoning", settings, session.convention)
+    at = next(i for i, t in enumerate(full) if probe.accept(t) and probe.forced())
+    session.conv.truncate(before)
+    engine.append(session.conv, prompt)
+    tokens = engine.generate(session.conv, 60, constraint=engine.constraint("reasoning", settings, session.convention))
+    taken = [next(tokens) for _ in range(at + 1)]
+    tokens.close()
+    conv = session.conv
+    assert taken == full[:at + 1] and conv.token_ids[start:] == taken
+    assert conv.kv_len <= len(conv.token_ids)
+    engine.append(conv, "\nmore")
+    warm = engine.prefill(conv)
+    conv.drop_kv()
+    assert torch.allclose(warm, engine.prefill(conv), atol=1e-3, rtol=1e-3)

@@ -344,8 +344,12 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
 
     overlap (CUDA, static bucket, rows without jump-forward or lookup): the next step is launched
     before the host reads this step's tokens, so the CPU work per token (grammar, detokenising,
-    the caller) runs while the GPU computes. Closing the generator stops at once; `stepper.fed`
-    says how many tokens per row reached the cache."""
+    the caller) runs while the GPU computes. Without it (jump-forward needs the token before it
+    knows what to feed), the next step or forced chunk is still queued before this token is
+    yielded, so the caller's work overlaps it; only drafts wait for their verify forward.
+    Closing the generator stops at once; `stepper.fed` says how many tokens per row reached the
+    cache, which can be more than were yielded (a forced chunk queued with its token): the
+    caller cuts the cache back to what it took."""
     device = logits.device
     batch = len(rows)
     tally = tally if tally is not None else Tally()
@@ -368,24 +372,26 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             logits = stepper.step(tokens)
             tally.model_steps += 1
         values = fetch.wait()
-        ended = False
+        taken: list[tuple[int, int]] = []            # this iteration's (row, token), yielded below
         for b, row in enumerate(rows):
             if row.done:
                 continue
             token = values[b]
             finished = token in stop or not _take(row, token, stop)
             row.count += 1          # forced tokens and drafts never reach past the budget
-            finished = finished or row.count >= max_new_tokens
-            row.done = finished
-            ended = ended or finished
+            row.done = finished or row.count >= max_new_tokens
             tally.output_tokens += 1
-            yield b, token
-        if all(row.done for row in rows):
-            return
+            taken.append((b, token))
+        ended = any(rows[b].done for b, _ in taken)
+        if overlap or all(row.done for row in rows):
+            yield from taken
+            if all(row.done for row in rows):
+                return
+            if ended:
+                done_t = torch.tensor([row.done for row in rows], device=device)
+            continue
         if ended:
             done_t = torch.tensor([row.done for row in rows], device=device)
-        if overlap:
-            continue
         # What each live row adds after its token: forced tokens (already accepted) or drafts,
         # as many as fit the row's budget and the stepper's columns.
         columns, spare = max_new_tokens, 0
@@ -410,9 +416,15 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
                     drafts[b] = drafts[b][:cut]
         width = 1 + max(len(f) + len(d) for f, d in zip(forced, drafts))
         if width == 1:
-            logits = stepper.step(tokens)
+            logits = stepper.step(tokens)            # queued; the caller's work below overlaps it
             tally.model_steps += 1
+            yield from taken
             continue
+        verify = any(drafts)
+        if verify:
+            # Drafts are kept or cut after their forward: the tokens go out first, so a caller
+            # that stops here leaves no forward pending in the stepper.
+            yield from taken
         ids = torch.full((batch, width), pad_id, dtype=torch.long)             # [B, T]
         for b in range(batch):
             extra = forced[b] + drafts[b]
@@ -447,6 +459,8 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
         stepper.keep(kept)
         tally.model_steps += stepper.last_forwards
         logits = torch.stack(nxt)                                            # [B, V]
+        if not verify:
+            yield from taken        # a forced chunk is queued: the caller's work overlaps it
         for b, row in enumerate(rows):
             for token in out[b]:
                 row.count += 1

@@ -228,6 +228,10 @@ class Engine:
                 conv.kv_len = start + stepper.fed
             else:
                 conv.kv_len = start + stepper.fed
+            if conv.kv_len > len(conv.token_ids):
+                # Closed while yielding a forced chunk the stepper had already fed: the cache
+                # goes back to what the conversation took (hybrid: to its boundary snapshot).
+                conv.rewind_kv(len(conv.token_ids))
             # Memory bookkeeping once per phase, not per decoded token.
             if conv.kv is not None:
                 conv.kv_bytes = conv.nbytes()

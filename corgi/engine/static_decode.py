@@ -373,18 +373,21 @@ class Bucket:
         """After extend(): row b keeps the first kept[b] of its tokens. One row: the write column
         and position go back to just after them. Several rows share the write column: a row's
         other columns are masked out and its positions continue after its kept tokens."""
+        # Column indices from the device's write column, not int(self.write): reading it would
+        # wait for the extend() just queued, and the decode loop queues a forced chunk before
+        # it hands the token to the caller so that the two overlap.
         rows, width = len(kept), self.last_width
-        start = int(self.write) - width
         if rows == 1:
             drop = width - kept[0]
             if drop:
-                self.mask[..., start + kept[0]:start + width] = float("-inf")
+                self.mask.index_fill_(-1, self.write - drop + self.columns[:drop], float("-inf"))
                 self.write.sub_(drop)
                 self.positions.sub_(drop)
             return
         for b, n in enumerate(kept):
-            self.mask[b, ..., start + n:start + width] = float("-inf")
-            self.positions[b] -= width - n
+            if width > n:
+                self.mask[b].index_fill_(-1, self.write - (width - n) + self.columns[:width - n], float("-inf"))
+                self.positions[b] -= width - n
 
     @torch.inference_mode()
     def load(self, cache, length: int, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
