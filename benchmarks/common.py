@@ -308,45 +308,52 @@ class GrammarScript:
         return getattr(self.decoder, name)
 
 
-def _fill_text(engine: Engine, n_tokens: int) -> str:
-    filler = engine.encode_text(FILLER)
-    while len(filler) < n_tokens:
-        filler = filler + filler
-    return engine.decode_text(filler[:max(n_tokens, 0)])
+def _grown(engine: Engine, n_tokens: int, build, limits: list[int]) -> list[str]:
+    """Filler words into text slots, in order, each slot at most its limit in characters, until
+    build(slots) is n_tokens canonical tokens long or every slot is full (then it is shorter:
+    the grammar's limits allow no more, as they would not for a real model)."""
+    words, slots, w = FILLER.split(), ["" for _ in limits], 0
+    for j, limit in enumerate(limits):
+        while len(engine.encode_text(build(slots))) < n_tokens:
+            grown = f"{slots[j]} {words[w % len(words)]}".lstrip()
+            if len(grown) > limit:
+                break
+            slots[j], w = grown, w + 1
+    return slots
 
 
-def reasoning_text(engine: Engine, convention: BoxConvention, n_tokens: int, boxes) -> str:
-    """<think>filler</think>\\n{"steps": [...]} of about n_tokens (canonical tokens), one object
-    step per box: the grammar's own separators (json.dumps spells them the same way)."""
-    head, tail = _reasoning_parts(convention, len(boxes), boxes)
-    fixed = len(engine.encode_text(head)) + len(engine.encode_text(tail))
-    return head + _fill_text(engine, n_tokens - fixed) + tail
+def reasoning_text(engine: Engine, convention: BoxConvention, n_tokens: int, boxes,
+                   max_thinking_chars: int) -> str:
+    """<think>filler</think>\n{"steps": [...]} of about n_tokens (canonical tokens), one object
+    step per box, within the grammar's limits: the thinking takes filler up to
+    max_thinking_chars, then each statement up to its limit (json.dumps spells the grammar's
+    separators the same way)."""
+    from corgi.formats import MAX_STRING_CHARS
+
+    def build(slots: list[str]) -> str:
+        think, statements = slots[0], slots[1:]
+        steps = [{"statement": f"Look at region {i + 1}. {extra}".rstrip(), "kind": "object",
+                  "bbox_2d": _native(b, convention)} for i, (b, extra) in enumerate(zip(boxes, statements))]
+        return prompts.THINK_OPEN + think + prompts.THINK_CLOSE + "\n" + json.dumps({"steps": steps})
+
+    limits = [max(max_thinking_chars - 10, 0)] + [MAX_STRING_CHARS - 30] * len(boxes)
+    return build(_grown(engine, n_tokens, build, limits))
 
 
 def synthesis_text(engine: Engine, convention: BoxConvention, n_tokens: int, boxes) -> str:
     """{"answer", "explanation", "key_evidence": [up to 3 items with boxes]} of about n_tokens,
     within the grammar's string limits: the explanation takes filler up to its limit, then each
-    item's description, then the answer."""
+    item's description."""
     from corgi.formats import MAX_EXPLANATION_CHARS, MAX_KEY_EVIDENCE, MAX_STRING_CHARS
-
-    def build(expl: str, descs: list[str]) -> str:
-        items = [{"description": d, "bbox_2d": _native(b, convention)} for d, b in zip(descs, boxes)]
-        return json.dumps({"answer": "red", "explanation": expl, "key_evidence": items})
-
-    fill = _fill_text(engine, n_tokens + 8)
     n_items = min(MAX_KEY_EVIDENCE, len(boxes))
-    expl, descs = "", ["" for _ in range(n_items)]
-    for i in range(len(fill)):
-        if len(engine.encode_text(build(expl, descs))) >= n_tokens:
-            break
-        if len(expl) < MAX_EXPLANATION_CHARS - 10:
-            expl = fill[:len(expl) + 1]
-        else:
-            j = next((j for j, d in enumerate(descs) if len(d) < MAX_STRING_CHARS - 10), None)
-            if j is None:
-                break
-            descs[j] = fill[:len(descs[j]) + 1]
-    return build(expl.strip() or "x", [d.strip() or "x" for d in descs])
+
+    def build(slots: list[str]) -> str:
+        expl, descs = slots[0], slots[1:]
+        items = [{"description": d or "x", "bbox_2d": _native(b, convention)} for d, b in zip(descs, boxes)]
+        return json.dumps({"answer": "red", "explanation": expl or "x", "key_evidence": items})
+
+    limits = [MAX_EXPLANATION_CHARS - 10] + [MAX_STRING_CHARS - 10] * n_items
+    return build(_grown(engine, n_tokens, build, limits))
 
 
 class GrammarScriptEngine(ForcedEngine):

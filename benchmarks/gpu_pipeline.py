@@ -264,7 +264,8 @@ def grammar_turn(engine: TimedEngine, session: ChatSession, question: str, work:
                                    synthesis_max_new_tokens=work["synthesis"] + 32)
     regions = [(b.x1, b.y1, b.x2, b.y2) for b in geo.regions(work["regions"])]
     convention = session.convention
-    engine.texts = {"reasoning": common.reasoning_text(engine, convention, work["reasoning"], regions),
+    engine.texts = {"reasoning": common.reasoning_text(engine, convention, work["reasoning"], regions,
+                                                         settings.max_thinking_chars),
                     "synthesis": common.synthesis_text(engine, convention, work["synthesis"], regions)}
     engine.first_token_at = None
     sync()
@@ -513,7 +514,9 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     if fast.static is not None and cuda:
-        fast.static.warm_up([(1, 2048), (1, 3072), (1, 4096), (1, 512), (2, 512), (8, 512)])
+        # The widths jump-forward chunks take, as the engine's own warm-up captures them.
+        fast.static.warm_up([(1, 2048), (1, 3072), (1, 4096), (1, 512), (2, 512), (8, 512)], fast.warmup_widths())
+    fast.grammars()
     result["warmup_seconds"] = time.perf_counter() - t
     print(f"built in {result['build_seconds']:.1f}s, warm-up {result['warmup_seconds']:.1f}s; "
           f"workloads {work}", flush=True)

@@ -93,6 +93,15 @@ class Engine:
                 self.static.warm_up(self.warmup_shapes(), self.warmup_widths())
         if config.model.warmup and loaded.family.hybrid and loaded.device.type == "cuda":
             self.warm_up_prefill()
+        if config.model.warmup and config.pipeline.structured_output:
+            self.grammars()     # the vocabulary tables (seconds when not on disk yet), not mid-turn
+
+    def grammars(self):
+        """The GrammarCache of this tokenizer (built on first use: the vocabulary tables)."""
+        from .grammar import GrammarCache
+        if self._grammars is None:
+            self._grammars = GrammarCache.for_tokenizer(self.lm.tokenizer, self.lm.vocab_size)
+        return self._grammars
 
     @classmethod
     def load(cls, config: Config) -> "Engine":
@@ -115,13 +124,10 @@ class Engine:
         """A fresh grammar-constrained decoder for phase "reasoning" or "synthesis"; the
         compiled grammar is cached per (schema, tokenizer). images: several images in the
         turn, ((N of "Image N", its convention), ...): every box names its image."""
-        from .grammar import GrammarCache
-        if self._grammars is None:
-            self._grammars = GrammarCache.for_tokenizer(self.lm.tokenizer, self.lm.vocab_size)
         if phase == "reasoning":
-            return self._grammars.reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars,
+            return self.grammars().reasoning_decoder(settings.max_steps, convention, settings.max_thinking_chars,
                                                     images)
-        return self._grammars.synthesis_decoder(convention, images)
+        return self.grammars().synthesis_decoder(convention, images)
 
     # ---- conversations ----------------------------------------------------------------
     def start_conversation(self, image: Image.Image, head: tuple[str, str]) -> Conversation:
