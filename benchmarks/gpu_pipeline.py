@@ -216,11 +216,29 @@ class TimedEngine(common.GrammarScriptEngine):
     when the first token of a turn came out (time to first token)."""
     first_token_at: float | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[dict] = []
+
     def generate(self, *args, **kwargs):
         for token in super().generate(*args, **kwargs):
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
             yield token
+
+    def generate_batch(self, images, heads, *args, **kwargs):
+        """Also notes, per caption batch, the crops' sizes and the seconds to its first token
+        (vision tower + prefill) and to its end: where a first-use cost in phase 3 goes."""
+        sync()
+        t0, first = time.perf_counter(), None
+        for item in super().generate_batch(images, heads, *args, **kwargs):
+            if first is None:
+                first = time.perf_counter()
+            yield item
+        sync()
+        self.batches.append({"crops": [im.size for im in images], "head_chars": [len(h[1]) for h in heads],
+                             "first_token_s": (first or time.perf_counter()) - t0,
+                             "total_s": time.perf_counter() - t0})
 
 
 def engine_turn(engine: TimedEngine, session: ChatSession, question: str, work: dict, geo: Geometry) -> dict:
@@ -237,7 +255,7 @@ def engine_turn(engine: TimedEngine, session: ChatSession, question: str, work: 
         "reasoning": common.reasoning_script(engine, convention, work["reasoning"], work["regions"],
                                              boxes=[(b.x1, b.y1, b.x2, b.y2) for b in regions]),
         "synthesis": common.synthesis_script(engine, convention, work["synthesis"])}
-    engine.first_token_at = None
+    engine.first_token_at, engine.batches = None, []
     generated = engine.generated
     t0 = time.perf_counter()
     events = list(session.ask(question, settings))
@@ -250,7 +268,13 @@ def engine_turn(engine: TimedEngine, session: ChatSession, question: str, work: 
     t = result.timings
     return {"ttft": engine.first_token_at - t0, "reasoning": t["reasoning"], "evidence": t["evidence"],
             "synthesis": t["synthesis"], "total": total, "tokens": expected,
-            "cache": result.cache.to_json()}
+            "cache": result.cache.to_json(), "caption_batches": engine.batches}
+
+
+def captions_note(turn: dict) -> str:
+    return "; ".join(f"captions: first token {b['first_token_s']:.3f} of {b['total_s']:.3f} s, crops "
+                     f"{sorted(set(b['crops']))}, heads {min(b['head_chars'])}-{max(b['head_chars'])} chars"
+                     for b in turn["caption_batches"])
 
 
 def grammar_turn(engine: TimedEngine, session: ChatSession, question: str, work: dict, geo: Geometry) -> dict:
@@ -267,7 +291,7 @@ def grammar_turn(engine: TimedEngine, session: ChatSession, question: str, work:
     engine.texts = {"reasoning": common.reasoning_text(engine, convention, work["reasoning"], regions,
                                                          settings.max_thinking_chars),
                     "synthesis": common.synthesis_text(engine, convention, work["synthesis"], regions)}
-    engine.first_token_at = None
+    engine.first_token_at, engine.batches = None, []
     sync()
     t0 = time.perf_counter()
     events = list(session.ask(question, settings))
@@ -282,7 +306,7 @@ def grammar_turn(engine: TimedEngine, session: ChatSession, question: str, work:
             **{k: t[k] for k in ("reasoning", "evidence", "synthesis")},
             "model_steps": c.decode_model_steps, "output_tokens": c.decode_output_tokens,
             "forced": c.forced_tokens, "drafted": c.drafted_tokens, "accepted": c.accepted_drafts,
-            "cache": c.to_json()}
+            "cache": c.to_json(), "caption_batches": engine.batches}
 
 
 # ---- decode speed ---------------------------------------------------------------------------
@@ -516,6 +540,10 @@ def main(argv=None) -> int:
     if fast.static is not None and cuda:
         # The widths jump-forward chunks take, as the engine's own warm-up captures them.
         fast.static.warm_up([(1, 2048), (1, 3072), (1, 4096), (1, 512), (2, 512), (8, 512)], fast.warmup_widths())
+    if cuda:            # the prefill warm-ups the engine runs on CUDA (model.warmup)
+        if family.hybrid:
+            fast.warm_up_prefill()
+        fast.warm_up_captions()
     fast.grammars()
     result["warmup_seconds"] = time.perf_counter() - t
     print(f"built in {result['build_seconds']:.1f}s, warm-up {result['warmup_seconds']:.1f}s; "
@@ -584,7 +612,7 @@ def main(argv=None) -> int:
         print(f"engine run {r}: " + ", ".join(
             f"{w} {t['total']:.2f}s (1+2 {t['reasoning']:.2f}, 3 {t['evidence']:.2f}, 4 {t['synthesis']:.2f}; "
             f"ttft {t['ttft'] * 1e3:.0f} ms; {t['cache']['decode_model_steps']} steps for "
-            f"{t['cache']['decode_output_tokens']} tokens)" for w, t in run.items()), flush=True)
+            f"{t['cache']['decode_output_tokens']} tokens; {captions_note(t)})" for w, t in run.items()), flush=True)
     result["engine_runs"] = runs
     keys = ("ttft", "reasoning", "evidence", "synthesis", "total")
     for w in work:
@@ -608,7 +636,7 @@ def main(argv=None) -> int:
             print(f"engine run {r}, real grammar: " + ", ".join(
                 f"{w} {t['total']:.2f}s (1+2 {t['reasoning']:.2f}, 3 {t['evidence']:.2f}, 4 {t['synthesis']:.2f}; "
                 f"ttft {t['ttft'] * 1e3:.0f} ms; {t['model_steps']} steps for {t['output_tokens']} tokens, "
-                f"{t['forced']} forced)" for w, t in run.items()), flush=True)
+                f"{t['forced']} forced; {captions_note(t)})" for w, t in run.items()), flush=True)
         result["engine_grammar_runs"] = runs
         for w in work:
             result[f"engine_grammar_{w}"] = {k: statistics.median(run[w][k] for run in runs) for k in keys}

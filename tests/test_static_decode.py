@@ -44,6 +44,26 @@ def test_static_decoder_matches_eager_for_region_batches(model, street_image):
     assert (4, 512) in static_engine.static.buckets    # 3 rows ran in the 4-row bucket
 
 
+def test_caption_warm_up_leaves_nothing_behind(street_image):
+    """The warm-up's padded caption batch (run on CUDA at load) shares buckets and the vision
+    cache with real turns: the region batch after it decodes as on a fresh engine."""
+    regions = [Box(0.6, 0.1, 0.8, 0.35), Box(0.05, 0.15, 0.4, 0.65)]
+    crops = [boxes.crop(street_image, box, 0.25) for box in regions]
+    before, after = prompts.crop_head()
+    heads = [(before, after + prompts.crop_instruction(StepKind.OBJECT, s)) for s in ("a sign", "the red car")]
+
+    def tokens(engine):
+        rows = {}
+        for row, token in engine.generate_batch(crops, heads, 12, 448 * 448, min_new_tokens=12):
+            rows.setdefault(row, []).append(token)
+        return rows
+
+    warmed = make_engine(TINY_MODELS[0], model__compile=True, model__warmup=False)
+    warmed.warm_up_captions()
+    assert (4, 512) in warmed.static.buckets           # the warm-up's 4 rows went through a bucket
+    assert tokens(warmed) == tokens(make_engine(TINY_MODELS[0], model__compile=True, model__warmup=False))
+
+
 def test_one_step_logits_match_hf(street_image):
     """The hand-written layer equals the HF layer to float32 rounding."""
     engine = make_engine(TINY_MODELS[1])

@@ -93,6 +93,8 @@ class Engine:
                 self.static.warm_up(self.warmup_shapes(), self.warmup_widths())
         if config.model.warmup and loaded.family.hybrid and loaded.device.type == "cuda":
             self.warm_up_prefill()
+        if config.model.warmup and loaded.device.type == "cuda":
+            self.warm_up_captions()
         if config.model.warmup and config.pipeline.structured_output:
             self.grammars()     # the vocabulary tables (seconds when not on disk yet), not mid-turn
 
@@ -360,6 +362,18 @@ class Engine:
                                attention_mask=more)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def warm_up_captions(self, rows: int = 4) -> None:
+        """One caption batch of small grey crops whose rows differ in length (left padding), two
+        tokens a row, through generate_batch itself. The first left-padded prefill of a process
+        paid 1.1 s on the H100 (3B shape; the first turn whose step statements differ in length
+        paid it in phase 3, RESULTS.md), once: no unpadded batch pays it, nor any later one."""
+        crop = Image.new("RGB", (64, 64), (128, 128, 128))
+        heads = [("", " region" * (1 + 4 * row)) for row in range(rows)]
+        for _ in self.generate_batch([crop] * rows, heads, 2, 64 * 64):
+            pass
+        if self.lm.device.type == "cuda":
+            torch.cuda.synchronize(self.lm.device)
 
     def _prefill_static(self, conv: Conversation, start: int, stop: int) -> torch.Tensor | None:
         """A short text chunk after a cached prefix (a follow-up question, the next phase's
