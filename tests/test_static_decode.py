@@ -59,8 +59,8 @@ def test_caption_warm_up_leaves_nothing_behind(street_image):
         return rows
 
     warmed = make_engine(TINY_MODELS[0], model__compile=True, model__warmup=False)
-    warmed.warm_up_captions()
-    assert (4, 512) in warmed.static.buckets           # the warm-up's 4 rows went through a bucket
+    warmed.warm_up_captions(batch_sizes=(3,))
+    assert (4, 512) in warmed.static.buckets           # the warm-up's 3 rows went through a bucket
     assert tokens(warmed) == tokens(make_engine(TINY_MODELS[0], model__compile=True, model__warmup=False))
 
 

@@ -363,15 +363,22 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def warm_up_captions(self, rows: int = 4) -> None:
-        """One caption batch of small grey crops whose rows differ in length (left padding), two
-        tokens a row, through generate_batch itself. The first left-padded prefill of a process
-        paid 1.1 s on the H100 (3B shape; the first turn whose step statements differ in length
-        paid it in phase 3, RESULTS.md), once: no unpadded batch pays it, nor any later one."""
-        crop = Image.new("RGB", (64, 64), (128, 128, 128))
-        heads = [("", " region" * (1 + 4 * row)) for row in range(rows)]
-        for _ in self.generate_batch([crop] * rows, heads, 2, 64 * 64):
-            pass
+    def warm_up_captions(self, batch_sizes=None) -> None:
+        """Caption batches as a turn makes them (crops at pipeline.crop_max_pixels, rows of
+        different lengths, so left padding; two tokens a row) through generate_batch itself, for
+        every batch size from 2 to pipeline.max_regions (at most 8). The first left-padded prefill
+        of a process paid 1.1 s on the H100 (the first turn whose step statements differ in
+        length paid it in phase 3; RESULTS.md 2026-12-06), once on the 3B shape; the 4B hybrid
+        paid it after a 4-row warm-up batch of small crops, so the warm-up takes the real sizes."""
+        pipeline = self.config.pipeline
+        if batch_sizes is None:
+            batch_sizes = range(2, min(pipeline.max_regions, 8) + 1)
+        side = max(32, int(pipeline.crop_max_pixels ** 0.5))
+        crop = Image.new("RGB", (side, side), (128, 128, 128))
+        for rows in batch_sizes:
+            heads = [("", " region" * (4 + 6 * row)) for row in range(rows)]
+            for _ in self.generate_batch([crop] * rows, heads, 2, pipeline.crop_max_pixels):
+                pass
         if self.lm.device.type == "cuda":
             torch.cuda.synchronize(self.lm.device)
 
