@@ -15,20 +15,35 @@ import torch.nn.functional as F
 NAME = "corgi_flash_varlen_sdpa"   # contains "flash": transformers passes cu_seqlens
 
 
+def window_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """(window length, number of windows, [windows*length] positions on the device) per distinct
+    length. Computed once per `cu_seqlens` tensor and kept on it: the tower hands the same two
+    tensors (windows, whole images) to every block, and reading them back to the host (`tolist`)
+    in every block would make the host wait for the GPU 32 times a tower call, so no block's
+    launches overlap the previous block's work."""
+    groups = getattr(cu_seqlens, "_corgi_window_groups", None)
+    if groups is None:
+        cu = cu_seqlens.tolist()
+        by_length: dict[int, list[int]] = {}
+        for start, stop in zip(cu[:-1], cu[1:]):
+            by_length.setdefault(stop - start, []).append(start)
+        device = cu_seqlens.device
+        groups = [(length, len(starts),
+                   (torch.tensor(starts, device=device)[:, None]
+                    + torch.arange(length, device=device)[None, :]).view(-1))
+                  for length, starts in by_length.items()]
+        cu_seqlens._corgi_window_groups = groups
+    return groups
+
+
 def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                 cu_seq_lens_q=None, is_causal=False, **kwargs):
     """query/key/value [1, H, N, D]; segment i is positions cu[i]..cu[i+1]-1 and attends only
     within itself. Returns ([1, N, H, D], None) like transformers' attention functions."""
     _, heads, n, dim = query.shape
-    cu = cu_seq_lens_q.tolist()
-    by_length: dict[int, list[int]] = {}
-    for start, stop in zip(cu[:-1], cu[1:]):
-        by_length.setdefault(stop - start, []).append(start)
     out = torch.empty_like(query)
-    for length, starts in by_length.items():
-        # [windows*length] positions of every window of this length, window by window
-        index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).view(-1).to(query.device)
-        gather = lambda t: t[0].index_select(1, index).view(heads, len(starts), length, dim).transpose(0, 1)
+    for length, windows, index in window_groups(cu_seq_lens_q):
+        gather = lambda t: t[0].index_select(1, index).view(heads, windows, length, dim).transpose(0, 1)
         attended = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), scale=scaling)
         out[0].index_copy_(1, index, attended.transpose(0, 1).reshape(heads, -1, dim))
     return out.transpose(1, 2), None
