@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -141,8 +142,10 @@ def text_only_checkpoint(folder):
     from corgi.engine.tiny import ensure_tiny_checkpoint
     twin = ensure_tiny_checkpoint("tiny-qwen2.5-vl")
     folder.mkdir(parents=True)
+    # Copies, not links: save_pretrained below writes generation_config.json, and through a link
+    # it overwrote the shared twin's (its eos list became one id for every later test).
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        (folder / name).symlink_to(twin / name)
+        shutil.copyfile(twin / name, folder / name)
     config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
                          bos_token_id=151643, eos_token_id=151645)
