@@ -30,4 +30,6 @@ fi
 export CORGI_CACHE=${CORGI_CACHE:-$PWD/.cache/corgi}
 # Two workers, one test file each at a time (module-scoped servers stay in one process): much of
 # the suite waits on server, browser and CLI subprocesses, so two workers fit two cores.
+# tests/conftest.py (pytest_xdist_make_scheduler) hands out the longest files first and keeps files
+# that share a session-scoped server or subprocess on one worker.
 exec .venv/bin/python -m pytest -q -n "${CORGI_TEST_WORKERS:-2}" --dist loadfile "$@"

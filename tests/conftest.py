@@ -22,6 +22,53 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
     torch.set_num_threads(1)
 
+# ---- how run_tests.sh's workers share the files (-n 2 --dist loadfile) -----------------------------
+
+# Files that must run on one worker: they share a session-scoped fixture that starts a process
+# (a server, a subprocess), which each worker would otherwise start on its own.
+SAME_WORKER = {
+    "test_ui_browser.py": "test_ui_client.py",      # the `ui_server` (a launched server)
+    "test_int8_decode.py": "test_step_kernels.py",  # `triton_interpreted` (one interpreter process)
+}
+# Rough seconds per file on the 2-core CI machine (clean cache, --durations). Only the order
+# depends on them: the longest files go first, so the two workers finish at about the same time
+# instead of one running a long file alone at the end. A file not listed counts 0.3 s a test.
+FILE_SECONDS = {
+    "test_ui_client.py": 95, "test_ui_browser.py": 60, "test_hostile_inputs.py": 70, "test_cache_equality.py": 85,
+    "test_grammar.py": 80, "test_load.py": 70, "test_faults.py": 70, "test_cli.py": 55, "test_tiny.py": 55,
+    "test_twin_tokenizer.py": 40, "test_benchmarks_smoke.py": 35, "test_hybrid.py": 32, "test_fewer_steps.py": 30,
+    "test_remote.py": 30, "test_safe_defaults.py": 30, "test_int8_decode.py": 25, "test_structured.py": 28,
+    "test_multi_image.py": 27, "test_static_decode.py": 23, "test_plain_answer.py": 20, "test_step_kernels.py": 12,
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with SAME_WORKER's files joined into one unit and the longest units first."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    def file_of(nodeid: str) -> str:
+        return Path(nodeid.split("::", 1)[0]).name
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            scope = super()._split_scope(nodeid)
+            partner = SAME_WORKER.get(file_of(nodeid))
+            return str(Path(scope).with_name(partner)) if partner else scope
+
+        def _assign_work_unit(self, node):
+            def seconds(scope):
+                tests = self.workqueue[scope]
+                files = {file_of(nodeid) for nodeid in tests}
+                return sum(FILE_SECONDS.get(f, 0.3 * sum(file_of(n) == f for n in tests)) for f in files)
+            self.workqueue.move_to_end(max(self.workqueue, key=seconds), last=False)
+            super()._assign_work_unit(node)
+
+    return Scheduling(config, log)
+
+
 # Budgets small enough for speed, large enough that every phase produces real structure.
 FAST = {
     "image.max_pixels": 128 * 28 * 28,
@@ -115,3 +162,47 @@ def ui_server(launch):
     """The UI tests' server: tests/server.py's UI_CONFIG on tiny-qwen2.5-vl, shared by the
     gradio_client tests, the browser test and the per-family tests."""
     return launch()
+
+
+# ---- Triton kernels on the CPU ---------------------------------------------------------------
+
+# Scripts for Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imported, so
+# they run in a subprocess), registered by the test modules at import: {name: script}. Each prints
+# "ok" when its checks hold.
+TRITON_CHECKS: dict[str, str] = {}
+
+_TRITON_RUNNER = """
+import contextlib, io, json, sys, traceback
+results = {}
+for name, script in json.load(sys.stdin).items():
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(script, name, "exec"), {"__name__": "__main__"})
+        results[name] = [out.getvalue(), ""]
+    except BaseException:
+        results[name] = [out.getvalue(), traceback.format_exc()]
+sys.stdout.write(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="session")
+def triton_interpreted():
+    """{name: (stdout, traceback)} of every TRITON_CHECKS script, all run in one interpreter process
+    (each process start costs the torch and triton imports, ~3 s of a core). Each script seeds
+    its own RNG, so running them in one process changes none of them."""
+    import json
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_RUNNER], cwd=ROOT, env=env, input=json.dumps(TRITON_CHECKS),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: tuple(result) for name, result in json.loads(proc.stdout).items()}
+
+
+def check_interpreted(results: dict, name: str) -> None:
+    out, error = results[name]
+    assert not error and out.strip() == "ok", (out[-1000:], error[-3000:])
+

@@ -73,6 +73,26 @@ def fast_config(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def loaded_once():
+    """The corpus cases' CLI runs load the model once: every case runs the same FAST_CONFIG, and
+    a load (tokenizer, weights, grammar tables) cost about 1.5 s of each ~2 s case. Engine.load
+    still runs per case and builds its engine (and everything a run checks) on the real model,
+    loaded by the real load_model on the first case; test_cli.py loads it in a real process."""
+    from corgi.engine import engine
+    real, models = engine.load_model, {}
+
+    def load_model(model_cfg, image_cfg):
+        key = (repr(model_cfg), repr(image_cfg))
+        if key not in models:
+            models[key] = real(model_cfg, image_cfg)
+        return models[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "load_model", load_model)
+        yield models
+
+
 def cli(capsys, *args) -> tuple[int, str, str]:
     from corgi.__main__ import main
     capsys.readouterr()
@@ -101,7 +121,7 @@ def check_answer(turn: dict, question: str) -> None:
 
 
 @pytest.mark.parametrize("case", IMAGE_CASES, ids=[c["file"] for c in IMAGE_CASES])
-def test_cli_images(case, capsys, fast_config):
+def test_cli_images(case, capsys, fast_config, loaded_once):
     code, out, err = cli(capsys, "--image", str(image_file(case)), "--question", IMAGE_QUESTION,
                          "--config", fast_config, "--json")
     if case["outcome"] == "error":
@@ -114,7 +134,7 @@ def test_cli_images(case, capsys, fast_config):
 
 
 @pytest.mark.parametrize("case", QUESTION_CASES, ids=[c["id"] for c in QUESTION_CASES])
-def test_cli_questions(case, capsys, fast_config):
+def test_cli_questions(case, capsys, fast_config, loaded_once):
     question = question_text(case)
     code, out, err = cli(capsys, "--image", str(QUESTION_IMAGE), "--question", question,
                          "--config", fast_config, "--json")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import fast_config, run_turn
+from conftest import TRITON_CHECKS, check_interpreted, fast_config, run_turn
 from corgi.engine.engine import Engine
 from corgi.engine.int8_weights import Int8Weight, dequantize, quantize
 from corgi.engine.step_linear import linear
@@ -47,17 +47,13 @@ print("ok")
 """
 
 
-def test_the_triton_kernels_compute_the_dequantised_product():
+TRITON_CHECKS["int8 linear"] = KERNEL_CHECK     # one interpreter process with test_step_kernels.py's
+
+
+def test_the_triton_kernels_compute_the_dequantised_product(triton_interpreted):
     """The CUDA kernels themselves (int8_kernel.py), run by Triton's interpreter on the CPU: every
     dispatch branch of int8_linear against the dequantised float32 product."""
-    import subprocess
-    import sys
-    pytest.importorskip("triton")
-    from conftest import ROOT
-    env = dict(__import__("os").environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    check_interpreted(triton_interpreted, "int8 linear")
 
 
 def _int8_weights(stack) -> list[torch.Tensor]:

@@ -9,14 +9,10 @@ benchmarks/gpu_decode_step.py check bfloat16):
   leave partial row blocks and column slices, for every config the tuner may pick."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import TRITON_CHECKS, check_interpreted
 
 CHECK = """
 import torch
@@ -64,20 +60,16 @@ print("ok")
 """
 
 
-def _interpreted(script: str) -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+# Run by Triton's interpreter in one subprocess with test_int8_decode.py's kernel check (conftest.py).
+TRITON_CHECKS.update({"split-kv decode attention": CHECK, "one-row gemv": GEMV_CHECK})
 
 
-def test_the_split_kv_kernels_equal_the_torch_attention():
-    _interpreted(CHECK)
+def test_the_split_kv_kernels_equal_the_torch_attention(triton_interpreted):
+    check_interpreted(triton_interpreted, "split-kv decode attention")
 
 
-def test_the_one_row_gemv_equals_f_linear_for_every_config():
-    _interpreted(GEMV_CHECK)
+def test_the_one_row_gemv_equals_f_linear_for_every_config(triton_interpreted):
+    check_interpreted(triton_interpreted, "one-row gemv")
 
 
 def test_the_static_decoder_refuses_an_unknown_kernel_choice():

