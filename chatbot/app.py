@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MB = 1024 * 1024
-THROTTLE_S = 0.05          # at most ~20 chat updates a second while tokens stream
+THROTTLE_S = 0.05          # at most ~20 chat updates a second while tokens stream,
+UI_SHARE = 0.2             # and Gradio's work on them at most ~20% of the turn's time
 STOP_WAIT_S = 15.0         # how long Stop / New conversation wait for a cancelled turn to unwind
 IMAGES, BUTTONS = "images", "buttons"
 ALL = frozenset({CHAT, BOXES, GALLERY, TIMINGS, DEBUG, IMAGES, BUTTONS})
@@ -721,7 +722,7 @@ class CorgiApp:
         session.begin_turn(view)
         events = session.chat.ask(question, settings)     # a generator: nothing runs before next()
         changed: set[str] = set()
-        last = 0.0
+        last, gap = 0.0, THROTTLE_S
         try:
             # Inside the try: a Stop that lands on this first update must end the turn too.
             yield self.outputs(session, {CHAT, BOXES, GALLERY, TIMINGS, IMAGES})   # the pending phase, at once
@@ -733,8 +734,14 @@ class CorgiApp:
                 changed |= view.apply(event)
                 now = time.monotonic()
                 # Every event but a text delta ends or starts something: always show those.
-                if not isinstance(event, TextDelta) or now - last >= THROTTLE_S:
+                if not isinstance(event, TextDelta) or now - last >= gap:
                     yield self.outputs(session, changed | {TIMINGS})
+                    # Gradio post-processes an update before it asks for the next event, so the
+                    # yield took what the update cost: every output, even gr.skip(), is rebuilt
+                    # with its page config (~1 ms each in Gradio 6.31, ~40 ms an update on a slow
+                    # CPU). The model shares the process (and the GIL): space the text updates so
+                    # that this stays a fifth of the time.
+                    gap = max(THROTTLE_S, (time.monotonic() - now) / UI_SHARE)
                     changed, last = set(), now
         except GeneratorExit:   # Stop: Gradio closes this generator
             view.end("Stopped. The conversation goes on from before this question.")

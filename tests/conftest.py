@@ -72,9 +72,9 @@ def pytest_xdist_make_scheduler(config, log):
 # Budgets small enough for speed, large enough that every phase produces real structure.
 FAST = {
     "image.max_pixels": 128 * 28 * 28,
-    "pipeline.reasoning_max_new_tokens": 140,
-    "pipeline.synthesis_max_new_tokens": 90,
-    "pipeline.evidence_max_new_tokens": 10,
+    "pipeline.reasoning_max_new_tokens": 96,
+    "pipeline.synthesis_max_new_tokens": 64,
+    "pipeline.evidence_max_new_tokens": 8,
     "pipeline.max_thinking_chars": 60,
     "pipeline.max_steps": 3,
     "pipeline.max_regions": 3,

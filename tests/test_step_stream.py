@@ -11,7 +11,9 @@ from corgi.types import StepsParsed, StepStreamed, TextDelta, Phase
 
 @pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", *HYBRID_MODELS])
 def test_steps_stream_before_the_final_parse_and_equal_it(model, street_image):
-    session = ChatSession(make_engine(model), street_image)     # structured output (grammar) on
+    # structured output (grammar) on; room for more than one step (the suite's default budget
+    # often closes the list after the first)
+    session = ChatSession(make_engine(model, pipeline__reasoning_max_new_tokens=140), street_image)
     result, events = run_turn(session, "What does the sign say?")
     parsed_at = next(i for i, e in enumerate(events) if isinstance(e, StepsParsed))
     streamed = [(i, e.step) for i, e in enumerate(events) if isinstance(e, StepStreamed)]

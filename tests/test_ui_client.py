@@ -412,6 +412,24 @@ def test_an_image_sent_again_is_not_rewritten_while_it_downloads(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(first).name, Path(other).name])   # no staging file
 
 
+def test_a_skipped_output_is_rebuilt_by_this_gradio():
+    """The fact chatbot/app.py's adaptive text-update spacing rests on: in Gradio 6.31 gr.skip()
+    is an empty property update, and Gradio answers it by building the component anew (with its
+    page config) in the session state, so a streamed update costs about as much for an unchanged
+    panel as for a changed one. Should Gradio one day pass a skip through untouched, this fails:
+    then the spacing can go back to a fixed THROTTLE_S."""
+    import asyncio
+    import gradio as gr
+    from gradio.state_holder import SessionState
+    with gr.Blocks() as demo:
+        panel = gr.Markdown("unchanged")
+        gr.Button("go").click(lambda: gr.skip(), None, panel)
+    state = SessionState(demo)
+    out = asyncio.run(demo.postprocess_data(demo.fns[0], gr.skip(), state))
+    assert out == [{"__type__": "update"}]
+    assert state[panel._id] is not panel and isinstance(state[panel._id], gr.Markdown)    # rebuilt
+
+
 # ---- every family, and a heavier checkpoint, through a launched server ------------------------------
 
 def one_turn(server, question="What colour is the car?") -> tuple:
