@@ -45,9 +45,10 @@ def served_turns(url: str) -> list[tuple[float, float]]:
         client.close()
 
 
-def in_process_turns(session_factory) -> list[float]:
+def in_process_turns(engine, image) -> list[float]:
+    from corgi.pipeline import ChatSession
     from corgi.types import TurnFinished
-    session = session_factory()
+    session = ChatSession(engine, image)
     rows = []
     for question in QUESTIONS:
         start = time.perf_counter()
@@ -73,7 +74,6 @@ def main() -> None:
     from corgi.engine.engine import Engine
     from corgi.engine.loading import load_model
     from corgi.images import load_image
-    from corgi.pipeline import ChatSession
 
     folder = Path(tempfile.mkdtemp(prefix="corgi-ui-overhead-"))
     (folder / "app.yaml").write_text(config_for(UI_CONFIG, args.model))
@@ -84,10 +84,10 @@ def main() -> None:
     rows = []
     try:
         served_turns(server.url)                      # warm-up: first-use costs of both arms
-        in_process_turns(lambda: ChatSession(engine, image))
+        in_process_turns(engine, image)
         for r in range(args.repeats):
             served = served_turns(server.url)
-            local = in_process_turns(lambda: ChatSession(engine, image))
+            local = in_process_turns(engine, image)
             for n, ((wall, total), alone) in enumerate(zip(served, local), 1):
                 rows.append({"repeat": r, "turn": n, "served_wall_s": round(wall, 3), "served_phases_s": round(total, 3),
                              "in_process_s": round(alone, 3), "served_over_in_process": round(wall / alone, 2)})
