@@ -89,10 +89,18 @@ def test_interleaved_conversations_equal_solo(street_image, reference):
     wide = street_image.crop((0, 300, 640, 400)).resize((900, 140))     # another rope delta
     engine = engine_of()
     a, b = ChatSession(engine, street_image), ChatSession(engine, wide)
+    results = []
     for q in QUESTIONS[:2]:
-        run_turn(a, q)
+        results.append(run_turn(a, q)[0])
         run_turn(b, q)
     assert a.conv.token_ids == reference
+    # Warm (test_cache_equality.py's counters for the other families): the image is encoded
+    # once, the follow-up computes only its new text.
+    first, follow_up = (r.cache for r in results)
+    assert first.vision_misses == 1
+    assert follow_up.vision_misses == 0 and follow_up.vision_hits == 0
+    assert 0 < follow_up.prefill_tokens_computed < follow_up.prompt_tokens / 2
+    assert follow_up.prefix_tokens_reused > 0
     solo_b = conversation(engine_of(cache__enabled=False), wide, QUESTIONS[:2])
     assert b.conv.token_ids == solo_b.conv.token_ids
 

@@ -69,14 +69,17 @@ def _int8_weights(stack) -> list[torch.Tensor]:
 def test_int8_decode_equals_the_float_step_on_the_same_weights(model, street_image):
     """A private copy of the twin whose weights are already on the int8 grid (quantised and back):
     then the int8 step must write exactly the float step's tokens."""
-    config = fast_config(model, model__compile=True, model__warmup=False)
+    # Half the suite's reasoning and answer budgets: every token still runs the int8 step, and the
+    # Qwen3.5 twin's tokens are the dearest on a CPU.
+    budgets = dict(model__compile=True, model__warmup=False, pipeline__reasoning_max_new_tokens=48,
+                   pipeline__synthesis_max_new_tokens=32)
+    config = fast_config(model, **budgets)
     lm = load_model(config.model, config.image)      # private: its weights are changed below
     plain = Engine(lm, config)
     with torch.no_grad():
         for w in _int8_weights(plain.static.stack):
             w.copy_(dequantize(quantize(w), w.dtype))
-    int8 = Engine(lm, fast_config(model, model__compile=True, model__warmup=False,
-                                  model__quantization="int8-decode"))
+    int8 = Engine(lm, fast_config(model, model__quantization="int8-decode", **budgets))
     assert isinstance(int8.static.stack.lm_head, Int8Weight)
     assert any(isinstance(t, Int8Weight) for t in int8.static.stack.layers[0])
     sessions = [ChatSession(engine, street_image) for engine in (plain, int8)]
