@@ -63,6 +63,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MB = 1024 * 1024
 THROTTLE_S = 0.05          # at most ~20 chat updates a second while tokens stream,
 UI_SHARE = 0.2             # and Gradio's work on them at most ~20% of the turn's time
+STOPPED_QUEUED = "Stopped before the model started on this question: ask it again when you are ready."
 STOP_WAIT_S = 15.0         # how long Stop / New conversation wait for a cancelled turn to unwind
 IMAGES, BUTTONS = "images", "buttons"
 ALL = frozenset({CHAT, BOXES, GALLERY, TIMINGS, DEBUG, IMAGES, BUTTONS})
@@ -275,7 +276,7 @@ class CorgiApp:
             # Two listeners on submit: an instant echo (no queue) so the question shows at once,
             # then the turn itself in the model queue. The turn clears the textbox when it starts:
             # cleared any earlier, the turn could read the empty box instead of the question.
-            textbox.submit(self.echo, [chatbot, textbox], [chatbot, stop_btn], queue=False,
+            textbox.submit(self.echo, [chatbot, textbox, state], [chatbot, stop_btn], queue=False,
                            show_progress="hidden", api_visibility="private")
             ask_event = textbox.submit(self.ask, [state, textbox, *sliders, plain], [*outputs, textbox],
                                        api_name="ask", **model)
@@ -427,11 +428,14 @@ class CorgiApp:
             return
         yield from self._add_images(session, [(str(examples[index]), examples[index].name)])
 
-    def echo(self, history, message):
+    def echo(self, history, message, state=None):
         """Show the question (or the attached image) at once, while the turn waits for the model;
         Stop is live from here (it cancels a turn still waiting in the queue)."""
         message = message if isinstance(message, dict) else {}
         text = (message.get("text") or "").strip() if isinstance(message.get("text"), str) else ""
+        if isinstance(state, UserSession):     # every submit is one echo and one ask
+            state.echoed += 1
+            state.echoed_question = text
         history = list(history or [])
         try:
             clean_question(text, self.config.pipeline.max_question_chars) if text else None
@@ -452,6 +456,7 @@ class CorgiApp:
         values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
         cleared = gr.MultimodalTextbox(value=None)
         session = self.session(state, request)
+        session.started += 1
         updates = self._ask(session, message, values, plain)
         session.running = updates
         try:
@@ -536,6 +541,11 @@ class CorgiApp:
         session = self.session(state, request)
         got = self._unwind(session)
         try:
+            if got and session.echoed > session.started:    # cancelled before its turn began
+                session.started = session.echoed
+                if session.echoed_question:
+                    session.history += [{"role": "user", "content": render.escape_md(session.echoed_question)},
+                                        render.notice(STOPPED_QUEUED)]
             return self.outputs(session)
         finally:
             if got:
@@ -565,6 +575,7 @@ class CorgiApp:
         if not self._unwind(session):
             return self.outputs(session)    # a turn that would not unwind: leave it be
         try:
+            session.started = max(session.started, session.echoed)   # a cancelled queued question
             with self.model_lock:
                 session.new_conversation()
             if session.images:

@@ -68,6 +68,11 @@ class UserSession:
         # turn could otherwise start while the old one is still cutting the conversation back.
         self.lock = threading.Lock()
         self.running: Iterator | None = None   # the updates of its last turn (Stop may close them)
+        # Questions the browser echoed and turns that started: more echoed than started when a
+        # Stop cancelled a question still waiting in the queue (its turn never ran, so only Stop
+        # can tell the user it was not asked).
+        self.echoed, self.started = 0, 0
+        self.echoed_question = ""
         self.closed = False
         # The conversation's images, in order (Box.image indexes them), and the ones the next
         # question is about; ChatSession holds the same images in the same order.

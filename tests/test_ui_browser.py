@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from chatbot.app import STOPPED_QUEUED
 from server import ASSETS, REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -91,6 +92,27 @@ def test_a_conversation_in_the_browser(server, browser):
     expect(page.locator("#images")).to_contain_text("street-scene.png (current)")
     expect(page.locator("#timeline")).to_contain_text("image, at upload")
 
+    # A question waiting in the model queue (another tab's long turn runs): Stop cancels it
+    # before it starts, and the chat keeps it with a note instead of dropping it.
+    from gradio_client import handle_file
+    busy = server.client()
+    busy.predict([handle_file(str(ASSETS / "shapes.png"))], api_name="/set_image")
+    long_turn = busy.submit({"text": "Describe everything.", "files": []}, 20, 20, 4096, 8, 16, api_name="/ask")
+    next(iter(long_turn))               # its first update: it holds the model queue now
+    ask(page, "Is there a bus?")
+    expect(page.locator("#stop")).to_be_enabled()
+    page.locator("#stop").click()
+    expect(chat.get_by_text(STOPPED_QUEUED)).to_be_visible()
+    assert not long_turn.done(), "the other tab's turn ended first: this question was not queued"
+    expect(chat.get_by_text("Is there a bus?")).to_be_visible()
+    expect(chat.locator(".loading-spinner")).to_have_count(0)
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator("#question textarea")).to_have_value("Is there a bus?")   # one Enter to ask again
+    (REPO / "test-artifacts").mkdir(exist_ok=True)
+    page.screenshot(path=str(REPO / "test-artifacts" / "ui-stopped-in-queue.png"))
+    long_turn.cancel()
+    busy.predict(api_name="/stop")
+
     # Stop at once (the echo enables it; a twin's turn can be over in a second): the turn is
     # cancelled queued or running, the chat says so, nothing keeps spinning.
     ask(page, "What does the sign say?")
@@ -99,10 +121,12 @@ def test_a_conversation_in_the_browser(server, browser):
     # A warm twin's turn can end before the click lands (then there is nothing to stop, and the
     # turn stands); Stop is also tested over the API and in-process (test_ui_client, test_faults).
     stopped = chat.get_by_text("Stopped. The conversation goes on from before this question.")
-    wait_for(lambda: stopped.count() or (timeline_row(page, "turn 1") or "").find("from the cache") >= 0)
+    queued = chat.get_by_text(STOPPED_QUEUED)
+    wait_for(lambda: stopped.count() or queued.count() > 1
+             or (timeline_row(page, "turn 1") or "").find("from the cache") >= 0)
     expect(chat.locator(".loading-spinner")).to_have_count(0)
     expect(page.locator("#stop")).to_be_disabled()
-    first = 1 if stopped.count() else 2          # the number the next turn gets
+    first = 2 if (timeline_row(page, "turn 1") or "").find("from the cache") >= 0 else 1   # the next turn's number
 
     # An example question fills the box; asking it streams the phases.
     page.locator("#example-questions").get_by_text("What colour is the car?").click()

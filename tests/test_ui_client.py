@@ -233,6 +233,38 @@ def test_a_model_failure_is_shown_and_the_session_stays_usable():
     assert session.live is None and session.results == [] and not session.lock.locked()
 
 
+def test_a_stop_that_cancels_a_queued_question_says_so_once():
+    """Stop can cancel a question still waiting in the model queue: its turn never runs, so Stop
+    itself puts the question back in the chat with a note (not a silent disappearance)."""
+    from chatbot.app import STOPPED_QUEUED
+    from chatbot.sessions import ShownImage, UserSession
+    from corgi.types import Phase, PhaseStarted
+
+    class QuickChat:          # a turn that starts and ends at once
+        def ask(self, question, settings):
+            yield PhaseStarted(Phase.REASONING, "p")
+
+        def close(self):
+            pass
+
+    app = fake_app()
+    session = UserSession("k")
+    session.set_images([ShownImage("x.png", Image.new("RGB", (32, 32)), "d")])
+    session.chat = QuickChat()
+    echoed, _ = app.echo([], {"text": "Is it red?", "files": []}, session)
+    assert len(echoed) == 2 and echoed[0]["content"] == "Is it red?"    # the question, "waiting"
+    chat = app.stop(session, None)[1]                     # the queued /ask was cancelled
+    assert [m["content"] for m in chat[-2:]] == ["Is it red?", STOPPED_QUEUED]
+    assert app.stop(session, None)[1] == chat             # said once
+
+    # A question whose turn ran: a later Stop (nothing left to stop) adds nothing.
+    app.echo(chat, {"text": "Is it blue?", "files": []}, session)
+    list(app.ask(session, {"text": "Is it blue?", "files": []}, *[None] * 5))
+    after = app.stop(session, None)[1]
+    assert STOPPED_QUEUED not in [m["content"] for m in after[len(chat):]]
+    assert not session.lock.locked()
+
+
 def fake_app():
     from chatbot.app import CorgiApp
     from corgi.config import Config
