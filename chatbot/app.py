@@ -796,7 +796,8 @@ class CorgiApp:
             session.trace_path = str(path)
             report = folder / "corgi-report.html"
             report.write_text(report_html({**self.model_info, "twin": self.twin}, values,
-                                          [(x.name, x.image) for x in session.images], session.results),
+                                          [(x.name, x.image) for x in session.images], session.results,
+                                          session.report_sections),
                               encoding="utf-8")
             session.report_path = str(report)
         except OSError as exc:      # a full disk: the turn stands, only its downloads are missing

@@ -50,15 +50,27 @@ ol.steps { list-style: none; padding-left: 0; } ol.steps li { margin: .25em 0; }
 
 
 def report_html(model: dict[str, str], settings: dict[str, Any],
-                images: list[tuple[str, Image.Image]], results: list[TurnResult]) -> str:
+                images: list[tuple[str, Image.Image]], results: list[TurnResult],
+                sections: dict[int, tuple] | None = None) -> str:
     """The conversation as one HTML document (a str), viewable offline and printable.
 
     `images` are the conversation's images in order, as (name, image): Box.image and
-    TurnResult.images index into it. `settings` maps PipelineConfig fields to values."""
+    TurnResult.images index into it. `settings` maps PipelineConfig fields to values.
+    `sections`: a dict the caller keeps across calls for one conversation. The UI rewrites the
+    report after every turn, and a turn's section (its pictures drawn and JPEG-encoded) costs
+    tens of ms; kept here, each turn is rendered once instead of once per later turn."""
     padding = float(settings.get("crop_padding", 0.0))
+    twin = bool(model.get("twin"))
+    sections = {} if sections is None else sections
     title = f"CoRGI report: {model.get('id', 'model')}"
     body = [_header(model, settings, images)]
-    body += [_turn(n, result, images, padding, bool(model.get("twin"))) for n, result in enumerate(results, 1)]
+    for n, result in enumerate(results, 1):
+        # Turn n is the same section while its result is the same object (a regenerated turn is
+        # a new one) and the padding and noise note are too; joined images only add indices.
+        kept = sections.get(n)
+        if kept is None or kept[0] is not result or kept[1:3] != (padding, twin):
+            kept = sections[n] = (result, padding, twin, _turn(n, result, images, padding, twin))
+        body.append(kept[3])
     if not results:
         body.append("<p class='muted'>No questions were asked in this conversation.</p>")
     return ("<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"

@@ -88,6 +88,7 @@ class UserSession:
         self.live: TurnView | None = None                    # the turn being streamed
         self.trace_path: str | None = None                   # its folder is this session's alone
         self.report_path: str | None = None                  # the HTML report, in the same folder
+        self.report_sections: dict[int, tuple] = {}          # report_html's turns rendered so far
         # Why the store did not keep it (SERVER_FULL or CLIENT_FULL): the UI shows that; "" if kept.
         self.refused = ""
 
@@ -170,6 +171,7 @@ class UserSession:
         if self.trace_path:
             shutil.rmtree(os.path.dirname(self.trace_path), ignore_errors=True)
         self.trace_path = self.report_path = None
+        self.report_sections = {}
 
     def set_images(self, images: list[ShownImage]) -> None:
         """A fresh conversation on `images` (none: no image at all)."""

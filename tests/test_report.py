@@ -115,6 +115,27 @@ def test_structure_of_a_hand_built_conversation():
     assert out.count("<section") == 2
 
 
+def test_kept_sections_give_the_same_report_and_follow_a_changed_turn():
+    """The UI keeps each turn's section across its per-turn rewrites of the report: the document
+    must equal one rendered from scratch, also after a turn is regenerated or the padding changes."""
+    images = two_images()
+    first = hand_built("What is on the road?", "A car is in the middle.", "a blue car", "a car")
+    second = hand_built("And the sign?", "The car again.", "still blue", "STOP")
+    sections: dict = {}
+    assert report_html(MODEL, SETTINGS, images, [first], sections) == report_html(MODEL, SETTINGS, images, [first])
+    kept = sections[1][3]
+    both = report_html(MODEL, SETTINGS, images, [first, second], sections)
+    assert both == report_html(MODEL, SETTINGS, images, [first, second]) and sections[1][3] is kept
+    redone = hand_built("And the sign?", "Another statement.", "red", "GO")      # Regenerate
+    assert report_html(MODEL, SETTINGS, images, [first, redone], sections) == \
+        report_html(MODEL, SETTINGS, images, [first, redone])
+    assert "Another statement." in sections[2][3] and "The car again." not in sections[2][3]
+    wider = {**SETTINGS, "crop_padding": 0.5}
+    assert report_html(MODEL, wider, images, [first], sections) == report_html(MODEL, wider, images, [first])
+    twin = {**MODEL, "twin": True}
+    assert report_html(twin, SETTINGS, images, [first], sections) == report_html(twin, SETTINGS, images, [first])
+
+
 def test_hostile_model_text_renders_inert():
     images = [("<img src=x onerror=alert(1)>.png", Image.new("RGB", (200, 150), "white"))]
     hostile = {
