@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from corgi.engine.tiny import TINY_NAMES
+
 log = logging.getLogger("chatbot")
 EXIT_BAD_INPUT = 2
 
@@ -30,7 +32,8 @@ EXIT_BAD_INPUT = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chatbot", description="CoRGI Chat web UI")
     parser.add_argument("--config", help="YAML config file (default: configs/default.yaml)")
-    parser.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder")
+    parser.add_argument("--model", help=f"model id: a hub id, a local folder, or a random-weight twin "
+                                        f"({', '.join(TINY_NAMES)})")
     parser.add_argument("--backend", choices=("local", "openai"),
                         help="local: load the model here; openai: use an OpenAI-compatible server (model.backend)")
     parser.add_argument("--base-url", help="with --backend openai: the server's API root (model.base_url)")

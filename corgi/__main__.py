@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from .engine.tiny import TINY_NAMES
 from .types import (AnswerReady, EvidenceReady, PhaseFinished, PhaseStarted, StepsParsed, StepStreamed,
                     TextDelta, TurnFinished)
 
@@ -26,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--question", required=True)
     run.add_argument("--followup", action="append", default=[], help="a follow-up question (repeatable)")
     run.add_argument("--config", help="YAML config file (default: configs/default.yaml settings)")
-    run.add_argument("--model", help="model id: tiny-qwen2.5-vl, tiny-qwen3-vl, a hub id or a local folder; "
-                                     "with --backend openai the served model's name")
+    run.add_argument("--model", help=f"model id: a hub id, a local folder, or a random-weight twin "
+                                     f"({', '.join(TINY_NAMES)}); with --backend openai the served model's name")
     run.add_argument("--backend", choices=("local", "openai"),
                      help="local: load the model here; openai: use an OpenAI-compatible server (vLLM, SGLang)")
     run.add_argument("--base-url", help="with --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1")
