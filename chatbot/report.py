@@ -51,19 +51,20 @@ ol.steps { list-style: none; padding-left: 0; } ol.steps li { margin: .25em 0; }
 
 def report_html(model: dict[str, str], settings: dict[str, Any],
                 images: list[tuple[str, Image.Image]], results: list[TurnResult],
-                sections: dict[int, tuple] | None = None) -> str:
+                sections: dict | None = None) -> str:
     """The conversation as one HTML document (a str), viewable offline and printable.
 
     `images` are the conversation's images in order, as (name, image): Box.image and
     TurnResult.images index into it. `settings` maps PipelineConfig fields to values.
     `sections`: a dict the caller keeps across calls for one conversation. The UI rewrites the
     report after every turn, and a turn's section (its pictures drawn and JPEG-encoded) costs
-    tens of ms; kept here, each turn is rendered once instead of once per later turn."""
+    tens of ms; kept here, each turn and each image thumbnail is rendered once instead of once
+    per later turn."""
     padding = float(settings.get("crop_padding", 0.0))
     twin = bool(model.get("twin"))
     sections = {} if sections is None else sections
     title = f"CoRGI report: {model.get('id', 'model')}"
-    body = [_header(model, settings, images)]
+    body = [_header(model, settings, images, sections)]
     for n, result in enumerate(results, 1):
         # Turn n is the same section while its result is the same object (a regenerated turn is
         # a new one) and the padding and noise note are too; joined images only add indices.
@@ -82,7 +83,8 @@ def report_html(model: dict[str, str], settings: dict[str, Any],
 
 # ---- header: model, settings, images ---------------------------------------------------
 
-def _header(model: dict[str, str], settings: dict[str, Any], images: list[tuple[str, Image.Image]]) -> str:
+def _header(model: dict[str, str], settings: dict[str, Any], images: list[tuple[str, Image.Image]],
+            sections: dict) -> str:
     rows = [(key, model.get(key, "")) for key in ("id", "family", "dtype", "device")]
     parts = ["<h1>CoRGI conversation report</h1>"]
     if model.get("twin"):
@@ -96,8 +98,11 @@ def _header(model: dict[str, str], settings: dict[str, Any], images: list[tuple[
     parts.append("</div>")
     parts.append(f"<h2>Images ({len(images)})</h2>\n<div class='thumbs'>")
     for i, (name, image) in enumerate(images):
-        parts.append(_figure(render.display_size(image), f"Image {i + 1}: {name}",
-                             f"{image.width}x{image.height} px", css="thumb"))
+        kept = sections.get(("image", i))         # the same picture under the same name: kept
+        if kept is None or kept[0] is not image or kept[1] != name:
+            kept = sections[("image", i)] = (image, name, _figure(
+                render.display_size(image), f"Image {i + 1}: {name}", f"{image.width}x{image.height} px", css="thumb"))
+        parts.append(kept[2])
     parts.append("</div>")
     return "\n".join(parts)
 

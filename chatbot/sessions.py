@@ -88,7 +88,7 @@ class UserSession:
         self.live: TurnView | None = None                    # the turn being streamed
         self.trace_path: str | None = None                   # its folder is this session's alone
         self.report_path: str | None = None                  # the HTML report, in the same folder
-        self.report_sections: dict[int, tuple] = {}          # report_html's turns rendered so far
+        self.report_sections: dict = {}                      # report_html's turns and thumbnails so far
         # Why the store did not keep it (SERVER_FULL or CLIENT_FULL): the UI shows that; "" if kept.
         self.refused = ""
 

@@ -134,6 +134,10 @@ def test_kept_sections_give_the_same_report_and_follow_a_changed_turn():
     assert report_html(MODEL, wider, images, [first], sections) == report_html(MODEL, wider, images, [first])
     twin = {**MODEL, "twin": True}
     assert report_html(twin, SETTINGS, images, [first], sections) == report_html(twin, SETTINGS, images, [first])
+    joined = images + [("third.png", Image.new("RGB", (640, 480), (10, 200, 10)))]     # an image joins
+    assert report_html(MODEL, SETTINGS, joined, [first], sections) == report_html(MODEL, SETTINGS, joined, [first])
+    swapped = [("street <1>.png", Image.new("RGB", (320, 240), "black"))] + joined[1:]  # New conversation
+    assert report_html(MODEL, SETTINGS, swapped, [], sections) == report_html(MODEL, SETTINGS, swapped, [])
 
 
 def test_hostile_model_text_renders_inert():
