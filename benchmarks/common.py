@@ -7,6 +7,7 @@ tokens, like `min_new_tokens == max_new_tokens` in HF generate().
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -31,6 +32,16 @@ os.environ.setdefault("CORGI_CACHE", str(ROOT / ".cache" / "corgi"))   # the tes
 
 
 # ---- timing -------------------------------------------------------------------------------
+
+def ui_args(doc: str, out_name: str, count: str, default: int) -> argparse.Namespace:
+    """The UI benchmarks' arguments: --model (a twin by default), how many repeats or turns
+    (`--<count>`), and --out (benchmarks/results/<out_name>.json)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="tiny-qwen2.5-vl")
+    parser.add_argument(f"--{count}", type=int, default=default)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"{out_name}.json"))
+    return parser.parse_args()
+
 
 def sync(device) -> None:
     """Wait for queued GPU work, so a wall-clock reading covers it."""

@@ -12,7 +12,6 @@ browser minus the server is what the UI adds (queue, rendering, transport). Need
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -83,11 +82,7 @@ def browser_first_token(url: str, photo: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-qwen2.5-vl")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ui_first_token.json"))
-    args = parser.parse_args()
+    args = common.ui_args(__doc__, "ui_first_token", "repeats", 3)
     sys.path.insert(0, str(REPO / "tests"))
     from server import UI_CONFIG, serve          # the tests' launcher: a real `python -m chatbot`
     folder = Path(tempfile.mkdtemp(prefix="corgi-ftt-"))

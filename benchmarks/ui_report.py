@@ -11,7 +11,6 @@ timing, the report alone is timed.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -31,11 +30,7 @@ def photo(size=(2048, 1536)):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-qwen2.5-vl")
-    parser.add_argument("--turns", type=int, default=12)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ui_report.json"))
-    args = parser.parse_args()
+    args = common.ui_args(__doc__, "ui_report", "turns", 12)
     sys.path.insert(0, str(REPO / "tests"))
     from server import UI_CONFIG, config_for      # the UI tests' settings
     from chatbot.report import report_html

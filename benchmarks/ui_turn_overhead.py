@@ -13,7 +13,6 @@ in the model's process.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -60,11 +59,7 @@ def in_process_turns(engine, image) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-qwen2.5-vl")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ui_turn_overhead.json"))
-    args = parser.parse_args()
+    args = common.ui_args(__doc__, "ui_turn_overhead", "repeats", 2)
     os.environ["OMP_NUM_THREADS"] = "1"          # inherited by the server
     import torch
     torch.set_num_threads(1)
