@@ -433,15 +433,15 @@ class CorgiApp:
         Stop is live from here (it cancels a turn still waiting in the queue)."""
         message = message if isinstance(message, dict) else {}
         text = (message.get("text") or "").strip() if isinstance(message.get("text"), str) else ""
-        if isinstance(state, UserSession):     # every submit is one echo and one ask
-            state.echoed += 1
-            state.echoed_question = text
         history = list(history or [])
         try:
             clean_question(text, self.config.pipeline.max_question_chars) if text else None
             askable = bool(text)
         except InputError:
             askable = False      # refused by the turn: not echoed first
+        if isinstance(state, UserSession):     # every submit is one echo and one ask
+            state.echoed += 1
+            state.echoed_question = text if askable else ""
         if askable:
             history += [{"role": "user", "content": render.escape_md(text)},
                         render.status_message("Waiting for the model", "", done=False)]
