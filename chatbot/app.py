@@ -443,7 +443,7 @@ class CorgiApp:
             state.echoed += 1
             state.echoed_question = text if askable else ""
         if askable:
-            history += [{"role": "user", "content": render.escape_md(text)},
+            history += [render.question_message(text),
                         render.status_message("Waiting for the model", "", done=False)]
         elif message.get("files"):
             history += [render.status_message("Loading the image", "", done=False)]
@@ -501,7 +501,7 @@ class CorgiApp:
                     problem = f"These settings cannot be used: {exc}."
             if problem:
                 if text:
-                    session.history.append({"role": "user", "content": render.escape_md(text)})
+                    session.history.append(render.question_message(text))
                 session.history.append(render.notice(problem))
                 yield self.outputs(session)
                 return
@@ -544,7 +544,7 @@ class CorgiApp:
             if got and session.echoed > session.started:    # cancelled before its turn began
                 session.started = session.echoed
                 if session.echoed_question:
-                    session.history += [{"role": "user", "content": render.escape_md(session.echoed_question)},
+                    session.history += [render.question_message(session.echoed_question),
                                         render.notice(STOPPED_QUEUED)]
             return self.outputs(session)
         finally:

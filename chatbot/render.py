@@ -111,6 +111,11 @@ def code_block(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+def question_message(text: str) -> dict[str, Any]:
+    """The user's question as the chat shows it (Markdown escaped: it is text, not markup)."""
+    return {"role": "user", "content": escape_md(text)}
+
+
 def notice(text: str) -> dict[str, Any]:
     """A plain assistant message: errors, hints, 'stopped'."""
     return {"role": "assistant", "content": text}
@@ -251,7 +256,7 @@ class TurnView:
         return done
 
     def messages(self) -> list[dict[str, Any]]:
-        out = [{"role": "user", "content": escape_md(self.question)}]
+        out = [question_message(self.question)]
         for phase in self.order:
             done = phase in self.seconds or self.ending is not None
             title = PHASE_TITLES[phase]

@@ -108,10 +108,12 @@ def test_a_conversation_in_the_browser(server, browser):
     expect(chat.locator(".loading-spinner")).to_have_count(0)
     expect(page.locator("#stop")).to_be_disabled()
     expect(page.locator("#question textarea")).to_have_value("Is there a bus?")   # one Enter to ask again
-    (REPO / "test-artifacts").mkdir(exist_ok=True)
-    page.screenshot(path=str(REPO / "test-artifacts" / "ui-stopped-in-queue.png"))
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    page.screenshot(path=str(artifacts / "ui-stopped-in-queue.png"))
     long_turn.cancel()
     busy.predict(api_name="/stop")
+    busy.close()
 
     # Stop at once (the echo enables it; a twin's turn can be over in a second): the turn is
     # cancelled queued or running, the chat says so, nothing keeps spinning.
@@ -156,8 +158,6 @@ def test_a_conversation_in_the_browser(server, browser):
     assert "no image re-encoded" in turn2 and "prefill" in turn2 and "decode" in turn2, turn2
     expect(chat.locator(".loading-spinner")).to_have_count(0)
 
-    artifacts = REPO / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
     page.screenshot(path=str(artifacts / "ui.png"), full_page=True)
 
     # Debugging is one click away: the exact prompts and raw outputs of each turn.
