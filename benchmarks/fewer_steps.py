@@ -20,7 +20,9 @@ prediction for a real model. Free turns (CPU only): the twin's own greedy output
 default config, jump-forward on and off: the outputs differ, so compare per token.
 
 Verify cost: one static bucket at the W1 context, a one-token step against a k-token forward
-(k = 1..8), median of `--verify-reps` calls each.
+(k = 1..8), and a verify of k tokens all but the first rejected (the forward made to be cut back,
+then keep([1]): on a hybrid stack the linear states' snapshot and replay), median of
+`--verify-reps` calls each.
 """
 from __future__ import annotations
 
@@ -88,6 +90,10 @@ def verify_cost(engine, context: int, reps: int, device) -> dict:
         ids = torch.full((1, k), 42, device=engine.lm.device)
         out[f"extend_{k}_ms"] = timed(lambda: bucket.extend(ids))
         out[f"extend_{k}_padded_to"] = bucket.last_width
+        if k > 1:
+            # A verify whose k-1 drafts are all rejected: set aside (hybrid: the linear states'
+            # snapshot), the forward, then cut back to the one token (hybrid: the states' replay).
+            out[f"verify_{k}_rejected_ms"] = timed(lambda: (bucket.extend(ids, rewind=True), bucket.keep([1])))
     reset()
     return out
 
@@ -214,7 +220,8 @@ def print_report(result: dict) -> None:
     if "verify_cost" in result:
         v = result["verify_cost"]
         rows = [{"k": k, "ms": v[f"extend_{k}_ms"], "x one-token step": v[f"extend_{k}_ms"] / v["step_ms"],
-                 "padded to": v[f"extend_{k}_padded_to"]} for k in range(1, 9)]
+                 "padded to": v[f"extend_{k}_padded_to"],
+                 "all rejected ms": v.get(f"verify_{k}_rejected_ms", float("nan"))} for k in range(1, 9)]
         print(f"one-token step {v['step_ms']:.3f} ms at context {v['context']}")
         print(common.table(rows, list(rows[0])))
 

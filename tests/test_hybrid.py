@@ -114,11 +114,15 @@ def test_prefill_warm_up_keeps_nothing_and_changes_nothing(street_image, referen
     assert conversation(engine, street_image, QUESTIONS[:2]).conv.token_ids == reference
 
 
-def test_batched_captions_equal_one_by_one(street_image):
-    """Left padding must not leak into the recurrent state of the padded rows."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batched_captions_equal_one_by_one(street_image, compiled):
+    """Left padding must not leak into the recurrent state of the padded rows. compiled: the
+    static batch bucket, where prompt-lookup drafts are verified per row and the rejected ones
+    cut back by replaying each row's linear states (the eager batch verifies none)."""
     from corgi import boxes
-    from corgi.types import Box, StepKind
-    engine = engine_of()
+    from corgi.engine import decode
+    from corgi.types import Box, CacheStats, StepKind
+    engine = engine_of(**({"model__compile": True, "model__warmup": False} if compiled else {}))
     regions = [(Box(0.6, 0.1, 0.8, 0.35), StepKind.TEXT, "The sign says STOP."),
                (Box(0.05, 0.15, 0.4, 0.65), StepKind.OBJECT, "A red house with a door."),
                (Box(0.8, 0.0, 1.0, 0.25), StepKind.OBJECT, "The sun.")]
@@ -127,16 +131,25 @@ def test_batched_captions_equal_one_by_one(street_image):
     heads = [(before, after + prompts.crop_instruction(kind, text)) for _, kind, text in regions]
     assert len({engine.image_grid(c, 3136, 448 * 448) for c in crops}) > 1     # really padded
 
-    def run(indices):
+    def run(indices, stats=None):
         rows = {i: [] for i in indices}
         for row, token in engine.generate_batch([crops[i] for i in indices], [heads[i] for i in indices],
-                                                10, 448 * 448):
+                                                10, 448 * 448, stats=stats):
             rows[indices[row]].append(token)
         return rows
 
-    batched = run([0, 1, 2])
+    class EveryStep(decode.PromptLookup):
+        """Drafts the row's last k tokens at every step (the twin rejects nearly all of them)."""
+        def draft(self, limit):
+            return self.ids[-min(self.k, limit):]
+
+    # The batch verifies drafts at every step; the single rows draft nothing.
+    engine._lookup = lambda ids, sampling: EveryStep(ids, k=4)
+    batched = run([0, 1, 2], stats := CacheStats())
+    engine._lookup = lambda ids, sampling: None
     for i in range(len(regions)):
         assert batched[i] == run([i])[i], f"region {i} differs between batch and single"
+    assert (stats.drafted_tokens > 0) == compiled
 
 
 def test_static_step_equals_eager_through_the_pipeline(street_image):

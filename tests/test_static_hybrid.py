@@ -182,7 +182,8 @@ def hf_feed(model, cache, tokens, start: int):
 def test_a_chunk_of_uneven_rows_feeds_each_row_only_its_own_tokens(model):
     """One multi-token forward (a jump-forward chunk) over two rows with 5 and 2 real tokens: each
     row's logits and its next step equal HF fed that row's tokens alone, so the padding after
-    the short row never reached its linear states; keep() refuses to keep other counts."""
+    the short row never reached its linear states; keep() refuses to keep other counts (the
+    forward was not made to be cut back)."""
     prompts = [list(range(3, 20)), list(range(40, 51))]
     chunk = [[11, 22, 33, 44, 55], [66, 77]]
     dec = decoder(model)
@@ -192,7 +193,7 @@ def test_a_chunk_of_uneven_rows_feeds_each_row_only_its_own_tokens(model):
     ids = torch.tensor([chunk[0], chunk[1] + [0, 0, 0]])
     wide = bucket.extend(ids, lengths=[5, 2])
     assert bucket.last_width == 8 and bucket.last_forwards == 1                   # padded to a width bucket, one forward
-    with pytest.raises(ValueError, match="cannot take tokens back"):
+    with pytest.raises(ValueError, match="rewind=True"):
         bucket.keep([3, 2])
     bucket.keep([5, 2])
     after = bucket.step(torch.tensor([7, 8]))
@@ -202,6 +203,35 @@ def test_a_chunk_of_uneven_rows_feeds_each_row_only_its_own_tokens(model):
         n = len(chunk[r])
         assert torch.allclose(wide[r, :n], ref[:n], atol=1e-4, rtol=1e-4)
         assert torch.allclose(after[r], ref[n], atol=1e-4, rtol=1e-4)
+
+
+def test_a_verify_cut_back_per_row_equals_feeding_only_the_kept_tokens(model):
+    """A draft verify over two rows (extend with rewind=True) of which row 0 keeps 3 of its 5
+    tokens and row 1 keeps 1 of 2: keep() replays the linear states from the tape, with no
+    second forward, and each row's next steps equal HF fed only that row's kept tokens."""
+    prompts = [list(range(3, 20)), list(range(40, 51))]
+    chunk = [[11, 22, 33, 44, 55], [66, 77]]
+    kept = [3, 1]
+    dec = decoder(model)
+    cache, logits, mask, next_pos = padded_prefill(model, prompts)
+    bucket = dec.bucket(2, mask.shape[1] + 16)
+    bucket.load(cache, mask.shape[1], next_pos, valid=mask)
+    ids = torch.tensor([chunk[0], chunk[1] + [0, 0, 0]])
+    wide = bucket.extend(ids, lengths=[5, 2], rewind=True)
+    assert bucket.snapshot_nbytes() > 0
+    bucket.keep(kept)
+    assert bucket.last_forwards == 1                     # the cut-back read no weights
+    after = [bucket.step(torch.tensor([7, 8])), bucket.step(torch.tensor([9, 10]))]
+    for r, prompt in enumerate(prompts):
+        solo_cache, _, _, _ = padded_prefill(model, [prompt])
+        fed = chunk[r][:kept[r]] + [(7, 8)[r], (9, 10)[r]]
+        ref = hf_feed(model, solo_cache, fed, len(prompt))
+        n = kept[r]
+        assert torch.allclose(wide[r, :n], ref[:n], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(after[0][r], ref[n], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(after[1][r], ref[n + 1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="cannot be cut back"):        # wider than the tape
+        bucket.extend(torch.zeros((2, 9), dtype=torch.long), rewind=True)
 
 
 def test_layer_functions_trace_as_one_graph_each(model):

@@ -181,16 +181,19 @@ class Stepper(Protocol):
 
     extend(ids [B, T]) feeds T tokens per row in one forward: logits [B, T, V] of every position
     (`spare`: columns a static bucket must leave free after it, for the steps still to come;
-    `lengths[b]`: the most row b may keep, the rest being padding).
+    `lengths[b]`: the most row b may keep, the rest being padding; `rewind`: keep() may keep
+    fewer, as a draft verify does, so a hybrid stack sets its linear states aside first).
     keep(kept) then keeps the first kept[b] of them in row b (the rest are cut off or masked out);
-    `rewindable`: whether keep() can keep fewer than lengths; `last_forwards`: the model forwards the
-    latest extend() + keep() took (1, or more where state had to be replayed)."""
+    `rewindable`: whether keep() can keep fewer than lengths, for an extend() of at most
+    `rewind_width` tokens; `last_forwards`: the model forwards the latest extend() + keep() took
+    (1, or 2 where the kept tokens had to be fed again)."""
     fed: int
     rewindable: bool
+    rewind_width: int
     last_forwards: int
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...  # [B] -> [B, V]
-    def extend(self, ids: torch.Tensor, spare: int = 0,
-               lengths: list[int] | None = None) -> torch.Tensor: ...   # [B, T] -> [B, T, V]
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None,
+               rewind: bool = False) -> torch.Tensor: ...   # [B, T] -> [B, T, V]
     def keep(self, kept: list[int]) -> None: ...
 
 
@@ -210,6 +213,7 @@ class EagerStepper:
         # Hybrid rows cannot cut linear state back: one row goes back to a snapshot and feeds
         # the kept tokens again; a batch of hybrid rows verifies no drafts.
         self.rewindable = not self.hybrid or next_positions.shape[0] == 1
+        self.rewind_width = 1 << 30 if self.rewindable else 0
         self._pending = None     # (ids [B, T], columns before, snapshot) of the last extend()
         self.last_forwards = 1   # model forwards of the latest extend() and keep()
 
@@ -227,12 +231,15 @@ class EagerStepper:
         self.fed += 1
         return logits
 
-    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None,
+               rewind: bool = False) -> torch.Tensor:
         rows, width = ids.shape
+        if rewind and not self.rewindable:
+            raise ValueError("a batch of hybrid rows cannot keep fewer tokens than it fed")
         offsets = torch.arange(width, device=ids.device)
         positions = (self.next_positions.view(-1, 1) + offsets).unsqueeze(0).expand(3, -1, -1)   # [3, B, T]
         columns = self._columns()
-        snapshot = state.take_snapshot(self.cache, columns) if self.hybrid and self.rewindable else None
+        snapshot = state.take_snapshot(self.cache, columns) if self.hybrid and rewind else None
         mask = self.mask
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((rows, width))], dim=1)
@@ -253,6 +260,8 @@ class EagerStepper:
         if rows == 1:
             n = kept[0]
             if n < width:
+                if self.hybrid and snapshot is None:
+                    raise ValueError("keep() of fewer tokens after an extend() made without rewind=True")
                 if snapshot is not None:      # hybrid: back to the state before, feed the kept tokens again
                     state.restore(self.cache, snapshot)
                     self.last_forwards += 1
@@ -289,7 +298,7 @@ class StaticStepper:
 
     def __init__(self, bucket):
         self.bucket, self.fed, self.broken = bucket, 0, False
-        self.rewindable = bucket.rewindable
+        self.rewindable, self.rewind_width = bucket.rewindable, bucket.rewind_width
         self.last_forwards = 1      # model forwards of the latest extend() (and keep())
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -301,9 +310,10 @@ class StaticStepper:
         """Columns left in the bucket (a multi-token forward must fit)."""
         return self.bucket.room()
 
-    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None) -> torch.Tensor:
-        logits = self.bucket.extend(ids, spare, lengths)
-        self.last_forwards = self.bucket.last_forwards     # a hybrid bucket steps token by token
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None,
+               rewind: bool = False) -> torch.Tensor:
+        logits = self.bucket.extend(ids, spare, lengths, rewind)
+        self.last_forwards = self.bucket.last_forwards
         return logits
 
     def keep(self, kept: list[int]) -> None:
@@ -410,11 +420,15 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             if row.jump_forward:
                 forced[b] = _accept_forced(row, limit, stop)
             if not forced[b] and row.lookup is not None and greedy and stepper.rewindable:
-                drafts[b] = row.lookup.draft(limit)
+                drafts[b] = row.lookup.draft(min(limit, stepper.rewind_width - 1))
                 cut = next((i for i, t in enumerate(drafts[b]) if t in stop), None)
                 if cut is not None:
                     drafts[b] = drafts[b][:cut]
         width = 1 + max(len(f) + len(d) for f, d in zip(forced, drafts))
+        if any(drafts) and width > stepper.rewind_width:
+            # Another row's forced chunk is wider than a verify can be cut back: no drafts now.
+            drafts = [[] for _ in rows]
+            width = 1 + max(len(f) for f in forced)
         if width == 1:
             logits = stepper.step(tokens)            # queued; the caller's work below overlaps it
             tally.model_steps += 1
@@ -433,7 +447,7 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
                 ids[b, 1:1 + len(extra)] = torch.tensor(extra, dtype=torch.long)
         # What each row can keep at most: its token and forced tokens (and drafts, if any).
         lengths = [1 + len(f) + len(d) for f, d in zip(forced, drafts)]
-        every = stepper.extend(ids.to(device), spare, lengths)              # [B, T, V]
+        every = stepper.extend(ids.to(device), spare, lengths, rewind=verify)   # [B, T, V]
         # Decide every row first, cut the stepper back, then yield (a generator closed while
         # yielding must leave the stepper's count true).
         out: list[list[int]] = [[] for _ in rows]

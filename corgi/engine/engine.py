@@ -431,15 +431,20 @@ class Engine:
             return sum(sum(s.nbytes for s in c.snapshots) for c in self._conversations)
 
     def static_bytes(self) -> int:
-        """Bytes of the compiled decoder's static buffers (allocated once per bucket)."""
+        """Bytes of the compiled decoder's static buffers (allocated once per bucket), and the
+        hybrid buckets' shared snapshots of their linear states (allocated at the first verify)."""
         if self.static is None:
             return 0
-        total = 0
-        for bucket in self.static.buckets.values():
-            for value in vars(bucket).values():
-                tensors = value if isinstance(value, (list, tuple)) else [value]
-                total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        return total
+
+        def nbytes(value) -> int:
+            if isinstance(value, torch.Tensor):
+                return value.numel() * value.element_size()
+            if isinstance(value, (list, tuple)):
+                return sum(nbytes(v) for v in value)
+            return 0
+        buffers = [vars(bucket).get(name) for bucket in self.static.buckets.values() for name in vars(bucket)
+                   if name != "snapshots"]
+        return nbytes(buffers) + nbytes(list(self.static.snapshots.values()))
 
     def end_conversation(self, conv: Conversation) -> None:
         conv.drop_kv()
@@ -484,7 +489,7 @@ class Engine:
             stepper = decode.StaticStepper(bucket)
         else:
             stepper = decode.EagerStepper(lm.model, cache, next_pos, attention_mask=mask)
-        # Drafts only where the stepper can take rejected tokens back (not hybrid batches or buckets).
+        # Drafts only where the stepper can take rejected tokens back (not an eager batch of hybrid rows).
         decode_rows = [decode.Row(self._row_constraints(None, min_new_tokens),
                                   lookup=self._lookup(row, sampling) if stepper.rewindable else None)
                        for row in rows]

@@ -141,28 +141,56 @@ def linear_layer_step(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, 
 
 def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2, wgu, wd,
                         conv_state, rec_state, lengths, eps: float, n_k: int, n_v: int, d_k: int, d_v: int,
-                        fused: bool = False):
-    """`linear_layer_step` for T new tokens per row in one forward (a jump-forward chunk): the
-    projections read their weights once for all T; the conv and the delta rule move the states
-    token by token over the first lengths[b] tokens of row b only.
-    h [B, T, H]; lengths [B] (1..T). Returns [B, T, H]."""
+                        fused: bool = False, tape=None):
+    """`linear_layer_step` for T new tokens per row in one forward (a jump-forward chunk or a
+    draft verify): the projections read their weights once for all T; the conv and the delta
+    rule move the states token by token over the first lengths[b] tokens of row b only.
+    h [B, T, H]; lengths [B] (1..T). Returns [B, T, H].
+    tape: (mixed [B, W, conv_dim], g [B, W, Hv], beta [B, W, Hv]) buffers, W >= T, that get the
+    mixer's inputs, so `replay_linear_state` can move the states over fewer tokens afterwards
+    without reading the weights again (a verify whose drafts were rejected part-way)."""
     batch, width = h.shape[:2]
     key_dim, value_dim = n_k * d_k, n_v * d_v
     x = zc_rms_norm(h, ln1, eps)
     mixed, z, b, a = linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
-    mixed = conv_extend(mixed, conv_state, conv_w, lengths)                    # [B, T, conv_dim]
-    q, k, v = mixed.split([key_dim, key_dim, value_dim], dim=-1)
-    valid = (torch.arange(width, device=h.device)[None, :] < lengths[:, None])[..., None]   # [B, T, 1]
-    beta = torch.where(valid, b.sigmoid(), 0.0)
-    g = torch.where(valid, -a_log.float().exp() * F.softplus(a.float() + dt_bias), 0.0)     # [B, T, Hv]
-    chunk = delta_rule_kernel.delta_rule_chunk if fused else delta_rule_chunk
-    out = chunk(q.reshape(batch, width, n_k, d_k), k.reshape(batch, width, n_k, d_k),
-                v.reshape(batch, width, n_v, d_v), g, beta, rec_state)                    # [B, T, Hv, dv]
+    beta = b.sigmoid()
+    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)                # [B, T, Hv], float32
+    if tape is not None:
+        for buffer, value in zip(tape, (mixed, g, beta)):
+            buffer[:, :width].copy_(value)
+    out = _mix_chunk(mixed, g, beta, conv_state, rec_state, conv_w, lengths, n_k, n_v, d_k, d_v, fused)
     out = gated_rms_norm(out, z.reshape(batch, width, n_v, d_v), norm_w, eps)
     h = h + linear(out.reshape(batch, width, value_dim), w_out)
     x = zc_rms_norm(h, ln2, eps)
     gate, up = linear(x, wgu).chunk(2, dim=-1)
     return h + linear(F.silu(gate) * up, wd)
+
+
+def _mix_chunk(mixed, g, beta, conv_state, rec_state, conv_w, lengths, n_k: int, n_v: int, d_k: int,
+               d_v: int, fused: bool) -> torch.Tensor:
+    """The Gated DeltaNet mixer's stateful part for T tokens per row: the causal conv, then the
+    delta rule, the states moving over the first lengths[b] tokens of row b (the rest get
+    g = beta = 0, which leaves the recurrent state exactly as it is).
+    mixed [B, T, conv_dim] (before the conv); g, beta [B, T, Hv] -> [B, T, Hv, dv]."""
+    batch, width = mixed.shape[:2]
+    key_dim = n_k * d_k
+    mixed = conv_extend(mixed, conv_state, conv_w, lengths)                    # [B, T, conv_dim]
+    q, k, v = mixed.split([key_dim, key_dim, n_v * d_v], dim=-1)
+    valid = (torch.arange(width, device=mixed.device)[None, :] < lengths[:, None])[..., None]   # [B, T, 1]
+    beta = torch.where(valid, beta, 0.0)
+    g = torch.where(valid, g, 0.0)
+    chunk = delta_rule_kernel.delta_rule_chunk if fused else delta_rule_chunk
+    return chunk(q.reshape(batch, width, n_k, d_k), k.reshape(batch, width, n_k, d_k),
+                 v.reshape(batch, width, n_v, d_v), g, beta, rec_state)
+
+
+def replay_linear_state(tape, width: int, conv_state, rec_state, conv_w, lengths,
+                        n_k: int, n_v: int, d_k: int, d_v: int, fused: bool = False) -> None:
+    """Move a linear layer's states (already put back to where a `linear_layer_extend` began)
+    over the first lengths[b] of its `width` taped tokens: the state that extend would have left
+    with those lengths, with no weight read (only the conv taps). lengths [B]."""
+    mixed, g, beta = (t[:, :width] for t in tape)
+    _mix_chunk(mixed, g, beta, conv_state, rec_state, conv_w, lengths, n_k, n_v, d_k, d_v, fused)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

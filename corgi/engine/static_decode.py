@@ -33,12 +33,14 @@ from . import step_linear
 from .step_linear import linear
 
 from .linear_attention import (fused_delta_rule_available, gated_attention_layer_extend,
-                               gated_attention_layer_step, linear_layer_extend, linear_layer_step, zc_rms_norm)
+                               gated_attention_layer_step, linear_layer_extend, linear_layer_step,
+                               replay_linear_state, zc_rms_norm)
 
 LINEAR, FULL = "linear_attention", "full_attention"
 BATCH_BUCKETS = (1, 2, 4, 8)
 WIDTH_BUCKETS = (2, 4, 8, 16, 32, 64)   # multi-token forwards (jump-forward chunks, drafts, short prefills)
 PREFILL_WIDTH = 64                        # tokens per forward of a short prefill (engine._prefill_static)
+REWIND_WIDTH = 8      # a hybrid bucket's widest multi-token forward that keep() can cut back (drafts)
 CAPACITY_BUCKETS = (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
@@ -237,6 +239,7 @@ class Bucket:
     `extend(ids [B, T])` feeds T tokens per row in one forward (`layer_extend`; on CUDA one graph
     per padded width, captured on first use); `keep(kept)` then keeps the first kept[b] of them."""
     rewindable = True
+    rewind_width = CAPACITY_BUCKETS[-1]     # keep() cuts back any extend() (K/V columns are masked)
     multi_token = True        # extend() is one forward: T tokens cost about one step's weight reads
 
     def __init__(self, stack: TextStack, batch: int, capacity: int, device, dtype, layer_fn, extend_fn=None,
@@ -341,16 +344,21 @@ class Bucket:
         """Columns left for new tokens."""
         return self.capacity - int(self.write)
 
-    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None) -> torch.Tensor:
+    def _padded(self, width: int, spare: int) -> int:
+        if width > self.room():
+            raise ValueError(f"{width} tokens do not fit the {self.room()} columns left")
+        return next((w for w in WIDTH_BUCKETS if width <= w <= self.room() - spare), width)
+
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None,
+               rewind: bool = False) -> torch.Tensor:
         """ids [rows, T] -> logits [rows, T, V], a copy the caller may mask in place. T is padded
         up to a width of WIDTH_BUCKETS (one compilation and one graph per width, not per T) where
         `spare` columns stay free after it: the padding's columns are dropped by keep() like
         rejected drafts. lengths[b]: how many of row b's tokens keep() will keep at most (a
-        hybrid bucket feeds only those into its linear states; here every token is rewindable)."""
+        hybrid bucket feeds only those into its linear states). rewind: keep() may keep fewer
+        (drafts; here every token can be dropped, so it changes nothing)."""
         rows, width = ids.shape
-        if width > self.room():
-            raise ValueError(f"{width} tokens do not fit the {self.room()} columns left")
-        padded = next((w for w in WIDTH_BUCKETS if width <= w <= self.room() - spare), width)
+        padded = self._padded(width, spare)
         self.last_width, self.last_forwards = padded, 1
         with torch.inference_mode():
             self._set_lengths(rows, width, lengths or [width] * rows)
@@ -437,14 +445,22 @@ class HybridBucket(Bucket):
     extend(ids, lengths=...) is one forward for T tokens per row (`linear_layer_extend`,
     `gated_attention_layer_extend`): the weights are read once, the linear states move over the
     first lengths[b] tokens of row b only (the rest, padding to a width bucket or to the longest
-    row, gets masked attention columns and no state). The linear states cannot go back, so keep()
-    must keep exactly those tokens: a hybrid bucket takes jump-forward chunks (forced tokens,
-    always kept) but verifies no drafts."""
-    rewindable = False
+    row, gets masked attention columns and no state).
+
+    The linear states have no history, so a verify whose drafts are rejected part-way is cut back
+    by replay: extend(..., rewind=True) first copies the linear states aside (one snapshot per
+    batch size, shared by the decoder's buckets: at most one verify is in flight), and every
+    forward up to REWIND_WIDTH tokens tapes each linear layer's mixer inputs (the projections
+    before the conv, g, beta). keep(kept) then puts the states back and runs only the conv and the
+    delta rule over the kept tokens of the tape (`replay_linear_state`): no weight is read again.
+    On CUDA the replay is one graph per width, like extend()."""
+    rewindable = True
+    rewind_width = REWIND_WIDTH
     multi_token = True
 
     def __init__(self, stack: HybridTextStack, batch: int, capacity: int, device, dtype, layer_fn,
-                 fused: bool = False, extend_fn=None, split_kv: bool = False):
+                 fused: bool = False, extend_fn=None, split_kv: bool = False,
+                 snapshots: dict | None = None):
         self.stack, self.batch, self.capacity, self.layer_fn = stack, batch, capacity, layer_fn
         self.extend_fn = extend_fn or {LINEAR: linear_layer_extend, FULL: gated_attention_layer_extend}
         self.fused = fused            # the delta rule as one Triton kernel (CUDA)
@@ -462,6 +478,16 @@ class HybridBucket(Bucket):
         # width's graph is captured, so the warm-up forwards leave a loaded conversation's
         # states as they are (their K/V columns lie past `write`, masked, like padding).
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        # The rewind: mixer inputs per linear layer (mixed [B, W, conv_dim], g and beta [B, W, Hv]),
+        # the kept tokens per row (replay graph input) and the states' snapshot (see the docstring).
+        self.tape = [None if f else (torch.zeros((batch, REWIND_WIDTH, stack.conv_dim), device=device, dtype=dtype),
+                                     torch.zeros((batch, REWIND_WIDTH, stack.n_v), device=device),
+                                     torch.zeros((batch, REWIND_WIDTH, stack.n_v), device=device))
+                     for f in full]
+        self.kept = torch.ones(batch, dtype=torch.long, device=device)
+        self.snapshots = snapshots if snapshots is not None else {}    # batch -> (conv copies, rec copies)
+        self.replays: dict[int, torch.cuda.CUDAGraph] = {}             # width -> replay graph (CUDA)
+        self._rewind = False
 
     def _step(self) -> torch.Tensor:
         s = self.stack
@@ -496,10 +522,11 @@ class HybridBucket(Bucket):
         linear_fn, attention_fn = self.extend_fn[LINEAR], self.extend_fn[FULL]
         width = ids.shape[1]
         cols, mask, h, cos, sin = self._chunk_inputs(ids)                      # cos/sin [B, T, rot]
+        tape = width <= REWIND_WIDTH
         for i, (kind, weights) in enumerate(zip(s.kinds, s.layers)):
             if kind == LINEAR:
                 h = linear_fn(h, *weights, self.conv[i], self.rec[i], self.lengths, s.eps, s.n_k, s.n_v,
-                              s.d_k, s.d_v, fused=self.fused)
+                              s.d_k, s.d_v, fused=self.fused, tape=self.tape[i] if tape else None)
             else:
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
         h = zc_rms_norm(h, s.norm, s.eps)
@@ -517,11 +544,71 @@ class HybridBucket(Bucket):
         finally:
             self.lengths.copy_(saved)
 
+    def extend(self, ids: torch.Tensor, spare: int = 0, lengths: list[int] | None = None,
+               rewind: bool = False) -> torch.Tensor:
+        if rewind:
+            padded = self._padded(ids.shape[1], spare)
+            if padded > REWIND_WIDTH:
+                raise ValueError(f"a forward of {padded} tokens cannot be cut back (at most {REWIND_WIDTH})")
+            self._take_snapshot()
+        self._rewind = rewind
+        return super().extend(ids, spare, lengths)
+
+    @torch.inference_mode()
+    def _take_snapshot(self) -> None:
+        live = [t for t in self.conv + self.rec if t is not None]
+        if self.batch not in self.snapshots:
+            self.snapshots[self.batch] = [torch.empty_like(t) for t in live]
+        torch._foreach_copy_(self.snapshots[self.batch], live)      # one multi-tensor copy on CUDA
+
+    def snapshot_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.snapshots.get(self.batch, ()))
+
     def keep(self, kept: list[int]) -> None:
+        rewind, self._rewind = self._rewind, False
         if kept != self._lengths:
-            raise ValueError(f"a hybrid bucket keeps the tokens its linear states took ({self._lengths}), "
-                             f"not {kept}: it cannot take tokens back")
+            if not rewind or not all(1 <= n <= m for n, m in zip(kept, self._lengths)) \
+                    or len(kept) != len(self._lengths):
+                raise ValueError(f"a hybrid bucket keeps the tokens its linear states took ({self._lengths}), "
+                                 f"not {kept}: only a forward made with rewind=True can keep fewer")
+            self._replay(kept)
         super().keep(kept)
+
+    @torch.inference_mode()
+    def _replay(self, kept: list[int]) -> None:
+        """Linear states back to the snapshot, then over the kept tokens of the tape."""
+        width = self.last_width
+        self.kept.fill_(1)                   # the bucket's unused rows took one token in extend()
+        self.kept[:len(kept)].copy_(torch.tensor(kept))
+        if self.graph is None:
+            self._replay_states(width)
+            return
+        if width not in self.replays:
+            self.replays[width] = self._capture_replay(width)
+        self.replays[width].replay()
+
+    def _replay_states(self, width: int) -> None:
+        s = self.stack
+        saved = iter(self.snapshots[self.batch])
+        convs = [(i, next(saved)) for i, c in enumerate(self.conv) if c is not None]
+        recs = [(i, next(saved)) for i, r in enumerate(self.rec) if r is not None]
+        for (i, conv), (_, rec) in zip(convs, recs):
+            self.conv[i].copy_(conv)
+            self.rec[i].copy_(rec)
+            replay_linear_state(self.tape[i], width, self.conv[i], self.rec[i], s.layers[i][2], self.kept,
+                                s.n_k, s.n_v, s.d_k, s.d_v, fused=self.fused)
+
+    def _capture_replay(self, width: int) -> torch.cuda.CUDAGraph:
+        # The replay starts from the snapshot each time, so the warm-up run leaves the right state.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._replay_states(width)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._replay_states(width)
+        return graph
 
     @torch.inference_mode()
     def load(self, cache, length: int, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
@@ -643,6 +730,7 @@ class StaticDecoder:
             self.extend_fn = ({kind: _compiled(fn) for kind, fn in self.extend_fn.items()} if self.hybrid
                               else _compiled(layer_extend))
         self.buckets: dict[tuple[int, int], Bucket] = {}
+        self.snapshots: dict[int, list[torch.Tensor]] = {}   # hybrid: linear states set aside by a verify, per batch
 
     @staticmethod
     def bucket_shape(rows: int, columns: int) -> tuple[int, int] | None:
@@ -656,7 +744,7 @@ class StaticDecoder:
             return None          # too long or too wide: the caller decodes eagerly
         if shape not in self.buckets:
             with torch.inference_mode():    # buffers are written only under inference mode
-                extra = {"fused": self.fused_delta_rule} if self.hybrid else {}
+                extra = {"fused": self.fused_delta_rule, "snapshots": self.snapshots} if self.hybrid else {}
                 bucket = self.bucket_class(self.stack, *shape, self.device, self.dtype, self.layer_fn,
                                            extend_fn=self.extend_fn, split_kv=self.split_kv, **extra)
                 if self.use_graphs:
