@@ -73,10 +73,21 @@ def conv_extend(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
     seq = torch.cat([conv_state, x.to(conv_state.dtype).transpose(1, 2)], dim=-1)   # [B, C, K+T]
     windows = seq.float().unfold(-1, kernel, 1)[:, :, 1:]                      # [B, C, T, K]
     out = (windows * weight.float()[None, :, None, :]).sum(-1)                 # [B, C, T]
-    # The new state: the K inputs ending at each row's last kept column (a gather: static shapes).
-    index = (lengths[:, None] + torch.arange(kernel, device=x.device))[:, None, :]   # [B, 1, K]
-    conv_state.copy_(seq.gather(-1, index.expand(-1, seq.shape[1], -1)))
+    _shift_in(seq, conv_state, lengths)
     return F.silu(out).transpose(1, 2).to(x.dtype)
+
+
+def conv_shift(x: torch.Tensor, conv_state: torch.Tensor, lengths: torch.Tensor) -> None:
+    """The state `conv_extend` leaves, without its output: x [B, T, C] into conv_state [B, C, K]."""
+    _shift_in(torch.cat([conv_state, x.to(conv_state.dtype).transpose(1, 2)], dim=-1), conv_state, lengths)
+
+
+def _shift_in(seq: torch.Tensor, conv_state: torch.Tensor, lengths: torch.Tensor) -> None:
+    """The new state: the K inputs ending at each row's last kept column (a gather: static shapes).
+    seq [B, C, K+T] = the old state then the new columns."""
+    kernel = conv_state.shape[-1]
+    index = (lengths[:, None] + torch.arange(kernel, device=seq.device))[:, None, :]    # [B, 1, K]
+    conv_state.copy_(seq.gather(-1, index.expand(-1, seq.shape[1], -1)))
 
 
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -146,19 +157,21 @@ def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2
     draft verify): the projections read their weights once for all T; the conv and the delta
     rule move the states token by token over the first lengths[b] tokens of row b only.
     h [B, T, H]; lengths [B] (1..T). Returns [B, T, H].
-    tape: (mixed [B, W, conv_dim], g [B, W, Hv], beta [B, W, Hv]) buffers, W >= T, that get the
-    mixer's inputs, so `replay_linear_state` can move the states over fewer tokens afterwards
-    without reading the weights again (a verify whose drafts were rejected part-way)."""
+    tape: buffers (mixed, conv_out [B, W, conv_dim], g, beta [B, W, Hv]), W >= T, that get the
+    conv's input and output and the delta rule's g and beta, so `replay_linear_state` can move
+    the states over fewer tokens afterwards, with no weight read and the delta rule fed exactly
+    what it got here (a verify whose drafts were rejected part-way)."""
     batch, width = h.shape[:2]
     key_dim, value_dim = n_k * d_k, n_v * d_v
     x = zc_rms_norm(h, ln1, eps)
     mixed, z, b, a = linear(x, w_in).split([2 * key_dim + value_dim, value_dim, n_v, n_v], dim=-1)
+    conv_out = conv_extend(mixed, conv_state, conv_w, lengths)                 # [B, T, conv_dim]
     beta = b.sigmoid()
     g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)                # [B, T, Hv], float32
     if tape is not None:
-        for buffer, value in zip(tape, (mixed, g, beta)):
+        for buffer, value in zip(tape, (mixed, conv_out, g, beta)):
             buffer[:, :width].copy_(value)
-    out = _mix_chunk(mixed, g, beta, conv_state, rec_state, conv_w, lengths, n_k, n_v, d_k, d_v, fused)
+    out = _delta_chunk(conv_out, g, beta, rec_state, lengths, n_k, n_v, d_k, d_v, fused)   # [B, T, Hv, dv]
     out = gated_rms_norm(out, z.reshape(batch, width, n_v, d_v), norm_w, eps)
     h = h + linear(out.reshape(batch, width, value_dim), w_out)
     x = zc_rms_norm(h, ln2, eps)
@@ -166,17 +179,15 @@ def linear_layer_extend(h, ln1, w_in, conv_w, a_log, dt_bias, norm_w, w_out, ln2
     return h + linear(F.silu(gate) * up, wd)
 
 
-def _mix_chunk(mixed, g, beta, conv_state, rec_state, conv_w, lengths, n_k: int, n_v: int, d_k: int,
-               d_v: int, fused: bool) -> torch.Tensor:
-    """The Gated DeltaNet mixer's stateful part for T tokens per row: the causal conv, then the
-    delta rule, the states moving over the first lengths[b] tokens of row b (the rest get
-    g = beta = 0, which leaves the recurrent state exactly as it is).
-    mixed [B, T, conv_dim] (before the conv); g, beta [B, T, Hv] -> [B, T, Hv, dv]."""
-    batch, width = mixed.shape[:2]
+def _delta_chunk(conv_out, g, beta, rec_state, lengths, n_k: int, n_v: int, d_k: int, d_v: int,
+                 fused: bool) -> torch.Tensor:
+    """The delta rule over T tokens per row, the state moving over the first lengths[b] tokens
+    of row b (the rest get g = beta = 0, which leaves it exactly as it is).
+    conv_out [B, T, conv_dim] (q | k | v after the conv); g, beta [B, T, Hv] -> [B, T, Hv, dv]."""
+    batch, width = conv_out.shape[:2]
     key_dim = n_k * d_k
-    mixed = conv_extend(mixed, conv_state, conv_w, lengths)                    # [B, T, conv_dim]
-    q, k, v = mixed.split([key_dim, key_dim, n_v * d_v], dim=-1)
-    valid = (torch.arange(width, device=mixed.device)[None, :] < lengths[:, None])[..., None]   # [B, T, 1]
+    q, k, v = conv_out.split([key_dim, key_dim, n_v * d_v], dim=-1)
+    valid = (torch.arange(width, device=conv_out.device)[None, :] < lengths[:, None])[..., None]   # [B, T, 1]
     beta = torch.where(valid, beta, 0.0)
     g = torch.where(valid, g, 0.0)
     chunk = delta_rule_kernel.delta_rule_chunk if fused else delta_rule_chunk
@@ -184,13 +195,15 @@ def _mix_chunk(mixed, g, beta, conv_state, rec_state, conv_w, lengths, n_k: int,
                  v.reshape(batch, width, n_v, d_v), g, beta, rec_state)
 
 
-def replay_linear_state(tape, width: int, conv_state, rec_state, conv_w, lengths,
+def replay_linear_state(tape, width: int, conv_state, rec_state, lengths,
                         n_k: int, n_v: int, d_k: int, d_v: int, fused: bool = False) -> None:
     """Move a linear layer's states (already put back to where a `linear_layer_extend` began)
-    over the first lengths[b] of its `width` taped tokens: the state that extend would have left
-    with those lengths, with no weight read (only the conv taps). lengths [B]."""
-    mixed, g, beta = (t[:, :width] for t in tape)
-    _mix_chunk(mixed, g, beta, conv_state, rec_state, conv_w, lengths, n_k, n_v, d_k, d_v, fused)
+    over the first lengths[b] of its `width` taped tokens: the states that extend would have
+    left with those lengths. No weight is read, and the delta rule gets the taped conv output,
+    so with one kernel for both (the Triton one on CUDA) the state is what extend computes."""
+    mixed, conv_out, g, beta = (t[:, :width] for t in tape)
+    conv_shift(mixed, conv_state, lengths)
+    _delta_chunk(conv_out, g, beta, rec_state, lengths, n_k, n_v, d_k, d_v, fused)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -450,10 +450,11 @@ class HybridBucket(Bucket):
     The linear states have no history, so a verify whose drafts are rejected part-way is cut back
     by replay: extend(..., rewind=True) first copies the linear states aside (one snapshot per
     batch size, shared by the decoder's buckets: at most one verify is in flight), and every
-    forward up to REWIND_WIDTH tokens tapes each linear layer's mixer inputs (the projections
-    before the conv, g, beta). keep(kept) then puts the states back and runs only the conv and the
-    delta rule over the kept tokens of the tape (`replay_linear_state`): no weight is read again.
-    On CUDA the replay is one graph per width, like extend()."""
+    forward up to REWIND_WIDTH tokens tapes what each linear layer's stateful part took (the
+    conv's input and output, g, beta). keep(kept) then puts the states back, shifts the kept
+    inputs into the conv state and runs the delta rule over the kept tokens of the tape
+    (`replay_linear_state`): no weight is read again, and the delta rule gets what it got in the
+    forward. On CUDA the replay is one graph per width, like extend()."""
     rewindable = True
     rewind_width = REWIND_WIDTH
     multi_token = True
@@ -478,12 +479,14 @@ class HybridBucket(Bucket):
         # width's graph is captured, so the warm-up forwards leave a loaded conversation's
         # states as they are (their K/V columns lie past `write`, masked, like padding).
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        # The rewind: mixer inputs per linear layer (mixed [B, W, conv_dim], g and beta [B, W, Hv]),
-        # the kept tokens per row (replay graph input) and the states' snapshot (see the docstring).
-        self.tape = [None if f else (torch.zeros((batch, REWIND_WIDTH, stack.conv_dim), device=device, dtype=dtype),
-                                     torch.zeros((batch, REWIND_WIDTH, stack.n_v), device=device),
-                                     torch.zeros((batch, REWIND_WIDTH, stack.n_v), device=device))
-                     for f in full]
+        # The rewind: per linear layer the conv's input and output (mixed, conv_out [B, W, conv_dim])
+        # and g, beta [B, W, Hv]; the kept tokens per row (replay graph input); the states' snapshot.
+        def tape():
+            wide = (batch, REWIND_WIDTH, stack.conv_dim)
+            heads = (batch, REWIND_WIDTH, stack.n_v)
+            return (torch.zeros(wide, device=device, dtype=dtype), torch.zeros(wide, device=device, dtype=dtype),
+                    torch.zeros(heads, device=device), torch.zeros(heads, device=device))
+        self.tape = [None if f else tape() for f in full]
         self.kept = torch.ones(batch, dtype=torch.long, device=device)
         self.snapshots = snapshots if snapshots is not None else {}    # batch -> (conv copies, rec copies)
         self.replays: dict[int, torch.cuda.CUDAGraph] = {}             # width -> replay graph (CUDA)
@@ -589,14 +592,11 @@ class HybridBucket(Bucket):
 
     def _replay_states(self, width: int) -> None:
         s = self.stack
-        saved = iter(self.snapshots[self.batch])
-        convs = [(i, next(saved)) for i, c in enumerate(self.conv) if c is not None]
-        recs = [(i, next(saved)) for i, r in enumerate(self.rec) if r is not None]
-        for (i, conv), (_, rec) in zip(convs, recs):
-            self.conv[i].copy_(conv)
-            self.rec[i].copy_(rec)
-            replay_linear_state(self.tape[i], width, self.conv[i], self.rec[i], s.layers[i][2], self.kept,
-                                s.n_k, s.n_v, s.d_k, s.d_v, fused=self.fused)
+        torch._foreach_copy_([t for t in self.conv + self.rec if t is not None], self.snapshots[self.batch])
+        for i, kind in enumerate(s.kinds):
+            if kind == LINEAR:
+                replay_linear_state(self.tape[i], width, self.conv[i], self.rec[i], self.kept,
+                                    s.n_k, s.n_v, s.d_k, s.d_v, fused=self.fused)
 
     def _capture_replay(self, width: int) -> torch.cuda.CUDAGraph:
         # The replay starts from the snapshot each time, so the warm-up run leaves the right state.
