@@ -217,8 +217,10 @@ def test_a_verify_cut_back_per_row_equals_feeding_only_the_kept_tokens(model):
     bucket = dec.bucket(2, mask.shape[1] + 16)
     bucket.load(cache, mask.shape[1], next_pos, valid=mask)
     ids = torch.tensor([chunk[0], chunk[1] + [0, 0, 0]])
+    held = dec.nbytes()
     wide = bucket.extend(ids, lengths=[5, 2], rewind=True)
     assert bucket.snapshot_nbytes() > 0
+    assert dec.nbytes() == held + bucket.snapshot_nbytes()      # in the memory budget from the first verify
     bucket.keep(kept)
     assert bucket.last_forwards == 1                     # the cut-back read no weights
     after = [bucket.step(torch.tensor([7, 8])), bucket.step(torch.tensor([9, 10]))]
@@ -270,3 +272,19 @@ def test_moe_text_stacks_are_not_covered():
     assert is_hybrid(moe) and not supported(moe)
     with pytest.raises(ValueError, match="dense MLPs only"):
         decoder(moe)
+
+
+def test_the_decoder_counts_every_buffer_it_holds(model):
+    """StaticDecoder.nbytes (the memory budget's view of the compiled decoder): K/V, linear
+    states, tapes, and a captured width's input and logits buffers (CUDA keeps them in
+    bucket.wide; filled by hand here, as _capture_extend returns them), but not the weights."""
+    dec = decoder(model)
+    bucket = dec.bucket(1, 64)
+    own = sum(t.numel() * t.element_size() for group in (bucket.k, bucket.v, bucket.conv, bucket.rec)
+              for t in group if t is not None)
+    own += sum(t.numel() * t.element_size() for tape in bucket.tape if tape for t in tape)
+    assert own < dec.nbytes() < own + 1_000_000          # plus small io buffers, no weights
+    held = dec.nbytes()
+    ids, logits = torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8, 1000))
+    bucket.wide[8] = (ids, None, logits)
+    assert dec.nbytes() == held + ids.numel() * 8 + logits.numel() * 4

@@ -431,20 +431,8 @@ class Engine:
             return sum(sum(s.nbytes for s in c.snapshots) for c in self._conversations)
 
     def static_bytes(self) -> int:
-        """Bytes of the compiled decoder's static buffers (allocated once per bucket), and the
-        hybrid buckets' shared snapshots of their linear states (allocated at the first verify)."""
-        if self.static is None:
-            return 0
-
-        def nbytes(value) -> int:
-            if isinstance(value, torch.Tensor):
-                return value.numel() * value.element_size()
-            if isinstance(value, (list, tuple)):
-                return sum(nbytes(v) for v in value)
-            return 0
-        buffers = [vars(bucket).get(name) for bucket in self.static.buckets.values() for name in vars(bucket)
-                   if name != "snapshots"]
-        return nbytes(buffers) + nbytes(list(self.static.snapshots.values()))
+        """Bytes of the compiled decoder's buffers (see StaticDecoder.nbytes)."""
+        return self.static.nbytes() if self.static is not None else 0
 
     def end_conversation(self, conv: Conversation) -> None:
         conv.drop_kv()

@@ -344,6 +344,11 @@ class Bucket:
         """Columns left for new tokens."""
         return self.capacity - int(self.write)
 
+    def nbytes(self) -> int:
+        """Bytes of this bucket's own buffers (the weights are the model's; the hybrid snapshots
+        are the decoder's, shared)."""
+        return _nbytes([value for name, value in vars(self).items() if name not in ("stack", "snapshots")])
+
     def _padded(self, width: int, spare: int) -> int:
         if width > self.room():
             raise ValueError(f"{width} tokens do not fit the {self.room()} columns left")
@@ -488,7 +493,7 @@ class HybridBucket(Bucket):
                     torch.zeros(heads, device=device), torch.zeros(heads, device=device))
         self.tape = [None if f else tape() for f in full]
         self.kept = torch.ones(batch, dtype=torch.long, device=device)
-        self.snapshots = snapshots if snapshots is not None else {}    # batch -> (conv copies, rec copies)
+        self.snapshots = snapshots if snapshots is not None else {}    # batch -> copies of the conv + rec states
         self.replays: dict[int, torch.cuda.CUDAGraph] = {}             # width -> replay graph (CUDA)
         self._rewind = False
 
@@ -562,7 +567,7 @@ class HybridBucket(Bucket):
         live = [t for t in self.conv + self.rec if t is not None]
         if self.batch not in self.snapshots:
             self.snapshots[self.batch] = [torch.empty_like(t) for t in live]
-        torch._foreach_copy_(self.snapshots[self.batch], live)      # one multi-tensor copy on CUDA
+        torch._foreach_copy_(self.snapshots[self.batch], live)      # one call for every layer
 
     def snapshot_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.snapshots.get(self.batch, ()))
@@ -648,6 +653,17 @@ class HybridBucket(Bucket):
                 layer.update(self.k[i][row:row + 1, :, start:stop], self.v[i][row:row + 1, :, start:stop])
 
 
+def _nbytes(value) -> int:
+    """Bytes of the tensors in value, through lists, tuples and dict values."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 def _use_fused_delta_rule(choice: str, device: torch.device, stack: "HybridTextStack") -> bool:
     if choice not in ("auto", "triton", "torch"):
         raise ValueError(f"delta_rule must be auto, triton or torch, not {choice!r}")
@@ -731,6 +747,12 @@ class StaticDecoder:
                               else _compiled(layer_extend))
         self.buckets: dict[tuple[int, int], Bucket] = {}
         self.snapshots: dict[int, list[torch.Tensor]] = {}   # hybrid: linear states set aside by a verify, per batch
+
+    def nbytes(self) -> int:
+        """Bytes the buckets hold (K/V, linear states, tapes, the multi-token widths' input and
+        logits buffers) and the hybrid snapshots, allocated at a batch size's first verify. Not
+        seen here: the CUDA graphs' private pools of intermediates."""
+        return sum(bucket.nbytes() for bucket in self.buckets.values()) + _nbytes(list(self.snapshots.values()))
 
     @staticmethod
     def bucket_shape(rows: int, columns: int) -> tuple[int, int] | None:
