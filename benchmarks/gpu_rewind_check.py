@@ -39,10 +39,6 @@ def prefill(lm, rows: int, length: int, seed: int):
     return cache
 
 
-def linear_states(bucket) -> list[torch.Tensor]:
-    return [t.clone() for t in bucket.conv + bucket.rec if t is not None]
-
-
 @torch.inference_mode()
 def arm(bucket, cache, length: int, rows: int, ids: torch.Tensor, kept: list[int], how: str):
     """Logits of the two steps after the kept tokens [2, rows, V], and the linear states."""
@@ -58,7 +54,7 @@ def arm(bucket, cache, length: int, rows: int, ids: torch.Tensor, kept: list[int
         bucket.keep(kept)
     after = torch.stack([bucket.step(torch.full((rows,), 777 + i, device=ids.device)) for i in range(2)])
     common.sync(ids.device)
-    return after, linear_states(bucket)
+    return after, [t.clone() for t in bucket.linear_states()]
 
 
 def compare(a, b) -> dict:

@@ -562,9 +562,13 @@ class HybridBucket(Bucket):
         self._rewind = rewind
         return super().extend(ids, spare, lengths)
 
+    def linear_states(self) -> list[torch.Tensor]:
+        """Every linear layer's conv state, then every one's recurrent state (the snapshot's order)."""
+        return [t for t in self.conv + self.rec if t is not None]
+
     @torch.inference_mode()
     def _take_snapshot(self) -> None:
-        live = [t for t in self.conv + self.rec if t is not None]
+        live = self.linear_states()
         if self.batch not in self.snapshots:
             self.snapshots[self.batch] = [torch.empty_like(t) for t in live]
         torch._foreach_copy_(self.snapshots[self.batch], live)      # one call for every layer
@@ -597,7 +601,7 @@ class HybridBucket(Bucket):
 
     def _replay_states(self, width: int) -> None:
         s = self.stack
-        torch._foreach_copy_([t for t in self.conv + self.rec if t is not None], self.snapshots[self.batch])
+        torch._foreach_copy_(self.linear_states(), self.snapshots[self.batch])
         for i, kind in enumerate(s.kinds):
             if kind == LINEAR:
                 replay_linear_state(self.tape[i], width, self.conv[i], self.rec[i], self.kept,
