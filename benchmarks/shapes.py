@@ -252,7 +252,8 @@ def _random_init(model: torch.nn.Module, seed: int) -> None:
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             p.normal_(0.0, 0.02, generator=gen)
-        elif "norm" in name or name.endswith("dt_bias"):
+        elif "norm" in name or ".ln_" in name or name.endswith("dt_bias"):
+            # (".ln_": the vision merger's ln_q; at 0 every image feature would be 0)
             # Qwen3.5's zero-centred RMSNorms scale by (1 + w): 1 still keeps activations bounded
             p.fill_(1.0)
         else:

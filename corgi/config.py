@@ -64,6 +64,9 @@ class ModelConfig:
     decode_attention: str = "auto"
     decode_gemv: str = "auto"
     warmup: bool = True                  # with compile: run the shapes once at load time
+    # With compile on CUDA: the vision tower's blocks torch.compile'd too (dynamic shapes, one
+    # compile at load for every image and crop size).
+    compile_vision: bool = True
     # local: load the model here. openai: drive an OpenAI-compatible server (vLLM, SGLang,
     # transformers serve) that serves `id`; the options above are then the server's business.
     backend: str = "local"

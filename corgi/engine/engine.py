@@ -26,7 +26,7 @@ from ..types import CacheStats, OutOfMemory, Sampling  # noqa: F401  (Sampling: 
 from . import decode, state
 from .conversation import Conversation
 from .loading import LoadedModel, load_model
-from .vision import EncoderOutput, VisionEncoder
+from .vision import EncoderOutput, VisionEncoder, compile_tower_blocks
 
 @contextlib.contextmanager
 def out_of_memory_as_error():
@@ -91,6 +91,12 @@ class Engine:
                                         attention=config.model.decode_attention, gemv=config.model.decode_gemv)
             if config.model.warmup:
                 self.static.warm_up(self.warmup_shapes(), self.warmup_widths())
+        # The vision blocks compiled like the decode step: CUDA only (the CPU has no launches to
+        # save, and the tests' CPU twins would pay the compile), not under bitsandbytes layers.
+        self.vision_compiled = (config.model.compile and config.model.compile_vision
+                                and loaded.device.type == "cuda"
+                                and config.model.quantization not in ("8bit", "4bit")
+                                and compile_tower_blocks(loaded.model))
         if config.model.warmup and loaded.family.hybrid and loaded.device.type == "cuda":
             self.warm_up_prefill()
         if config.model.warmup and loaded.device.type == "cuda":

@@ -44,6 +44,26 @@ class EncoderOutput:
         self.deepstack_features = [tuple(f.deepstack[i] for f in features) for i in range(n_layers)]
 
 
+def compile_tower_blocks(model, backend: str = "inductor") -> bool:
+    """torch.compile every vision block in place (`Module.compile`: the module tree and its
+    state_dict keys stay as they are), with dynamic shapes so that one graph per block part
+    serves every image and crop size. Eager, the tower is launch-bound on crops: a 448x448 crop
+    is ~4 ms of GEMMs and took 24.5 ms on the H100, the block's RMSNorm, rotary and MLP
+    elementwise kernels each launched from Python (RESULTS.md 2026-12-07). The window attention
+    stays eager (vision_attention.varlen_sdpa is a graph break). Only with that attention: the
+    library's own per-segment loop reads lengths back to the host and would recompile per image
+    set. Returns whether it compiled."""
+    from .vision_attention import NAME
+    visual = model.model.visual
+    if visual.config._attn_implementation != NAME:
+        return False
+    # The blocks share one forward code object and their weights are graph inputs, so they
+    # share the compiled graphs too: a handful of cache entries, far below dynamo's limits.
+    for block in visual.blocks:
+        block.compile(dynamic=True, backend=backend)
+    return True
+
+
 def image_key(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
     digest = hashlib.sha256()
     digest.update(f"{image.mode}:{image.size}:{min_pixels}:{max_pixels}".encode())

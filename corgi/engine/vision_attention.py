@@ -36,6 +36,11 @@ def window_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, int, torch.Tensor
     return groups
 
 
+# Outside torch.compile: the compiled vision blocks (vision.compile_tower_blocks) break their
+# graph here. Traced, its loop over window lengths would specialise the graph on each image
+# set's windows and recompile for new ones; kept eager, one dynamic-shape graph per block part
+# serves every image size.
+@torch.compiler.disable
 def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                 cu_seq_lens_q=None, is_causal=False, **kwargs):
     """query/key/value [1, H, N, D]; segment i is positions cu[i]..cu[i+1]-1 and attends only
