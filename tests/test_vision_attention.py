@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODELS, loaded_model
+from conftest import TINY_MODELS, fast_config, loaded_model
 from corgi.engine import vision_attention
 from corgi.engine.preprocess import to_patches
 
@@ -44,3 +44,35 @@ def test_varlen_equals_per_window_loop(model, monkeypatch):
     assert len(computed) == len(seen) <= 2 and len(calls) == lm.model.model.visual.config.depth
     for a, b in zip(ours, reference):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_compiled_blocks_equal_eager_and_serve_every_size_without_recompiling(model):
+    """vision.compile_tower_blocks: the window attention breaks the graph, so one dynamic-shape
+    graph per block part serves images and crops of every size; a recompile would be a stall
+    mid-turn on a GPU. aot_eager: dynamo's tracing, guards and graph breaks as on the GPU, without
+    inductor's CPU code generation (tens of seconds)."""
+    from torch._dynamo.utils import counters
+    from corgi.engine.loading import load_model
+    from corgi.engine.vision import VisionEncoder, compile_tower_blocks
+    cfg = fast_config(model)
+    lm = load_model(cfg.model, cfg.image)          # its own copy: the compile is in place
+    encoder = VisionEncoder(lm, cache_bytes=0, enabled=False)
+    rng = np.random.default_rng(2)
+    sets = [[(h, w)] for h, w in [(300, 420), (112, 700)]] + [[(448, 448)] * 3, [(200, 500), (640, 120)]]
+    sets = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in s] for s in sets]
+    eager = [encoder.encode(images, 3136, 200704) for images in sets]
+    before = counters["stats"]["unique_graphs"]
+    assert compile_tower_blocks(lm.model, backend="aot_eager")
+    graphs = []
+    for images, reference in zip(sets, eager):
+        compiled = encoder.encode(images, 3136, 200704)
+        graphs.append(counters["stats"]["unique_graphs"])
+        for a, b in zip(compiled, reference):
+            assert a.grid_thw == b.grid_thw
+            assert b.embeds.abs().max() > 0
+            assert torch.allclose(a.embeds, b.embeds, atol=1e-5, rtol=1e-5)
+            for x, y in zip(a.deepstack, b.deepstack):
+                assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+    assert graphs[0] > before, "nothing was compiled"
+    assert graphs[1:] == graphs[:1] * (len(sets) - 1), f"recompiled for a new size: graphs {graphs}"
