@@ -135,17 +135,22 @@ class LocalBackend:
             # Compute the shared prefix first, so the branch point is a cache boundary (and, on
             # hybrid models, a snapshot): nothing before it is computed again by phase 1+2.
             engine.prefill(conv, stats)
-        constraint = (engine.constraint(structure.phase, structure.settings, structure.convention,
-                                        structure.images) if structure is not None else None)
+        # The grammar compiles on the engine's grammar thread while the prefill runs; phase 4's
+        # (same boxes) during phase 1, so neither waits for a compile on a new image size.
+        pending = (engine.constraint_ahead(structure.phase, structure.settings, structure.convention,
+                                           structure.images) if structure is not None else None)
+        if structure is not None and structure.phase == "reasoning":
+            engine.constraint_ahead("synthesis", structure.settings, structure.convention, structure.images)
         try:
             engine.append(conv, prompt)
-            text, last = yield from self._decode(conv, phase, max_new_tokens, sampling, constraint, stats, clock,
+            text, last = yield from self._decode(conv, phase, max_new_tokens, sampling, pending, stats, clock,
                                                  (start, vision, computed, reused))
             if branch:
                 return text
         finally:
             if branch:
                 conv.truncate(turn_start)        # the branch's tokens leave the conversation
+        constraint = pending.result() if pending is not None else None     # done: generate() awaited it
         if constraint is not None and not constraint.is_finished():
             # Out of token budget inside the structure: close it validly so it still parses.
             # The grammar gives the closing tokens (exact even when a UTF-8 character was cut).

@@ -84,3 +84,31 @@ def test_without_constraint_bad_output_degrades_gracefully(model, street_image):
     assert result.evidence == [] and not any(s.bbox for s in result.steps)
     assert any("no reasoning steps" in w for w in result.warnings)
     assert result.answer  # raw model text stands in for the answer
+
+
+def test_grammars_compile_on_the_grammar_thread_and_phase_4s_during_phase_1(street_image, monkeypatch):
+    """A grammar is compiled per box range (per image size for pixel boxes). Each structured
+    phase's compiles on the engine's grammar thread while its prefill runs, and phase 4's is
+    asked for at phase 1, so phase 4 does not wait for a compile of its own."""
+    import threading
+
+    from conftest import make_engine
+    from corgi.types import Phase, PhaseStarted, TurnFinished
+    engine = make_engine("tiny-qwen2.5-vl")
+    started, calls = [], []
+    original = Engine.constraint
+
+    def recording(self, phase, *args):
+        calls.append((phase, threading.current_thread().name, tuple(started)))
+        return original(self, phase, *args)
+    monkeypatch.setattr(Engine, "constraint", recording)
+    events = []
+    for event in ChatSession(engine, street_image).ask("What does the sign say?"):
+        if isinstance(event, PhaseStarted):
+            started.append(event.phase)
+        events.append(event)
+    assert isinstance(events[-1], TurnFinished) and events[-1].result.answer is not None
+    assert {phase for phase, _, _ in calls} == {"reasoning", "synthesis"}
+    assert all(thread.startswith("corgi-grammar") for _, thread, _ in calls), calls
+    first_synthesis = next(seen for phase, _, seen in calls if phase == "synthesis")
+    assert Phase.SYNTHESIS not in first_synthesis and Phase.EVIDENCE not in first_synthesis, calls
