@@ -65,7 +65,9 @@ def main(argv=None) -> int:
         from benchmarks.shapes import loaded_random_model
         lm = loaded_random_model(args.shape, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32,
                                  max_pixels=w * h)
-        overrides.update({"model.compile": True, "model.device": str(lm.device),
+        # Prefill through HF as without model.compile: the decode step's buckets would compile
+        # mid-run for the lengths of new sizes, and only the prefill matters here.
+        overrides.update({"model.device": str(lm.device),
                           "model.dtype": str(lm.dtype).removeprefix("torch.")})
     else:
         from corgi.engine.loading import load_model

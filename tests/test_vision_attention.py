@@ -48,10 +48,10 @@ def test_varlen_equals_per_window_loop(model, monkeypatch):
 
 @pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_compiled_blocks_equal_eager_and_serve_every_size_without_recompiling(model):
-    """vision.compile_tower_blocks: the window attention breaks the graph, so one dynamic-shape
-    graph per block part serves images and crops of every size; a recompile would be a stall
-    mid-turn on a GPU. aot_eager: dynamo's tracing, guards and graph breaks as on the GPU, without
-    inductor's CPU code generation (tens of seconds)."""
+    """vision.compile_tower_blocks: the window attention is a custom op the graph goes around, so
+    one dynamic-shape graph serves images and crops of every size; a recompile would be a stall
+    mid-turn on a GPU. aot_eager: dynamo's tracing and guards as on the GPU, without inductor's
+    CPU code generation (tens of seconds)."""
     from torch._dynamo.utils import counters
     from corgi.engine.loading import load_model
     from corgi.engine.vision import VisionEncoder, compile_tower_blocks

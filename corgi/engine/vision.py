@@ -46,13 +46,13 @@ class EncoderOutput:
 
 def compile_tower_blocks(model, backend: str = "inductor") -> bool:
     """torch.compile every vision block in place (`Module.compile`: the module tree and its
-    state_dict keys stay as they are), with dynamic shapes so that one graph per block part
-    serves every image and crop size. Eager, the tower is launch-bound on crops: a 448x448 crop
-    is ~4 ms of GEMMs and took 24.5 ms on the H100, the block's RMSNorm, rotary and MLP
-    elementwise kernels each launched from Python (RESULTS.md 2026-12-07). The window attention
-    stays eager (vision_attention.varlen_sdpa is a graph break). Only with that attention: the
-    library's own per-segment loop reads lengths back to the host and would recompile per image
-    set. Returns whether it compiled."""
+    state_dict keys stay as they are), with dynamic shapes so that one graph per block
+    serves every image and crop size. Eager, the block's RMSNorm, rotary and MLP elementwise
+    kernels each launch from Python and each read the whole activation (six 448x448 crops:
+    68.6 ms on the H100 for ~25 ms of GEMMs; RESULTS.md 2026-12-07). The window attention is a
+    custom op the graph goes around (vision_attention.segment_attention). Only with that
+    attention: the library's own per-segment loop reads lengths back to the host and would
+    recompile per image set. Returns whether it compiled."""
     from .vision_attention import NAME
     visual = model.model.visual
     if visual.config._attn_implementation != NAME:

@@ -36,22 +36,35 @@ def window_groups(cu_seqlens: torch.Tensor) -> list[tuple[int, int, torch.Tensor
     return groups
 
 
-# Outside torch.compile: the compiled vision blocks (vision.compile_tower_blocks) break their
-# graph here. Traced, its loop over window lengths would specialise the graph on each image
-# set's windows and recompile for new ones; kept eager, one dynamic-shape graph per block part
-# serves every image size.
-@torch.compiler.disable
-def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                cu_seq_lens_q=None, is_causal=False, **kwargs):
+# A custom op: opaque to torch.compile, so a compiled vision block (vision.compile_tower_blocks)
+# is one graph around it. Traced, its loop over window lengths would specialise the graph on
+# each image set's windows and recompile for new ones; a graph break instead costs two more
+# compiled-frame entries per block, which outweighed the fusion on a one-crop call (H100).
+@torch.library.custom_op("corgi::varlen_sdpa", mutates_args=())
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                      scale: float) -> torch.Tensor:
     """query/key/value [1, H, N, D]; segment i is positions cu[i]..cu[i+1]-1 and attends only
-    within itself. Returns ([1, N, H, D], None) like transformers' attention functions."""
+    within itself. Returns [1, H, N, D]."""
     _, heads, n, dim = query.shape
     out = torch.empty_like(query)
-    for length, windows, index in window_groups(cu_seq_lens_q):
+    for length, windows, index in window_groups(cu_seqlens):
         gather = lambda t: t[0].index_select(1, index).view(heads, windows, length, dim).transpose(0, 1)
-        attended = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), scale=scaling)
+        attended = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), scale=scale)
         out[0].index_copy_(1, index, attended.transpose(0, 1).reshape(heads, -1, dim))
-    return out.transpose(1, 2), None
+    return out
+
+
+@segment_attention.register_fake
+def _(query, key, value, cu_seqlens, scale):
+    return torch.empty_like(query)
+
+
+def varlen_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                cu_seq_lens_q=None, is_causal=False, **kwargs):
+    """transformers' attention-function signature: query/key/value [1, H, N, D], segments at
+    cu_seq_lens_q. Returns ([1, N, H, D], None)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return segment_attention(query, key, value, cu_seq_lens_q, scale).transpose(1, 2), None
 
 
 def use_for_vision(model) -> None:
