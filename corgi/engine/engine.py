@@ -386,13 +386,16 @@ class Engine:
     def warm_up_captions(self, batch_sizes=None) -> None:
         """Caption batches as a turn makes them (crops at pipeline.crop_max_pixels, rows of
         different lengths, so left padding; two tokens a row) through generate_batch itself, for
-        every batch size from 2 to pipeline.max_regions (at most 8). The first left-padded prefill
+        every batch size from 1 to pipeline.max_regions (at most 8): one crop too, because the
+        compiled vision blocks take one graph per range of patch counts (inductor's choices
+        differ below 1280 and from 3420 patches), each compiled on its range's first call, 4-6 s
+        on the H100. The first left-padded prefill
         of a process paid 1.1 s on the H100 (the first turn whose step statements differ in
         length paid it in phase 3; RESULTS.md 2026-12-06), once on the 3B shape; the 4B hybrid
         paid it after a 4-row warm-up batch of small crops, so the warm-up takes the real sizes."""
         pipeline = self.config.pipeline
         if batch_sizes is None:
-            batch_sizes = range(2, min(pipeline.max_regions, 8) + 1)
+            batch_sizes = range(1, min(pipeline.max_regions, 8) + 1)
         side = max(32, int(pipeline.crop_max_pixels ** 0.5))
         crop = Image.new("RGB", (side, side), (128, 128, 128))
         for rows in batch_sizes:

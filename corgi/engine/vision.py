@@ -59,8 +59,12 @@ def compile_tower_blocks(model, backend: str = "inductor") -> bool:
         return False
     # The blocks share one forward code object and their weights are graph inputs, so they
     # share the compiled graphs too: a handful of cache entries, far below dynamo's limits.
+    # shape_padding off (this compile's option, not the process's): inductor pads a matmul only
+    # where it judges it compute-bound, a judgement on the patch count that guards the graph to
+    # ranges of it (H100: recompiles at 1280 and at 3420 patches).
+    options = {"shape_padding": False} if backend == "inductor" else None
     for block in visual.blocks:
-        block.compile(dynamic=True, backend=backend)
+        block.compile(dynamic=True, backend=backend, options=options)
     return True
 
 
