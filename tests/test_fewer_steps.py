@@ -10,6 +10,7 @@ Prompt lookup leaves greedy output exactly as it is (asserted), also when drafts
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -37,10 +38,13 @@ def _recording(engine):
 
     def recorded(conv, max_new_tokens, sampling=None, constraint=None, stats=None, min_new_tokens=0):
         out = []
-        calls.append((constraint, out))
-        for token in generate(conv, max_new_tokens, sampling, constraint, stats, min_new_tokens):
-            out.append(token)
-            yield token
+        try:
+            for token in generate(conv, max_new_tokens, sampling, constraint, stats, min_new_tokens):
+                out.append(token)
+                yield token
+        finally:
+            # the pipeline hands over constraint_ahead's Future; generate() has awaited it
+            calls.append((constraint.result() if isinstance(constraint, Future) else constraint, out))
     engine.generate = recorded
     return calls
 

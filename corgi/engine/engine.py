@@ -136,7 +136,6 @@ class Engine:
         so per new image size (Qwen2.5-VL's pixel boxes: 15-32 ms a grammar on a 2-core CPU):
         handed to `generate()` as this Future, it compiles while the prefill runs on the GPU
         (xgrammar's compiler does not hold the GIL) instead of before it."""
-        self.grammars()     # the vocabulary tables on this thread: built once, not raced
         return self._grammar_thread.submit(self.constraint, phase, settings, convention, images)
 
     def constraint(self, phase: str, settings, convention, images=()):
