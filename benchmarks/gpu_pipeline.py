@@ -519,6 +519,7 @@ def main(argv=None) -> int:
     eager = Engine(lm, load_config(None, dict(base, **{"model.compile": False})))
     fast = TimedEngine(lm, load_config(None, dict(base, **{"model.compile": True, "model.warmup": False})))
     result["static_decode"] = fast.static is not None
+    result["vision_compiled"] = fast.vision_compiled
     result["prompt_lookup"] = args.prompt_lookup
     if fast.static is not None:
         result["decode_kernels"] = {"split_kv_attention": fast.static.split_kv, "gemv": fast.static.gemv_report}
