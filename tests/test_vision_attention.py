@@ -46,7 +46,9 @@ def test_varlen_equals_per_window_loop(model, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+# Qwen2.5-VL: windowed and whole-image attention (two segment tensors) in one tower. The other
+# families' blocks take the same path with one segment tensor (the suite's time is the limit).
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl"])
 def test_compiled_blocks_equal_eager_and_serve_every_size_without_recompiling(model):
     """vision.compile_tower_blocks: the window attention is a custom op the graph goes around, so
     one dynamic-shape graph serves images and crops of every size; a recompile would be a stall
