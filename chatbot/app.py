@@ -64,6 +64,8 @@ MB = 1024 * 1024
 THROTTLE_S = 0.05          # at most ~20 chat updates a second while tokens stream,
 UI_SHARE = 0.2             # and Gradio's work on them at most ~20% of the turn's time
 STOPPED_QUEUED = "Stopped before the model started on this question: ask it again when you are ready."
+HELD_QUESTION = ("{what} was not sent: this tab asks one question at a time. It is still in the "
+                 "question box: press Enter to send it now.")
 STOP_WAIT_S = 15.0         # how long Stop / New conversation wait for a cancelled turn to unwind
 IMAGES, BUTTONS = "images", "buttons"
 ALL = frozenset({CHAT, BOXES, GALLERY, TIMINGS, DEBUG, IMAGES, BUTTONS})
@@ -428,12 +430,24 @@ class CorgiApp:
             return
         yield from self._add_images(session, [(str(examples[index]), examples[index].name)])
 
-    def echo(self, history, message, state=None):
+    def echo(self, history, message, state=None, request: gr.Request = None):
         """Show the question (or the attached image) at once, while the turn waits for the model;
         Stop is live from here (it cancels a turn still waiting in the queue)."""
         message = message if isinstance(message, dict) else {}
         text = (message.get("text") or "").strip() if isinstance(message.get("text"), str) else ""
         history = list(history or [])
+        if isinstance(state, UserSession) and (state.asking or state.echoed > state.started):
+            # This tab's question is still queued or running: Gradio does not send another ask
+            # of the same listener meanwhile (trigger_mode "once"). Not echoed, not counted; the
+            # question stays in the box and the turn says so when it ends (HELD_QUESTION).
+            if text or message.get("files"):
+                state.held_question = f"“{render.escape_md(text)}”" if text else "The attached image"
+            return history, gr.skip()
+        if self._queue_full(request):
+            # The ask behind this echo is refused at queue join (limits.Guard; another tab of
+            # this client holds the queue): nothing echoed or counted, so the chat shows no
+            # "waiting" question and a later Stop brings none back.
+            return history, gr.skip()
         try:
             clean_question(text, self.config.pipeline.max_question_chars) if text else None
             askable = bool(text)
@@ -454,17 +468,33 @@ class CorgiApp:
         """One turn: the question through the four phases, streamed into the chat and panels.
         Outputs: the common ones plus the textbox, emptied by the first update."""
         values = (max_steps, max_regions, reasoning_tokens, evidence_tokens, synthesis_tokens)
-        cleared = gr.MultimodalTextbox(value=None)
         session = self.session(state, request)
         session.started += 1
+        # An echo that found the queue full a moment before a slot freed counted nothing.
+        session.echoed = max(session.echoed, session.started)
+        session.asking = True
+        # The box is emptied when the turn starts, unless it holds a question typed meanwhile.
+        cleared = gr.skip() if session.held_question else gr.MultimodalTextbox(value=None)
         updates = self._ask(session, message, values, plain)
         session.running = updates
         try:
             for update in updates:
                 yield (*update, cleared)
                 cleared = gr.skip()
+            if self._tell_held(session):
+                yield (*self.outputs(session, {CHAT}), gr.skip())
         finally:
+            session.asking = False
             updates.close()     # on Stop, at once: this is what stops the model
+
+    @staticmethod
+    def _tell_held(session: UserSession) -> bool:
+        """The chat note for a question typed while this tab's turn ran (HELD_QUESTION)."""
+        with session.lock:
+            held, session.held_question = session.held_question, ""
+            if held:
+                session.history.append(render.notice(HELD_QUESTION.format(what=held)))
+            return bool(held)
 
     def _ask(self, session: UserSession, message, values, plain) -> Iterator[tuple]:
         if isinstance(message, str):
@@ -507,6 +537,12 @@ class CorgiApp:
                 return
             yield from self._turn(session, text, settings)
 
+    def _queue_full(self, request) -> int:
+        """The client's held model events when that is its ui.max_queued_turns_per_client (0: room)."""
+        if self.demo is None or request is None:
+            return 0
+        return limits.queue_full(self.demo, limits.client_key(request), self.config.ui.max_queued_turns_per_client)
+
     def regenerate(self, state, max_steps, max_regions, reasoning_tokens, evidence_tokens,
                    synthesis_tokens, plain=None, request: gr.Request = None) -> Iterator[tuple]:
         """Ask the last question again, after forgetting its answer (and its tokens)."""
@@ -546,6 +582,9 @@ class CorgiApp:
                 if session.echoed_question:
                     session.history += [render.question_message(session.echoed_question),
                                         render.notice(STOPPED_QUEUED)]
+            if got and session.held_question:
+                session.history.append(render.notice(HELD_QUESTION.format(what=session.held_question)))
+                session.held_question = ""
             return self.outputs(session)
         finally:
             if got:
@@ -576,6 +615,7 @@ class CorgiApp:
             return self.outputs(session)    # a turn that would not unwind: leave it be
         try:
             session.started = max(session.started, session.echoed)   # a cancelled queued question
+            session.held_question = ""
             with self.model_lock:
                 session.new_conversation()
             if session.images:

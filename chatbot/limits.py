@@ -273,12 +273,20 @@ class Guard:
             fn = _fn_of(gradio_app, path, data)
             if fn is not None and fn.concurrency_id == self.concurrency_id:
                 from starlette.requests import Request
-                client = client_key(Request(scope))
-                held = queued_events(gradio_app.get_blocks(), client, self.concurrency_id)
-                if client is not None and held >= self.max_queued:
+                held = queue_full(gradio_app.get_blocks(), client_key(Request(scope)), self.max_queued,
+                                  self.concurrency_id)
+                if held:
                     log.info("a client is at ui.max_queued_turns_per_client (%d): a turn is refused", held)
                     return await _reply(send, 429, QUEUE_FULL.format(n=held))
         return await self.app(scope, _replay(body), send)
+
+
+def queue_full(blocks, client: str | None, max_queued: int, concurrency_id: str = "model") -> int:
+    """How many events `client` holds in the `concurrency_id` group when that is its limit (0:
+    room left, or no limit). The queue-join refusal and the chat's echo of a question ask this
+    same question, so a question that will be refused is not shown as waiting."""
+    held = queued_events(blocks, client, concurrency_id) if max_queued and client is not None else 0
+    return held if held >= max_queued else 0
 
 
 def queued_events(blocks, client: str | None, concurrency_id: str) -> int:

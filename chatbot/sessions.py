@@ -73,6 +73,11 @@ class UserSession:
         # can tell the user it was not asked).
         self.echoed, self.started = 0, 0
         self.echoed_question = ""
+        # A question submitted while this tab's own question was still queued or running: the
+        # browser does not send it (Gradio runs one event of a listener at a time), so it stays
+        # in the textbox, and the chat says so once that turn ends or is stopped.
+        self.asking = False
+        self.held_question = ""
         self.closed = False
         # The conversation's images, in order (Box.image indexes them), and the ones the next
         # question is about; ChatSession holds the same images in the same order.

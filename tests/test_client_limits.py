@@ -160,6 +160,14 @@ def test_one_client_cannot_fill_the_model_queue_but_another_is_served(served):
         told = httpx.post(f"{served.url}/gradio_api/queue/join",
                           json={"data": [None, *ASK], "fn_index": fn, "session_hash": a.session_hash})
         assert told.status_code == 429 and told.json()["detail"] == QUEUE_FULL.format(n=2)
+        # The chat's echo of that question asks the same: nothing shown as waiting, nothing
+        # counted (a later Stop must not bring it back as a cancelled queued question).
+        echoed = blocked.echoed
+        here = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1"))
+        assert served.corgi.echo([], {"text": "Is it red?", "files": []}, blocked, here)[0] == []
+        assert blocked.echoed == echoed
+        elsewhere = SimpleNamespace(client=SimpleNamespace(host="127.0.0.2"))
+        assert len(served.corgi.echo([], {"text": "Is it red?", "files": []}, None, elsewhere)[0]) == 2
         queued = b.submit(*ASK, api_name="/ask")                    # another client still gets in
         assert wait_for(lambda: len(served.demo._queue.event_queue_per_concurrency_id["model"].queue) == 2)
     finally:

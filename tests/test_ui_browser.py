@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.app import STOPPED_QUEUED
+from chatbot.app import HELD_QUESTION, STOPPED_QUEUED
 from server import ASSETS, REPO
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -101,13 +101,21 @@ def test_a_conversation_in_the_browser(server, browser):
     next(iter(long_turn))               # its first update: it holds the model queue now
     ask(page, "Is there a bus?")
     expect(page.locator("#stop")).to_be_enabled()
+    expect(chat.get_by_text("Is there a bus?")).to_be_visible()         # echoed, waiting
+    # Another question while this tab's one waits: the browser does not send it (one event of a
+    # listener at a time), so it is not echoed as waiting and stays in the box.
+    ask(page, "Is there a taxi?")
+    page.wait_for_timeout(500)
+    expect(chat.get_by_text("Is there a taxi?")).to_have_count(0)
     page.locator("#stop").click()
     expect(chat.get_by_text(STOPPED_QUEUED)).to_be_visible()
     assert not long_turn.done(), "the other tab's turn ended first: this question was not queued"
     expect(chat.get_by_text("Is there a bus?")).to_be_visible()
+    expect(chat.get_by_text(HELD_QUESTION.format(what="“Is there a taxi?”"))).to_be_visible()
+    expect(chat.get_by_text(STOPPED_QUEUED)).to_have_count(1)
     expect(chat.locator(".loading-spinner")).to_have_count(0)
     expect(page.locator("#stop")).to_be_disabled()
-    expect(page.locator("#question textarea")).to_have_value("Is there a bus?")   # one Enter to ask again
+    expect(page.locator("#question textarea")).to_have_value("Is there a taxi?")  # one Enter to ask it
     artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     page.screenshot(path=str(artifacts / "ui-stopped-in-queue.png"))

@@ -265,6 +265,39 @@ def test_a_stop_that_cancels_a_queued_question_says_so_once():
     assert not session.lock.locked()
 
 
+def test_a_question_typed_while_the_tab_asks_is_held_in_the_box_and_the_chat_says_so():
+    """Gradio sends no second ask of a tab while its first is queued or running, so the echo
+    must not show that question as waiting: it stays in the box (not emptied when the first
+    turn starts) and the chat says so once the first turn ends."""
+    import gradio as gr
+    from chatbot.app import HELD_QUESTION
+    from chatbot.sessions import ShownImage, UserSession
+    from corgi.types import Phase, PhaseStarted
+
+    class QuickChat:
+        def ask(self, question, settings):
+            yield PhaseStarted(Phase.REASONING, "p")
+
+        def close(self):
+            pass
+
+    app = fake_app()
+    session = UserSession("k")
+    session.set_images([ShownImage("x.png", Image.new("RGB", (32, 32)), "d")])
+    session.chat = QuickChat()
+    chat, _ = app.echo([], {"text": "Is it red?", "files": []}, session)      # its ask is queued
+    held, _ = app.echo(chat, {"text": "Is it <b>blue</b>?", "files": []}, session)
+    assert held == chat and session.echoed == 1                               # not echoed, not counted
+    updates = list(app.ask(session, {"text": "Is it red?", "files": []}, *[None] * 5))
+    assert all(update[-1] == gr.skip() for update in updates)                 # the box keeps it
+    note = HELD_QUESTION.format(what="“Is it &lt;b&gt;blue&lt;/b&gt;?”")          # text, not markup
+    assert updates[-1][1][-1]["content"] == note
+    assert len(app.echo(updates[-1][1], {"text": "Is it blue?", "files": []}, session)[0]) == \
+        len(updates[-1][1]) + 2                                               # asked again: echoed
+    list(app.ask(session, {"text": "Is it blue?", "files": []}, *[None] * 5))
+    assert [m["content"] for m in app.stop(session, None)[1]].count(note) == 1
+
+
 def fake_app():
     from chatbot.app import CorgiApp
     from corgi.config import Config
