@@ -7,6 +7,7 @@ All misses of one call go through the vision tower together (one batched call).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from PIL import Image
 
 from .loading import LoadedModel
 from .preprocess import to_patches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,7 +55,9 @@ def compile_tower_blocks(model, backend: str = "inductor") -> bool:
     68.6 ms on the H100 for ~25 ms of GEMMs; RESULTS.md 2026-12-07). The window attention is a
     custom op the graph goes around (vision_attention.segment_attention). Only with that
     attention: the library's own per-segment loop reads lengths back to the host and would
-    recompile per image set. Returns whether it compiled."""
+    recompile per image set. The graphs are built here, on a small probe image: a toolchain
+    that cannot compile them (inductor, triton, a C compiler) leaves the blocks eager with a
+    warning, instead of failing every image later. Returns whether it compiled."""
     from .vision_attention import NAME
     visual = model.model.visual
     if visual.config._attn_implementation != NAME:
@@ -65,7 +70,28 @@ def compile_tower_blocks(model, backend: str = "inductor") -> bool:
     options = {"shape_padding": False} if backend == "inductor" else None
     for block in visual.blocks:
         block.compile(dynamic=True, backend=backend, options=options)
+    try:
+        _probe(visual)
+    except Exception as exc:      # the compile failed: BackendCompilerFailed, InductorError, ...
+        for block in visual.blocks:
+            block._compiled_call_impl = None          # what Module.compile set: eager again
+        root = exc
+        while getattr(root, "inner_exception", None) or root.__cause__:    # dynamo wraps the backend's error
+            root = getattr(root, "inner_exception", None) or root.__cause__
+        reason = (str(root).strip().splitlines() or [""])[0][:300]
+        log.warning("the vision blocks could not be compiled (%s: %s); the vision tower runs eagerly "
+                    "(model.compile_vision: false skips the attempt)", type(root).__name__, reason)
+        return False
     return True
+
+
+@torch.inference_mode()
+def _probe(visual) -> None:
+    """One small image (8x8 patches) through the tower: builds the compiled blocks' graphs."""
+    weight = visual.patch_embed.proj.weight        # [embed, channels, temporal, patch, patch]
+    side = 4 * visual.spatial_merge_size
+    pixels = torch.zeros(side * side, weight[0].numel(), device=weight.device, dtype=weight.dtype)
+    visual(pixels, grid_thw=torch.tensor([[1, side, side]], device=weight.device))
 
 
 def image_key(image: Image.Image, min_pixels: int, max_pixels: int) -> str:
