@@ -87,9 +87,11 @@ def compile_tower_blocks(model, backend: str = "inductor") -> bool:
 
 @torch.inference_mode()
 def _probe(visual) -> None:
-    """One small image (8x8 patches) through the tower: builds the compiled blocks' graphs."""
+    """One region crop's size (32x32 patches, a 448x448 crop at patch 14) through the tower:
+    builds the compiled blocks' graphs. It is the first shape benchmarks/gpu_vision_crops.py
+    compiles, after which one graph served every size it tried (RESULTS.md)."""
     weight = visual.patch_embed.proj.weight        # [embed, channels, temporal, patch, patch]
-    side = 4 * visual.spatial_merge_size
+    side = 16 * visual.spatial_merge_size
     pixels = torch.zeros(side * side, weight[0].numel(), device=weight.device, dtype=weight.dtype)
     visual(pixels, grid_thw=torch.tensor([[1, side, side]], device=weight.device))
 
