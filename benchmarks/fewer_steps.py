@@ -23,6 +23,13 @@ Verify cost: one static bucket at the W1 context, a one-token step against a k-t
 (k = 1..8), and a verify of k tokens all but the first rejected (the forward made to be cut back,
 then keep([1]): on a hybrid stack the linear states' snapshot and replay), median of
 `--verify-reps` calls each.
+
+MTP cost (families with an MTP head, engine/mtp.py): one draft of the head (its layer over 1 or
+2 new pairs at a 512-entry cache, lm_head, the argmax read back), median of `--verify-reps`.
+Random weights accept no drafts, so decode ms/token as a function of the acceptance a is
+computed from the measured costs: per forward a * (2-token forward + 2-pair draft) + (1 - a) *
+(rejected 2-token verify + 1-pair draft), over 1 + a tokens; against the one-token step. A
+model of the loop, not a measured turn.
 """
 from __future__ import annotations
 
@@ -98,6 +105,44 @@ def verify_cost(engine, context: int, reps: int, device) -> dict:
     return out
 
 
+@torch.inference_mode()
+def mtp_cost(engine, head, reps: int, device, cached: int = 512) -> dict:
+    """ms of one MTP draft over 1 and over 2 new (hidden, token) pairs, the head's cache holding
+    `cached` entries (a phase's worth)."""
+    from corgi.engine.mtp import MtpDraft
+    lm = engine.lm
+    hidden = lm.text_config.hidden_size
+    draft = MtpDraft(head, lm.model, start=0, rope_delta=0)
+    draft.skip = 0
+    draft.observe(torch.randn(cached, hidden, device=lm.device, dtype=lm.dtype))
+    for _ in range(cached):
+        draft.push(42)
+    draft.draft(1)
+
+    def timed(pairs: int) -> float:
+        samples = []
+        for _ in range(reps + 3):
+            draft.observe(torch.randn(pairs, hidden, device=lm.device, dtype=lm.dtype))
+            for _ in range(pairs):
+                draft.push(42)
+            sync(device)
+            t0 = time.perf_counter()
+            draft.draft(1)                   # reads the token back: the host waits for it
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples[3:])
+    return {"cached": cached, "draft_1_ms": timed(1), "draft_2_ms": timed(2)}
+
+
+def mtp_model(v: dict, m: dict) -> list[dict]:
+    """Decode ms/token with MTP drafts (one per forward) at acceptance a, from measured costs."""
+    rows = []
+    for a in (0.0, 0.5, 0.7, 0.8, 0.9, 1.0):
+        forward = a * (v["extend_2_ms"] + m["draft_2_ms"]) + (1 - a) * (v["verify_2_rejected_ms"] + m["draft_1_ms"])
+        per_token = forward / (1 + a)
+        rows.append({"acceptance": a, "ms/token": per_token, "x one-token step": per_token / v["step_ms"]})
+    return rows
+
+
 def summary(runs: list[dict]) -> dict:
     keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
     return {k: statistics.median(r[k] for r in runs) for k in keys}
@@ -164,6 +209,13 @@ def main(argv=None) -> int:
         v = result["verify_cost"]
         print("verify cost (ms): step %.3f; " % v["step_ms"]
               + ", ".join(f"k={k} {v[f'extend_{k}_ms']:.3f}" for k in range(1, 9)), flush=True)
+        if lm.family.mtp_layer:
+            from corgi.engine.mtp import load_mtp_head, random_mtp_head
+            head = load_mtp_head(lm) if args.model else None
+            if head is None:       # a random shape: a random head of its shape
+                head = random_mtp_head(lm.text_config, lm.family.mtp_layer, 1).to(device=lm.device, dtype=lm.dtype)
+            result["mtp_cost"] = mtp_cost(engines["off"], head, args.verify_reps, device)
+            result["mtp_model"] = mtp_model(v, result["mtp_cost"])
 
     runs = {name: [] for name in engines}
     for r in range(args.repeats + 1):            # run 0 warms (compiles the multi-token widths)
@@ -224,6 +276,11 @@ def print_report(result: dict) -> None:
                  "all rejected ms": v.get(f"verify_{k}_rejected_ms", float("nan"))} for k in range(1, 9)]
         print(f"one-token step {v['step_ms']:.3f} ms at context {v['context']}")
         print(common.table(rows, list(rows[0])))
+    if "mtp_cost" in result:
+        m = result["mtp_cost"]
+        print(f"MTP draft: {m['draft_1_ms']:.3f} ms (1 pair), {m['draft_2_ms']:.3f} ms (2 pairs), "
+              f"cache {m['cached']}; decode with MTP drafts, modelled from the measured costs:")
+        print(common.table(result["mtp_model"], list(result["mtp_model"][0])))
 
 
 if __name__ == "__main__":

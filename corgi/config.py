@@ -108,6 +108,10 @@ class PipelineConfig:
     # Prompt-lookup drafts (greedy only): tokens copied from the context are verified several
     # per forward; the output is what one-token steps give.
     prompt_lookup: bool = True
+    # Qwen3.5 / 3.6: the checkpoint's MTP head drafts the token after next for phases 1+2 and 4
+    # (greedy only; instead of prompt lookup there; engine/mtp.py). Off by default: random
+    # weights accept no drafts, and its speed on a real checkpoint is not measured yet.
+    mtp_drafts: bool = False
     temperature: float = 0.0             # 0 = greedy
     top_p: float = 1.0
     seed: int = 0

@@ -34,6 +34,8 @@ class Family:
     static_decode: bool = True     # the compiled decode step (engine/static_decode.py) covers it
     thinks_by_default: bool = False  # the model opens <think> itself after "assistant\n"
     tokenizer: str = "qwen2.5-vl"  # twin tokenizer kind (engine/twin_tokenizer.py)
+    # The decoder-layer class of the checkpoint's MTP head (`mtp.*`, engine/mtp.py); "": none.
+    mtp_layer: str = ""
 
     @property
     def hybrid(self) -> bool:
@@ -52,9 +54,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3-vl-moe", "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "rel1000", 16, 2,
            deepstack=True, moe=True, static_decode=False, tokenizer="qwen3-vl"),
     Family("qwen3.5", "qwen3_5", "Qwen3_5ForConditionalGeneration", "rel1000", 16, 2,
-           state="hybrid", thinks_by_default=True, tokenizer="qwen3.5"),
+           state="hybrid", thinks_by_default=True, tokenizer="qwen3.5",
+           mtp_layer="transformers.models.qwen3_5.modeling_qwen3_5.Qwen3_5DecoderLayer"),
     Family("qwen3.5-moe", "qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "rel1000", 16, 2,
-           state="hybrid", moe=True, static_decode=False, thinks_by_default=True, tokenizer="qwen3.5"),
+           state="hybrid", moe=True, static_decode=False, thinks_by_default=True, tokenizer="qwen3.5",
+           mtp_layer="transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeDecoderLayer"),
 )
 
 BY_MODEL_TYPE: dict[str, Family] = {f.model_type: f for f in FAMILIES}

@@ -54,11 +54,19 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: D
 
     Only the last position goes through lm_head: a 1500-token prefill would otherwise build a
     [1500, 151k] logits tensor nobody reads."""
+    return forward_hidden(model, input_ids, position_ids, cache, attention_mask, images, every_position)[0]
+
+
+@torch.inference_mode()
+def forward_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
+                   attention_mask: torch.Tensor | None = None, images: EncoderOutput | None = None,
+                   every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward`, and the final-norm hidden states lm_head read: [B, (T,) H] (an MTP head's input)."""
     out = model.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
                       attention_mask=attention_mask, use_cache=True,
                       mm_encoder_outputs={"image": images} if images is not None else None)
     hidden = out.last_hidden_state if every_position else out.last_hidden_state[:, -1]   # [B, (T,) hidden]
-    return model.lm_head(hidden).float()           # [B, (T,) V]
+    return model.lm_head(hidden).float(), hidden   # [B, (T,) V], [B, (T,) H]
 
 
 class Sampler:
@@ -167,12 +175,13 @@ class Tally:
 @dataclass
 class Row:
     """One sequence being decoded: its constraints and whether it has stopped. jump_forward:
-    take the grammar's forced tokens without model steps; lookup: verify prompt-lookup drafts
-    (greedy only)."""
+    take the grammar's forced tokens without model steps; lookup: the row's draft source, verified
+    in one forward (greedy only): a PromptLookup, or an mtp.MtpDraft (which also observes the
+    hidden states of the positions kept)."""
     constraints: list[Constraint] = field(default_factory=list)
     done: bool = False
     jump_forward: bool = False
-    lookup: PromptLookup | None = None
+    lookup: PromptLookup | None = None        # or mtp.MtpDraft
     count: int = 0                 # tokens yielded
 
 
@@ -186,7 +195,8 @@ class Stepper(Protocol):
     keep(kept) then keeps the first kept[b] of them in row b (the rest are cut off or masked out);
     `rewindable`: whether keep() can keep fewer than lengths, for an extend() of at most
     `rewind_width` tokens; `last_forwards`: the model forwards the latest extend() + keep() took
-    (1, or 2 where the kept tokens had to be fed again)."""
+    (1, or 2 where the kept tokens had to be fed again); `hidden`: the final-norm hidden states
+    of the latest step() [B, H] or extend() [B, T, H] (an MTP draft reads them)."""
     fed: int
     rewindable: bool
     rewind_width: int
@@ -216,6 +226,7 @@ class EagerStepper:
         self.rewind_width = 1 << 30 if self.rewindable else 0
         self._pending = None     # (ids [B, T], columns before, snapshot) of the last extend()
         self.last_forwards = 1   # model forwards of the latest extend() and keep()
+        self.hidden: torch.Tensor | None = None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
@@ -223,7 +234,8 @@ class EagerStepper:
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones((rows, 1))], dim=1)
         try:
-            logits = forward(self.model, tokens.view(-1, 1), positions, self.cache, attention_mask=self.mask)
+            logits, self.hidden = forward_hidden(self.model, tokens.view(-1, 1), positions, self.cache,
+                                                 attention_mask=self.mask)
         except BaseException:
             self.broken = True
             raise
@@ -244,7 +256,8 @@ class EagerStepper:
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((rows, width))], dim=1)
         try:
-            logits = forward(self.model, ids, positions, self.cache, attention_mask=mask, every_position=True)
+            logits, self.hidden = forward_hidden(self.model, ids, positions, self.cache, attention_mask=mask,
+                                                 every_position=True)
         except BaseException:
             self.broken = True
             raise
@@ -305,6 +318,10 @@ class StaticStepper:
         logits = self.bucket.step(tokens)
         self.fed += 1
         return logits
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.bucket.hidden
 
     def room(self) -> int:
         """Columns left in the bucket (a multi-token forward must fit)."""
@@ -432,6 +449,7 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
         if width == 1:
             logits = stepper.step(tokens)            # queued; the caller's work below overlaps it
             tally.model_steps += 1
+            _observe(rows, stepper, [1] * batch)
             yield from taken
             continue
         verify = any(drafts)
@@ -472,6 +490,7 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             nxt.append(every[b, len(out[b])])
         stepper.keep(kept)
         tally.model_steps += stepper.last_forwards
+        _observe(rows, stepper, kept)
         logits = torch.stack(nxt)                                            # [B, V]
         if not verify:
             yield from taken        # a forced chunk is queued: the caller's work overlaps it
@@ -485,6 +504,16 @@ def decode_rows(logits: torch.Tensor, rows: list[Row], stepper: Stepper, max_new
             return
         if any(row.done for row in rows):
             done_t = torch.tensor([row.done for row in rows], device=device)
+
+
+def _observe(rows: list[Row], stepper: Stepper, kept: list[int]) -> None:
+    """Hand a draft source that reads hidden states (mtp.MtpDraft) those of the positions its
+    row kept in the latest forward."""
+    for b, row in enumerate(rows):
+        observe = getattr(row.lookup, "observe", None)
+        if observe is not None and not row.done:
+            hidden = stepper.hidden                                 # [B, H] or [B, T, H]
+            observe(hidden[b:b + 1] if hidden.dim() == 2 else hidden[b, :kept[b]])
 
 
 def _take(row: Row, token: int, stop: set) -> bool:

@@ -27,6 +27,7 @@ from ..types import CacheStats, OutOfMemory, Sampling  # noqa: F401  (Sampling: 
 from . import decode, state
 from .conversation import Conversation
 from .loading import LoadedModel, load_model
+from .mtp import MtpDraft, load_mtp_head
 from .vision import EncoderOutput, VisionEncoder, compile_tower_blocks
 
 @contextlib.contextmanager
@@ -73,6 +74,8 @@ class Engine:
         self._grammars = None     # GrammarCache, built on first use (compiles the tokenizer once)
         # constraint_ahead's compiles, one at a time (its thread starts at the first one)
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="corgi-grammar")
+        # pipeline.mtp_drafts: the checkpoint's MTP head (Qwen3.5), read from its files
+        self.mtp = load_mtp_head(loaded) if config.pipeline.mtp_drafts else None
         # model.compile: decode steps over static KV buffers (CUDA: compiled + CUDA graphs;
         # CPU: the same step, eager, which is how the tests check it against the HF path).
         self.static = None
@@ -235,7 +238,7 @@ class Engine:
         row = decode.Row(self._row_constraints(constraint, min_new_tokens),
                          jump_forward=self.jump_forward and hasattr(constraint, "forced")
                          and (bucket is None or bucket.multi_token),
-                         lookup=self._lookup(conv.token_ids, sampling) if stepper.rewindable else None)
+                         lookup=self._drafts(conv, start, sampling) if stepper.rewindable else None)
         tally = decode.Tally()
         try:
             for _, token in decode.decode_rows(logits, [row], stepper, max_new_tokens,
@@ -274,12 +277,20 @@ class Engine:
         every padded width when jump-forward or drafts make multi-token forwards mid-turn."""
         from .static_decode import PREFILL_WIDTH, WIDTH_BUCKETS
         pipeline = self.config.pipeline
-        return WIDTH_BUCKETS if pipeline.jump_forward or pipeline.prompt_lookup else (PREFILL_WIDTH,)
+        drafts = pipeline.prompt_lookup or pipeline.mtp_drafts
+        return WIDTH_BUCKETS if pipeline.jump_forward or drafts else (PREFILL_WIDTH,)
 
     @property
     def jump_forward(self) -> bool:
         """pipeline.jump_forward: the grammar's forced tokens go in without model steps."""
         return self.config.pipeline.jump_forward
+
+    def _drafts(self, conv: Conversation, start: int, sampling: Sampling):
+        """A conversation row's draft source: the MTP head (pipeline.mtp_drafts, a checkpoint
+        that has one; greedy only), else prompt lookup. start: where the row's first token goes."""
+        if self.mtp is not None and sampling.temperature <= 0:
+            return MtpDraft(self.mtp, self.lm.model, start, conv.rope_delta)
+        return self._lookup(conv.token_ids, sampling)
 
     def _lookup(self, context: list[int], sampling: Sampling) -> decode.PromptLookup | None:
         """pipeline.prompt_lookup (greedy only): drafts from the row's own context."""

