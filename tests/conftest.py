@@ -38,7 +38,8 @@ FILE_SECONDS = {
     "test_grammar.py": 80, "test_load.py": 70, "test_faults.py": 70, "test_cli.py": 55, "test_tiny.py": 55,
     "test_twin_tokenizer.py": 40, "test_benchmarks_smoke.py": 35, "test_hybrid.py": 32, "test_fewer_steps.py": 30,
     "test_remote.py": 30, "test_safe_defaults.py": 30, "test_int8_decode.py": 25, "test_structured.py": 36,
-    "test_multi_image.py": 27, "test_static_decode.py": 23, "test_vision_attention.py": 20, "test_plain_answer.py": 20, "test_step_kernels.py": 12,
+    "test_multi_image.py": 27, "test_static_decode.py": 23, "test_vision_attention.py": 20, "test_plain_answer.py": 20, "test_mtp.py": 15,
+    "test_step_kernels.py": 12,
 }
 
 
