@@ -39,10 +39,13 @@ class Oracle(mtp.MtpDraft):
     next greedy token, so that drafts are accepted."""
     plain: list[int] = []
 
+    new = 0          # sequence index of the row's first decoded token
+
     def draft(self, limit):
         mine = super().draft(limit)
-        index = self.seen - self.start          # tokens of this phase the head has seen
-        return [self.plain[index + 1]] if mine and index + 1 < len(self.plain) else mine
+        # The head last saw (seen - 1, ids[seen]): it drafts ids[seen + 1].
+        index = self.seen + 1 - self.new
+        return [self.plain[index]] if mine and 0 <= index < len(self.plain) else mine
 
 
 def _run(engine, image, drafter=None):
@@ -52,17 +55,20 @@ def _run(engine, image, drafter=None):
     if drafter is not None:
         original = engine._drafts
 
-        def recorded(conv, start, sampling):
-            made.append(drafter(engine.mtp, engine.lm.model, start, conv.rope_delta))
+        def recorded(conv, first, prefilled, sampling):
+            made.append(original(conv, first, prefilled, sampling))
+            # the engine's own draft source, run as `drafter` (Oracle overrides draft() only)
+            made[-1].__class__, made[-1].new = drafter, len(conv.token_ids)
             return made[-1]
         engine._drafts = recorded
-        assert original is not None
-    start = len(session.conv.token_ids)      # the first new token's index: all before it is prefilled
+    # Per call: where its prefill starts and where its new tokens start.
+    starts = [(session.conv.kv_len, len(session.conv.token_ids))]
     first = list(engine.generate(session.conv, 14, min_new_tokens=14, stats=(stats := CacheStats())))
     engine.append(session.conv, "\nmore")
+    starts.append((session.conv.kv_len, len(session.conv.token_ids)))
     second = list(engine.generate(session.conv, 6, min_new_tokens=6))
     return dict(tokens=(first, second), stats=stats, lengths=(session.conv.kv_len, len(session.conv.token_ids)),
-                made=made, start=start)
+                made=made, starts=starts, ids=list(session.conv.token_ids))
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -79,13 +85,14 @@ def test_mtp_drafts_leave_greedy_output_as_plain_decoding(compiled, street_image
         assert run["tokens"] == plain["tokens"] and run["lengths"] == plain["lengths"]
         # One draft per forward: the oracle's are accepted, so a forward yields two tokens.
         assert run["stats"].drafted_tokens >= (6 if drafter is Oracle else 12)
-        row = run["made"][0]
-        assert row.mismatches == 0
-        # The head saw each position of the phase once, in order, with the token that followed it.
-        first = plain["tokens"][0]
-        assert [index for index, _ in row.consumed] == list(range(run["start"], run["start"] + len(row.consumed)))
-        assert [token for _, token in row.consumed] == first[1:1 + len(row.consumed)]
-        assert len(row.consumed) >= len(first) - 3
+        # The head saw each position from the call's prefill on once, in order, with the token
+        # that followed it: the prefilled prompt, then what was decoded.
+        assert len(run["made"]) == 2
+        for row, (start, new), tokens in zip(run["made"], run["starts"], run["tokens"]):
+            assert row.mismatches == 0 and row.start == start < new
+            assert [index for index, _ in row.consumed] == list(range(start, start + len(row.consumed)))
+            assert all(run["ids"][index + 1] == token for index, token in row.consumed)
+            assert row.consumed[-1][0] >= new + len(tokens) - 4
         if drafter is Oracle:
             assert run["stats"].accepted_drafts >= 5
             assert run["stats"].decode_model_steps < plain["stats"].decode_model_steps

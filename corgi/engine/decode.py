@@ -61,12 +61,13 @@ def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: D
 def forward_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache,
                    attention_mask: torch.Tensor | None = None, images: EncoderOutput | None = None,
                    every_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`forward`, and the final-norm hidden states lm_head read: [B, (T,) H] (an MTP head's input)."""
+    """`forward`, and the final-norm hidden states of every position, [B, T, H] (what lm_head
+    reads; an MTP head's input)."""
     out = model.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
                       attention_mask=attention_mask, use_cache=True,
                       mm_encoder_outputs={"image": images} if images is not None else None)
-    hidden = out.last_hidden_state if every_position else out.last_hidden_state[:, -1]   # [B, (T,) hidden]
-    return model.lm_head(hidden).float(), hidden   # [B, (T,) V], [B, (T,) H]
+    hidden = out.last_hidden_state                                      # [B, T, H]
+    return model.lm_head(hidden if every_position else hidden[:, -1]).float(), hidden   # [B, (T,) V]
 
 
 class Sampler:
@@ -234,8 +235,9 @@ class EagerStepper:
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones((rows, 1))], dim=1)
         try:
-            logits, self.hidden = forward_hidden(self.model, tokens.view(-1, 1), positions, self.cache,
-                                                 attention_mask=self.mask)
+            logits, hidden = forward_hidden(self.model, tokens.view(-1, 1), positions, self.cache,
+                                            attention_mask=self.mask)
+            self.hidden = hidden[:, -1]                                # [B, H]
         except BaseException:
             self.broken = True
             raise

@@ -224,7 +224,10 @@ class Engine:
         stats = stats if stats is not None else CacheStats()
         if not self.cache_enabled:
             conv.drop_kv()       # the naive pipeline: every phase reads the whole prompt again
-        logits = self._advance(conv, stats)                                # [1, V]
+        first = conv.kv_len                                                # the prefill starts here
+        # The prefill's hidden states, [T, H] chunks: the MTP head's context starts with them.
+        prefilled = [] if self.mtp is not None and sampling.temperature <= 0 else None
+        logits = self._advance(conv, stats, hidden=prefilled)              # [1, V]
         if isinstance(constraint, Future):
             constraint = constraint.result()    # compiled meanwhile (constraint_ahead)
         start = conv.kv_len
@@ -238,7 +241,7 @@ class Engine:
         row = decode.Row(self._row_constraints(constraint, min_new_tokens),
                          jump_forward=self.jump_forward and hasattr(constraint, "forced")
                          and (bucket is None or bucket.multi_token),
-                         lookup=self._drafts(conv, start, sampling) if stepper.rewindable else None)
+                         lookup=self._drafts(conv, first, prefilled, sampling) if stepper.rewindable else None)
         tally = decode.Tally()
         try:
             for _, token in decode.decode_rows(logits, [row], stepper, max_new_tokens,
@@ -285,11 +288,18 @@ class Engine:
         """pipeline.jump_forward: the grammar's forced tokens go in without model steps."""
         return self.config.pipeline.jump_forward
 
-    def _drafts(self, conv: Conversation, start: int, sampling: Sampling):
+    def _drafts(self, conv: Conversation, first: int, prefilled: list[torch.Tensor] | None, sampling: Sampling):
         """A conversation row's draft source: the MTP head (pipeline.mtp_drafts, a checkpoint
-        that has one; greedy only), else prompt lookup. start: where the row's first token goes."""
-        if self.mtp is not None and sampling.temperature <= 0:
-            return MtpDraft(self.mtp, self.lm.model, start, conv.rope_delta)
+        that has one; greedy only), else prompt lookup. The head starts from the positions this
+        call prefilled (first..kv_len-1, their hidden states `prefilled`); each is paired with
+        the token after it, the last with the row's first token."""
+        if self.mtp is not None and prefilled:
+            draft = MtpDraft(self.mtp, self.lm.model, first, conv.rope_delta)
+            draft.skip = 0
+            draft.observe(torch.cat(prefilled))                            # [T, H]
+            for token in conv.token_ids[first + 1:conv.kv_len]:
+                draft.push(token)
+            return draft
         return self._lookup(conv.token_ids, sampling)
 
     def _lookup(self, context: list[int], sampling: Sampling) -> decode.PromptLookup | None:
@@ -322,8 +332,9 @@ class Engine:
         # per token (grammar, detokenising, the caller) overlaps the GPU's forward pass.
         return bucket is not None and self.lm.device.type == "cuda"
 
-    def _advance(self, conv: Conversation, stats: CacheStats) -> torch.Tensor:
-        """Prefill every token of the conversation the cache does not cover yet."""
+    def _advance(self, conv: Conversation, stats: CacheStats, hidden: list | None = None) -> torch.Tensor:
+        """Prefill every token of the conversation the cache does not cover yet. `hidden`: a list
+        that gets the final-norm hidden states of the prefilled positions ([T, H] chunks)."""
         conv.last_used = time.monotonic()
         conv.mark_boundary()                   # hybrid: the linear state here, to come back to
         start, stop = conv.kv_len, len(conv.token_ids)
@@ -354,10 +365,12 @@ class Engine:
         logits = None
         short = stop - start <= STATIC_PREFILL_TOKENS or self.lm.family.hybrid
         if images is None and start > 0 and short and self.static is not None:
-            logits = self._prefill_static(conv, start, stop)
+            logits = self._prefill_static(conv, start, stop, hidden)
         if logits is None:
             try:
-                logits = decode.forward(self.lm.model, ids, positions, conv.kv, images=images)
+                logits, states = decode.forward_hidden(self.lm.model, ids, positions, conv.kv, images=images)
+                if hidden is not None:
+                    hidden.append(states[0])                               # [T, H]
             except BaseException:
                 # A forward that failed part-way (out of memory, a kernel error, an interrupt) has
                 # written state into some layers and not others: go back to where it started (or
@@ -415,7 +428,7 @@ class Engine:
         if self.lm.device.type == "cuda":
             torch.cuda.synchronize(self.lm.device)
 
-    def _prefill_static(self, conv: Conversation, start: int, stop: int) -> torch.Tensor | None:
+    def _prefill_static(self, conv: Conversation, start: int, stop: int, hidden: list | None = None) -> torch.Tensor | None:
         """A short text chunk after a cached prefix (a follow-up question, the next phase's
         prompt) through the static bucket's multi-token forward, PREFILL_WIDTH tokens a forward:
         on CUDA captured graphs instead of an eager HF forward, which launches every layer's
@@ -437,6 +450,8 @@ class Engine:
             ids[0, :len(chunk)] = torch.tensor(chunk, device=device)
             logits = bucket.extend(ids, lengths=[len(chunk)])[:, :len(chunk)]           # [1, T, V]
             bucket.keep([len(chunk)])
+            if hidden is not None:
+                hidden.append(bucket.hidden[0, :len(chunk)].clone())                   # [T, H]
         bucket.append_to(conv.kv, start, stop)
         return logits[:, -1]                                                               # [1, V]
 

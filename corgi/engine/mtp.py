@@ -15,9 +15,11 @@ per position p it has seen, at the main model's rope position of p.
 `MtpDraft` is a row's draft source in the decode loop (decode.Row.lookup, beside prompt
 lookup): `observe(hidden)` takes the main model's hidden states of the positions a forward
 kept, `push(token)` every token the row took, and `draft()` runs the layer over the (hidden,
-next token) pairs it has not seen yet and proposes the argmax of the last. Its context is the
-positions decoded in this phase (the prompt and earlier turns were prefilled without it):
-drafts only; greedy output is what plain decoding gives, whatever the drafts are.
+next token) pairs it has not seen yet and proposes the argmax of the last. Its context is what
+this generate() call computed: the positions it prefilled (the phase's new prompt) and those it
+decoded; the image and earlier phases and turns, prefilled by earlier calls, are not in it
+(a per-conversation head cache would be). Drafts only: greedy output is what plain decoding
+gives, whatever the drafts are.
 """
 from __future__ import annotations
 
