@@ -49,7 +49,10 @@ class Oracle(mtp.MtpDraft):
 
 
 def _run(engine, image, drafter=None):
+    """Upload (the head prefill at upload), two calls, then a cut back into the second call's
+    output (Stop, Regenerate) and a third call."""
     session = ChatSession(engine, image)
+    engine.prefill(session.conv)
     engine.append(session.conv, prompts.reasoning_prompt("hi", 2, boxes.REL1000))
     made = []
     if drafter is not None:
@@ -61,14 +64,18 @@ def _run(engine, image, drafter=None):
             made[-1].__class__, made[-1].new = drafter, len(conv.token_ids)
             return made[-1]
         engine._drafts = recorded
-    # Per call: where its prefill starts and where its new tokens start.
-    starts = [(session.conv.kv_len, len(session.conv.token_ids))]
-    first = list(engine.generate(session.conv, 14, min_new_tokens=14, stats=(stats := CacheStats())))
-    engine.append(session.conv, "\nmore")
-    starts.append((session.conv.kv_len, len(session.conv.token_ids)))
-    second = list(engine.generate(session.conv, 6, min_new_tokens=6))
-    return dict(tokens=(first, second), stats=stats, lengths=(session.conv.kv_len, len(session.conv.token_ids)),
-                made=made, starts=starts, ids=list(session.conv.token_ids))
+    news, tokens = [], []
+    for budget, text in ((14, "\nmore"), (6, None), (5, None)):
+        news.append(len(session.conv.token_ids))                # where the call's new tokens start
+        tokens.append(list(engine.generate(session.conv, budget, min_new_tokens=budget,
+                                           stats=(stats := CacheStats()) if budget == 14 else None)))
+        if budget == 14:
+            first_stats = stats
+            engine.append(session.conv, text)
+        elif budget == 6:
+            session.conv.truncate(news[-1] + 3)                  # back into this call's output
+    return dict(tokens=tokens, stats=first_stats, lengths=(session.conv.kv_len, len(session.conv.token_ids)),
+                made=made, news=news, ids=list(session.conv.token_ids), conv=session.conv)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -85,14 +92,22 @@ def test_mtp_drafts_leave_greedy_output_as_plain_decoding(compiled, street_image
         assert run["tokens"] == plain["tokens"] and run["lengths"] == plain["lengths"]
         # One draft per forward: the oracle's are accepted, so a forward yields two tokens.
         assert run["stats"].drafted_tokens >= (6 if drafter is Oracle else 12)
-        # The head saw each position from the call's prefill on once, in order, with the token
-        # that followed it: the prefilled prompt, then what was decoded.
-        assert len(run["made"]) == 2
-        for row, (start, new), tokens in zip(run["made"], run["starts"], run["tokens"]):
-            assert row.mismatches == 0 and row.start == start < new
-            assert [index for index, _ in row.consumed] == list(range(start, start + len(row.consumed)))
-            assert all(run["ids"][index + 1] == token for index, token in row.consumed)
-            assert row.consumed[-1][0] >= new + len(tokens) - 4
+        # The head's context is the conversation's: the upload's prefill on, each position once,
+        # in order, with the token that followed it, across calls, until the cut.
+        rows, ids = run["made"], run["ids"]
+        assert len(rows) == 3 and all(row.context is rows[0].context for row in rows)
+        assert all(row.mismatches == 0 for row in rows)
+        before = [i for row in rows[:2] for i, _ in row.consumed]
+        assert before == list(range(len(before)))
+        assert before[-1] >= run["news"][1] + len(run["tokens"][1]) - 4
+        cut = run["news"][1] + 3
+        context = rows[0].context
+        assert context.positions == sorted(set(context.positions))             # one entry a position
+        assert context.cache.get_seq_length() == len(context.positions)
+        after = rows[2].consumed
+        assert after and all(ids[i + 1] == t for i, t in after)               # paired with the new tokens
+        assert all(i >= rows[2].start for i, _ in after) and rows[2].start <= cut
+        assert run["conv"].nbytes() >= context.nbytes() > 0
         if drafter is Oracle:
             assert run["stats"].accepted_drafts >= 5
             assert run["stats"].decode_model_steps < plain["stats"].decode_model_steps

@@ -47,12 +47,14 @@ class Conversation:
     kv_len: int = 0
     kv_bytes: int = 0                  # the cache and its snapshots
     snapshots: list[state.Snapshot] = field(default_factory=list)   # hybrid only, by length
+    mtp: object | None = None          # mtp.HeadState: the MTP head's context (pipeline.mtp_drafts)
     last_used: float = field(default_factory=time.monotonic)
     id: int = field(default_factory=lambda: next(_ids))
 
     def drop_kv(self) -> None:
         self.kv, self.kv_len, self.kv_bytes = None, 0, 0
         self.snapshots.clear()
+        self.mtp = None
 
     def truncate(self, length: int) -> None:
         """Forget every token from `length` on (Stop, Regenerate, a failed turn)."""
@@ -87,6 +89,8 @@ class Conversation:
         else:
             state.cut_attention(self.kv, length)
         self.kv_len = length
+        if self.mtp is not None:
+            self.mtp.cut(length)
         self.kv_bytes = self.nbytes()
 
     def mark_boundary(self) -> None:
@@ -99,4 +103,5 @@ class Conversation:
         del self.snapshots[:-MAX_SNAPSHOTS]
 
     def nbytes(self) -> int:
-        return state.cache_nbytes(self.kv) + sum(s.nbytes for s in self.snapshots)
+        return (state.cache_nbytes(self.kv) + sum(s.nbytes for s in self.snapshots)
+                + (self.mtp.nbytes() if self.mtp is not None else 0))

@@ -27,7 +27,7 @@ from ..types import CacheStats, OutOfMemory, Sampling  # noqa: F401  (Sampling: 
 from . import decode, state
 from .conversation import Conversation
 from .loading import LoadedModel, load_model
-from .mtp import MtpDraft, load_mtp_head
+from .mtp import HeadState, MtpDraft, load_mtp_head
 from .vision import EncoderOutput, VisionEncoder, compile_tower_blocks
 
 @contextlib.contextmanager
@@ -211,7 +211,16 @@ class Engine:
     def prefill(self, conv: Conversation, stats: CacheStats | None = None) -> torch.Tensor:
         """Compute K/V for every token not yet cached; logits [1, V] after the last token."""
         stats = stats if stats is not None else CacheStats()
-        return self._advance(conv, stats)
+        first, prefilled = conv.kv_len, [] if self.mtp is not None else None
+        logits = self._advance(conv, stats, hidden=prefilled)
+        if prefilled:       # the MTP head pairs these positions when the next call decodes
+            self._head_context(conv).wait(first, torch.cat(prefilled))
+        return logits
+
+    def _head_context(self, conv: Conversation) -> HeadState:
+        if conv.mtp is None:
+            conv.mtp = HeadState(self.mtp)
+        return conv.mtp
 
     def generate(self, conv: Conversation, max_new_tokens: int, sampling: Sampling | None = None,
                  constraint=None, stats: CacheStats | None = None, min_new_tokens: int = 0) -> Iterator[int]:
@@ -265,6 +274,8 @@ class Engine:
                 # Closed while yielding a forced chunk the stepper had already fed: the cache
                 # goes back to what the conversation took (hybrid: to its boundary snapshot).
                 conv.rewind_kv(len(conv.token_ids))
+            if isinstance(row.lookup, MtpDraft) and conv.mtp is row.lookup.context:
+                row.lookup.close(conv.kv_len)      # what the head has not paired waits for the next call
             # Memory bookkeeping once per phase, not per decoded token.
             if conv.kv is not None:
                 conv.kv_bytes = conv.nbytes()
@@ -294,12 +305,8 @@ class Engine:
         call prefilled (first..kv_len-1, their hidden states `prefilled`); each is paired with
         the token after it, the last with the row's first token."""
         if self.mtp is not None and prefilled:
-            draft = MtpDraft(self.mtp, self.lm.model, first, conv.rope_delta)
-            draft.skip = 0
-            draft.observe(torch.cat(prefilled))                            # [T, H]
-            for token in conv.token_ids[first + 1:conv.kv_len]:
-                draft.push(token)
-            return draft
+            return MtpDraft(self.mtp, self.lm.model, self._head_context(conv), first, torch.cat(prefilled),
+                            conv.token_ids, conv.rope_delta)
         return self._lookup(conv.token_ids, sampling)
 
     def _lookup(self, context: list[int], sampling: Sampling) -> decode.PromptLookup | None:

@@ -15,14 +15,17 @@ per position p it has seen, at the main model's rope position of p.
 `MtpDraft` is a row's draft source in the decode loop (decode.Row.lookup, beside prompt
 lookup): `observe(hidden)` takes the main model's hidden states of the positions a forward
 kept, `push(token)` every token the row took, and `draft()` runs the layer over the (hidden,
-next token) pairs it has not seen yet and proposes the argmax of the last. Its context is what
-this generate() call computed: the positions it prefilled (the phase's new prompt) and those it
-decoded; the image and earlier phases and turns, prefilled by earlier calls, are not in it
-(a per-conversation head cache would be). Drafts only: greedy output is what plain decoding
-gives, whatever the drafts are.
+next token) pairs it has not seen yet and proposes the argmax of the last. Its context is the
+conversation's (`HeadState`, Conversation.mtp): every position the conversation computed since
+its first prefill (the image at upload, every phase's prompt and output, every turn), kept,
+cut back and dropped with the conversation's K/V and counted with it in the memory budget.
+A cut that removes the state the head had not paired yet leaves one hole in its cache. Sampled
+rows (temperature > 0) draft nothing, and what they compute is a hole too. Drafts only: greedy
+output is what plain decoding gives, whatever the drafts are.
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import importlib
 import json
@@ -33,6 +36,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
+
+from . import state
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +140,62 @@ def load_mtp_head(loaded) -> MtpHead | None:
     return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
 
 
-class MtpDraft:
-    """One row's MTP drafts (greedy): see the module docstring. `start`: the sequence index of
-    the first position the row's forwards will compute (the row's first fed token);
-    rope_delta: the conversation's M-RoPE delta (text positions are index + delta)."""
+class HeadState:
+    """A conversation's MTP head context, kept across its phases and turns like its K/V
+    (Conversation.mtp): the head's cache, the sequence index of each entry (entry p holds the pair
+    (h_p, x_{p+1})), and the hidden states of the positions computed since that are not paired yet
+    (`pending`, from index `pending_start` on). Cut back with the conversation; dropped with it."""
 
-    def __init__(self, head: MtpHead, model, start: int, rope_delta: int, k: int = 1):
-        self.head, self.k = head, k
+    def __init__(self, head: MtpHead):
+        self.cache = head.new_cache()
+        self.positions: list[int] = []
+        self.pending: list[torch.Tensor] = []
+        self.pending_start = 0
+
+    def cut(self, length: int) -> None:
+        """The conversation now holds token_ids[:length]: entries whose next token is gone go
+        (the head's cache is one attention layer, cut like the model's), and so do pending states
+        of positions past it."""
+        keep = bisect.bisect_left(self.positions, length - 1)
+        if keep < len(self.positions):
+            layer = self.cache.layers[0]
+            layer.crop(keep - layer.get_seq_length())
+            del self.positions[keep:]
+        del self.pending[max(length - self.pending_start, 0):]
+
+    def wait(self, first: int, hidden: torch.Tensor) -> None:
+        """hidden [T, H] of positions first.. (a prefill no row decodes after, such as an image's
+        at upload): kept for the next call's head to pair, after what already waits."""
+        if self.pending_start + len(self.pending) != first:
+            self.pending, self.pending_start = [], first
+        self.pending.extend(hidden.detach().clone().unbind(0))
+
+    def nbytes(self) -> int:
+        return state.cache_nbytes(self.cache) + sum(t.numel() * t.element_size() for t in self.pending)
+
+
+class MtpDraft:
+    """One row's MTP drafts (greedy): see the module docstring. `context`: the conversation's
+    HeadState; `first`: where this call's prefill started, `prefilled` its hidden states [T, H],
+    `token_ids` the conversation's tokens through the prefill; rope_delta: the conversation's
+    M-RoPE delta (text positions are index + delta). Where the context's pending states end
+    right before `first`, they continue into the prefill; otherwise (the conversation was cut
+    back past them) the head's cache has a hole there."""
+
+    def __init__(self, head: MtpHead, model, context: HeadState, first: int, prefilled: torch.Tensor,
+                 token_ids: list[int], rope_delta: int, k: int = 1):
+        self.head, self.context, self.k = head, context, k
         text = model.model.language_model
         self.embed, self.rotary, self.lm_head = text.embed_tokens, text.rotary_emb, model.lm_head
-        self.cache = head.new_cache()
-        self.start = start
-        self.seen = start                 # sequence index of the next position to enter the cache
         self.delta = rope_delta
-        self.hidden: list[torch.Tensor] = []     # [H] per position observed, not yet in the cache
-        self.tokens: list[int] = []              # tokens taken since; tokens[i] follows hidden[i]
-        # The row's first token is fed at `start`; the position before it was prefilled, and
-        # its hidden state is not kept, so that first token pairs with nothing.
-        self.skip = 1
+        if context.pending_start + len(context.pending) != first:
+            context.pending, context.pending_start = [], first
+        self.seen = context.pending_start         # sequence index of hidden[0]
+        self.start = self.seen
+        self.hidden: list[torch.Tensor] = list(context.pending)   # [H] per position, not yet in the cache
+        self.observe(prefilled)
+        # tokens[i] follows hidden[i]: those after the states through the prefill, then the row's.
+        self.tokens: list[int] = list(token_ids[self.seen + 1:first + prefilled.shape[0]])
         self.mismatches = 0      # draft() calls that found the pairs out of step (tests: none)
         self.consumed: list[tuple[int, int]] = []    # (sequence index, next token) per pair, in order
 
@@ -161,10 +204,12 @@ class MtpDraft:
         self.hidden.extend(hidden.detach().clone().unbind(0))
 
     def push(self, token: int) -> None:
-        if self.skip:
-            self.skip -= 1
-            return
         self.tokens.append(token)
+
+    def close(self, length: int) -> None:
+        """The call is over and the conversation holds token_ids[:length]: what the head has not
+        paired yet waits in the conversation's context for the next call."""
+        self.context.pending, self.context.pending_start = self.hidden[:max(length - self.seen, 0)], self.seen
 
     @torch.inference_mode()
     def draft(self, limit: int) -> list[int]:
@@ -173,18 +218,22 @@ class MtpDraft:
         if n == 0 or limit < 1:
             return []
         if len(self.hidden) != len(self.tokens):
-            # Every position a forward kept is followed by one token the row took; a gap means
-            # a path fed tokens without observe(): pair what lines up, drop the rest (drafts only).
+            # Every position a forward kept is followed by one token the row took; out of step,
+            # the pairs cannot be trusted: leave a hole in the head's cache and start again.
             self.mismatches += 1
             log.debug("MTP pairs out of step: %d hidden states, %d tokens", len(self.hidden), len(self.tokens))
-            n = min(len(self.hidden), len(self.tokens))
-            self.hidden, self.tokens = self.hidden[-n:], self.tokens[-n:]
-        hidden = torch.stack(self.hidden[:n]).unsqueeze(0)                    # [1, n, H]
-        ids = torch.tensor([self.tokens[:n]], device=hidden.device)          # [1, n]
+            self.seen += len(self.hidden)
+            self.hidden.clear()
+            self.tokens.clear()
+            return []
+        hidden = torch.stack(self.hidden).unsqueeze(0)                        # [1, n, H]
+        ids = torch.tensor([self.tokens], device=hidden.device)              # [1, n]
         pos = torch.arange(self.seen, self.seen + n, device=hidden.device) + self.delta
         out = self.head(hidden.to(self.lm_head.weight.dtype), ids, pos.view(1, 1, -1).expand(3, 1, -1),
-                        self.cache, self.embed, self.rotary)                 # [1, n, H]
-        self.consumed += [(self.seen + i, t) for i, t in enumerate(self.tokens[:n])]
-        del self.hidden[:n], self.tokens[:n]
+                        self.context.cache, self.embed, self.rotary)         # [1, n, H]
+        self.consumed += [(self.seen + i, t) for i, t in enumerate(self.tokens)]
+        self.context.positions.extend(range(self.seen, self.seen + n))
+        self.hidden.clear()
+        self.tokens.clear()
         self.seen += n
         return [int(self.lm_head(out[:, -1]).argmax(-1))][:min(self.k, limit)]
