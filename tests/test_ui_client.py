@@ -233,24 +233,29 @@ def test_a_model_failure_is_shown_and_the_session_stays_usable():
     assert session.live is None and session.results == [] and not session.lock.locked()
 
 
-def test_a_stop_that_cancels_a_queued_question_says_so_once():
-    """Stop can cancel a question still waiting in the model queue: its turn never runs, so Stop
-    itself puts the question back in the chat with a note (not a silent disappearance)."""
-    from chatbot.app import STOPPED_QUEUED
+def quick_session():
+    """An app without a model and a session with an image whose turns start and end at once."""
     from chatbot.sessions import ShownImage, UserSession
     from corgi.types import Phase, PhaseStarted
 
-    class QuickChat:          # a turn that starts and ends at once
+    class QuickChat:
         def ask(self, question, settings):
             yield PhaseStarted(Phase.REASONING, "p")
 
         def close(self):
             pass
 
-    app = fake_app()
     session = UserSession("k")
     session.set_images([ShownImage("x.png", Image.new("RGB", (32, 32)), "d")])
     session.chat = QuickChat()
+    return fake_app(), session
+
+
+def test_a_stop_that_cancels_a_queued_question_says_so_once():
+    """Stop can cancel a question still waiting in the model queue: its turn never runs, so Stop
+    itself puts the question back in the chat with a note (not a silent disappearance)."""
+    from chatbot.app import STOPPED_QUEUED
+    app, session = quick_session()
     echoed, _ = app.echo([], {"text": "Is it red?", "files": []}, session)
     assert len(echoed) == 2 and echoed[0]["content"] == "Is it red?"    # the question, "waiting"
     chat = app.stop(session, None)[1]                     # the queued /ask was cancelled
@@ -271,20 +276,7 @@ def test_a_question_typed_while_the_tab_asks_is_held_in_the_box_and_the_chat_say
     turn starts) and the chat says so once the first turn ends."""
     import gradio as gr
     from chatbot.app import HELD_QUESTION
-    from chatbot.sessions import ShownImage, UserSession
-    from corgi.types import Phase, PhaseStarted
-
-    class QuickChat:
-        def ask(self, question, settings):
-            yield PhaseStarted(Phase.REASONING, "p")
-
-        def close(self):
-            pass
-
-    app = fake_app()
-    session = UserSession("k")
-    session.set_images([ShownImage("x.png", Image.new("RGB", (32, 32)), "d")])
-    session.chat = QuickChat()
+    app, session = quick_session()
     chat, _ = app.echo([], {"text": "Is it red?", "files": []}, session)      # its ask is queued
     held, _ = app.echo(chat, {"text": "Is it <b>blue</b>?", "files": []}, session)
     assert held == chat and session.echoed == 1                               # not echoed, not counted
