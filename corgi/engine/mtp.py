@@ -188,12 +188,9 @@ class MtpDraft:
         text = model.model.language_model
         self.embed, self.rotary, self.lm_head = text.embed_tokens, text.rotary_emb, model.lm_head
         self.delta = rope_delta
-        if context.pending_start + len(context.pending) != first:
-            context.pending, context.pending_start = [], first
-        self.seen = context.pending_start         # sequence index of hidden[0]
-        self.start = self.seen
+        context.wait(first, prefilled)
+        self.seen = self.start = context.pending_start     # sequence index of hidden[0]
         self.hidden: list[torch.Tensor] = list(context.pending)   # [H] per position, not yet in the cache
-        self.observe(prefilled)
         # tokens[i] follows hidden[i]: those after the states through the prefill, then the row's.
         self.tokens: list[int] = list(token_ids[self.seen + 1:first + prefilled.shape[0]])
         self.mismatches = 0      # draft() calls that found the pairs out of step (tests: none)
